@@ -1,0 +1,42 @@
+"""Certificates: the proxy's own CA (made on first use) and the upstream trust bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import certifi
+from cryptography import x509
+from mitmproxy.certs import CertStore
+from mitmproxy.options import CONF_BASENAME
+
+CA_CERT = f"{CONF_BASENAME}-ca-cert.pem"
+UPSTREAM_BUNDLE = "upstream-trust.pem"
+
+
+class CertError(Exception):
+    """A CA file that cannot be used; says which and why."""
+
+
+def ensure_ca(certs_dir: Path) -> Path:
+    """Create the CA in certs_dir if missing (key readable by its owner only); return the cert workers trust."""
+    try:
+        CertStore.from_store(certs_dir, CONF_BASENAME, 2048)
+    except (OSError, ValueError) as e:
+        raise CertError(f"CA in {certs_dir} cannot be created or read: {e}") from None
+    return certs_dir / CA_CERT
+
+
+def upstream_bundle(certs_dir: Path, extra: Path | None) -> Path | None:
+    """The public roots plus the extra CAs, as one PEM file; None when there are no extras."""
+    if extra is None:
+        return None
+    try:
+        pem = extra.read_bytes()
+        x509.load_pem_x509_certificates(pem)
+    except OSError as e:
+        raise CertError(f"upstream CA file {extra} cannot be read ({e.strerror})") from None
+    except ValueError:
+        raise CertError(f"upstream CA file {extra} holds no PEM certificate") from None
+    bundle = certs_dir / UPSTREAM_BUNDLE
+    bundle.write_bytes(Path(certifi.where()).read_bytes().rstrip(b"\n") + b"\n" + pem)
+    return bundle

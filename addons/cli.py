@@ -1,0 +1,204 @@
+"""The `sealgate` command: secrets, sessions and the proxy.
+
+Values are read from stdin (or a hidden prompt), never from argv, and never printed.
+Every error is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import getpass
+import json
+import sqlite3
+import sys
+from collections.abc import Callable
+
+from addons import ca, origins, sessions, settings, validate
+from addons.store import SecretStore, StoreError
+
+
+class UsageError(Exception):
+    """A user mistake, reported as one line."""
+
+
+def _settings(args: argparse.Namespace) -> settings.Settings:
+    flags = {k: getattr(args, k, None) for k in
+             ("listen_host", "listen_port", "web_port", "data_dir", "certs_dir", "upstream_ca", "allow_private")}
+    flags["no_web"] = getattr(args, "no_web", False)
+    return settings.load(flags)
+
+
+def _store(args: argparse.Namespace) -> SecretStore:
+    return SecretStore(_settings(args).data_dir)
+
+
+def _origins(args: argparse.Namespace) -> list[origins.Origin]:
+    try:
+        parsed = origins.parse_list(args.origins, allow_http=args.allow_http)
+    except origins.OriginError as e:
+        raise UsageError(f"--origins: {e}") from None
+    for o in parsed:
+        if o.is_wildcard:
+            print(f"sealgate: warning: {o} allows every subdomain of {o.host[2:]}; "
+                  "list exact hosts where you can", file=sys.stderr)
+    return parsed
+
+
+def _read_value(name: str) -> str:
+    if sys.stdin is None or sys.stdin.closed:
+        raise UsageError("the value is read from stdin, and there is none")
+    if sys.stdin.isatty():
+        value = getpass.getpass(f"Value for {name} (hidden): ")
+    else:
+        value = sys.stdin.read()
+        if value.endswith("\n"):
+            value = value[:-1]
+            if value.endswith("\r"):
+                value = value[:-1]
+    if not value:
+        raise UsageError("no value was given on stdin")
+    return value
+
+
+def cmd_secret_add(args: argparse.Namespace) -> None:
+    name = validate.secret_name(args.name)
+    user = validate.user_id(args.user)
+    allowed = _origins(args)
+    value = validate.secret_value(_read_value(name))
+    _store(args).add_secret(user, name, value, allowed, replace=args.replace)
+    print(f"added {name} for {user}, allowed to {', '.join(map(str, allowed))}")
+
+
+def cmd_secret_list(args: argparse.Namespace) -> None:
+    infos = _store(args).list_secrets(validate.user_id(args.user))
+    if args.json:
+        print(json.dumps([{"name": i.name, "origins": [str(o) for o in i.origins],
+                           "created_at": _iso(i.created_at), "updated_at": _iso(i.updated_at)} for i in infos],
+                         indent=2))
+        return
+    for i in infos:
+        print(f"{i.name}\t{','.join(map(str, i.origins))}\tupdated {_iso(i.updated_at)}")
+
+
+def cmd_secret_rm(args: argparse.Namespace) -> None:
+    _store(args).remove_secret(validate.user_id(args.user), validate.secret_name(args.name))
+    print(f"removed {args.name} of {args.user}")
+
+
+def cmd_secret_set_origins(args: argparse.Namespace) -> None:
+    allowed = _origins(args)
+    _store(args).set_origins(validate.user_id(args.user), validate.secret_name(args.name), allowed)
+    print(f"{args.name} of {args.user} is now allowed to {', '.join(map(str, allowed))}")
+
+
+def cmd_session_issue(args: argparse.Namespace) -> None:
+    s = _settings(args)
+    store = SecretStore(s.data_dir)
+    ttl = s.session_ttl if args.ttl is None else settings.parse_ttl(args.ttl, "--ttl")
+    issued = sessions.issue(store, access=args.access, runchat=args.runchat, instance=args.instance,
+                            user=args.user, author=args.author, ttl_seconds=ttl)
+    host = s.listen_host if s.listen_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    shown = f"[{host}]" if ":" in host else host
+    record = issued.session.record
+    print(json.dumps({
+        "proxy_url": f"http://{record.id}:{issued.credential}@{shown}:{s.listen_port}",
+        "ca_cert": str(ca.ensure_ca(s.certs_dir)),
+        "env": issued.env,
+        "expires_at": _iso(record.expires_at),
+        "session_id": record.id,
+        "principal": record.principal,
+        "access": record.access,
+    }, indent=2))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    s = _settings(args)
+    SecretStore(s.data_dir).key  # create the store and key on first use, or fail before listening
+    from mitmproxy.exceptions import OptionsError
+
+    from addons import runner  # mitmproxy's master is only needed here
+
+    try:
+        asyncio.run(runner.serve(s))
+    except OptionsError as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("settings (override SEALGATE_* variables and config/sealgate.yaml)")
+    g.add_argument("--data-dir", help="store and master key folder [SEALGATE_DATA_DIR]")
+    g.add_argument("--certs-dir", help="the proxy's CA folder [SEALGATE_CERTS_DIR]")
+    g.add_argument("--listen-host", help="proxy address [SEALGATE_LISTEN_HOST]")
+    g.add_argument("--listen-port", help="proxy port [SEALGATE_LISTEN_PORT]")
+    g.add_argument("--upstream-ca", help="PEM file of extra CAs trusted upstream [SEALGATE_UPSTREAM_CA]")
+    g.add_argument("--allow-private", help="CIDRs reachable although private [SEALGATE_ALLOW_PRIVATE]")
+
+    p = argparse.ArgumentParser(prog="sealgate", description="Secrets that workers use but never read.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    secret = sub.add_parser("secret", help="add, list, remove secrets").add_subparsers(dest="action", required=True)
+    add = secret.add_parser("add", parents=[common], help="add a secret; the value is read from stdin")
+    add.add_argument("--user", required=True)
+    add.add_argument("--name", required=True)
+    add.add_argument("--origins", required=True, help='comma-separated, e.g. "https://api.example.com"')
+    add.add_argument("--allow-http", action="store_true", help="allow http:// origins (the value goes unencrypted)")
+    add.add_argument("--replace", action="store_true", help="replace the value of an existing secret")
+    add.set_defaults(func=cmd_secret_add)
+    ls = secret.add_parser("list", parents=[common], help="list a user's secrets (never values)")
+    ls.add_argument("--user", required=True)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_secret_list)
+    rm = secret.add_parser("rm", parents=[common], help="remove a secret")
+    rm.add_argument("--user", required=True)
+    rm.add_argument("--name", required=True)
+    rm.set_defaults(func=cmd_secret_rm)
+    so = secret.add_parser("set-origins", parents=[common], help="replace a secret's allowed origins")
+    so.add_argument("--user", required=True)
+    so.add_argument("--name", required=True)
+    so.add_argument("--origins", required=True)
+    so.add_argument("--allow-http", action="store_true")
+    so.set_defaults(func=cmd_secret_set_origins)
+
+    session = sub.add_parser("session", help="issue worker sessions").add_subparsers(dest="action", required=True)
+    si = session.add_parser("issue", parents=[common], help="issue a session: proxy_url, ca_cert, env")
+    si.add_argument("--access", required=True, choices=sessions.ACCESS_MODES)
+    si.add_argument("--runchat", required=True)
+    si.add_argument("--instance", required=True)
+    si.add_argument("--user", help="signed-in user, or the API key's owner")
+    si.add_argument("--author", help="workflow author (app view while signed out)")
+    si.add_argument("--ttl", help="seconds the session lives (60 to 604800)")
+    si.set_defaults(func=cmd_session_issue)
+
+    run = sub.add_parser("run", parents=[common], help="run the proxy")
+    web = run.add_mutually_exclusive_group()
+    web.add_argument("--web-port", help="dashboard port [SEALGATE_WEB_PORT]")
+    web.add_argument("--no-web", action="store_true", help="run without the dashboard")
+    run.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], None] = args.func
+    try:
+        handler(args)
+    except (UsageError, ValueError, StoreError, settings.ConfigError, ca.CertError) as e:
+        print(f"sealgate: error: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"sealgate: error: the store cannot be used: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The one place that says allow or deny (pure).
+
+Given the facts of a request (the destination as dialled, the hosts the client
+claimed, the state of upstream TLS, the placeholders found) and the session, `decide`
+returns Allow with the values to substitute, or Block with a Refusal. The addon
+gathers the facts and applies the result; nothing else decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from addons import origins
+from addons.errors import Refusal
+from addons.origins import Origin, OriginError
+from addons.placeholders import Placeholder
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where the proxy connects: CONNECT target or absolute-form authority."""
+
+    scheme: str
+    host: str  # normalised
+    port: int
+
+    def __str__(self) -> str:
+        return origins.serialise(self.scheme, self.host, self.port)
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    destination: Destination
+    host_headers: tuple[str, ...]  # every Host header value and the :authority
+    sni: str | None  # the client's TLS server name
+    upstream_tls_error: str | None
+    placeholders: tuple[Placeholder, ...]
+
+
+class SessionLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def principal(self) -> str: ...
+    @property
+    def record(self) -> object: ...
+    def global_values(self) -> dict[str, str]: ...
+
+
+class SecretLike(Protocol):
+    @property
+    def value(self) -> str: ...
+    @property
+    def info(self) -> object: ...  # has .origins
+
+
+class LookupFailed(Exception):
+    """The store or key could not be read."""
+
+
+SecretLookup = Callable[[set[str]], Mapping[str, SecretLike]]
+
+
+@dataclass(frozen=True)
+class Allow:
+    values: dict[str, str]  # placeholder text -> value
+    secret_names: tuple[str, ...]  # the secrets (not globals) injected
+
+    def __repr__(self) -> str:
+        return f"Allow({', '.join(self.secret_names) or 'globals only'})"
+
+
+@dataclass(frozen=True)
+class Block:
+    refusal: Refusal
+
+
+def decide(facts: RequestFacts, session: SessionLike, mac_key: bytes, lookup: SecretLookup) -> Allow | Block:
+    dest = facts.destination
+    globals_ = session.global_values()
+    for p in facts.placeholders:
+        if not p.is_valid_for(session.id, mac_key):
+            return Block(Refusal("unknown_placeholder", f"placeholder for {p.name} does not belong to this session"))
+    wanted = {p.name for p in facts.placeholders if p.name not in globals_}
+    values = {p.text: globals_[p.name] for p in facts.placeholders if p.name in globals_}
+    if not wanted:
+        return Allow(values, ())
+    if (why := _claimed_host_mismatch(dest, facts.host_headers, facts.sni)) is not None:
+        return Block(Refusal("host_mismatch", f"{why}; not sending {', '.join(sorted(wanted))} to {dest}"))
+    try:
+        found = lookup(wanted)
+    except LookupFailed as e:
+        return Block(Refusal("store_unavailable", f"cannot read {', '.join(sorted(wanted))}: {e}"))
+    for name in sorted(wanted):
+        secret = found.get(name)
+        if secret is None:
+            return Block(Refusal("unknown_placeholder", f"user {session.principal} has no secret named {name}"))
+        allowed: tuple[Origin, ...] = secret.info.origins  # type: ignore[attr-defined]
+        if not any(o.matches(dest.scheme, dest.host, dest.port) for o in allowed):
+            if dest.scheme == "http" and any(
+                o.matches("https", dest.host, 443 if dest.port == 80 else dest.port) for o in allowed
+            ):
+                return Block(Refusal("insecure_upstream", f"{name} may only go over https, not to {dest}"))
+            return Block(Refusal("origin_not_allowed", f"{name} may not go to {dest}"))
+    if dest.scheme == "https" and facts.upstream_tls_error:
+        return Block(Refusal(
+            "insecure_upstream",
+            f"TLS to {dest} could not be verified ({facts.upstream_tls_error}); not sending {', '.join(sorted(wanted))}",
+        ))
+    for p in facts.placeholders:
+        if p.name in wanted:
+            values[p.text] = found[p.name].value
+    return Allow(values, tuple(sorted(wanted)))
+
+
+def _claimed_host_mismatch(dest: Destination, host_headers: tuple[str, ...], sni: str | None) -> str | None:
+    """Why a Host header, :authority or SNI names another host than the destination.
+
+    A Host without a port means the scheme's default port; SNI carries no port.
+    """
+    claims = [(text, *_split_authority(text, dest.scheme)) for text in host_headers]
+    if sni:
+        claims.append((f"{sni} (TLS SNI)", sni, dest.port))
+    for shown, host, port in claims:
+        try:
+            same = origins.normalise_host(host) == dest.host and port == dest.port
+        except OriginError:
+            same = False
+        if not same:
+            return f"the client named the host {shown!r} but the request goes to {dest}"
+    return None
+
+
+def _split_authority(text: str, scheme: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text.partition("]")
+        host += "]"
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        return host, origins.DEFAULT_PORTS[scheme]
+    return host, int(port_text) if port_text.isdigit() else -1

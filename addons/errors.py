@@ -1,0 +1,67 @@
+"""Every refusal sealgate makes, as a value with a stable code, rendered in one place.
+
+A `Refusal` names the secret and the destination, never a value. The addon renders it
+as RFC 9457 problem+json; the CLI prints its detail as one line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+TYPE_BASE = "https://sealgate.dev/errors/"
+
+# code -> (HTTP status, title)
+CODES: dict[str, tuple[int, str]] = {
+    "proxy_auth_required": (407, "Proxy authentication required"),
+    "origin_not_allowed": (403, "Destination not allowed for this secret"),
+    "unknown_placeholder": (403, "Unknown placeholder"),
+    "host_mismatch": (403, "Host header or SNI disagrees with the destination"),
+    "insecure_upstream": (403, "Refusing to send a secret over an unverified connection"),
+    "destination_blocked": (403, "Destination blocked by egress policy"),
+    "scope_denied": (403, "Request outside the secret's scope"),
+    "unreadable_body": (400, "Request body cannot be read"),
+    "rate_limited": (429, "Rate limit reached"),
+    "store_unavailable": (503, "Secret store unavailable"),
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request is refused: a stable `code` and a sentence for a person."""
+
+    code: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if self.code not in CODES:
+            raise ValueError(f"unknown refusal code {self.code!r}")
+
+    @property
+    def status(self) -> int:
+        return CODES[self.code][0]
+
+    @property
+    def title(self) -> str:
+        return CODES[self.code][1]
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+    def problem_json(self) -> bytes:
+        """The RFC 9457 body for this refusal."""
+        return json.dumps(
+            {
+                "type": TYPE_BASE + self.code,
+                "title": self.title,
+                "status": self.status,
+                "detail": self.detail,
+                "code": self.code,
+            }
+        ).encode()
+
+    def headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/problem+json", "X-Sealgate-Error": self.code}
+        if self.code == "proxy_auth_required":
+            h["Proxy-Authenticate"] = 'Basic realm="sealgate"'
+        return h

@@ -1,0 +1,56 @@
+"""`sealgate run`: a lean mitmproxy master carrying only what the request path needs.
+
+mitmdump's ~36 default addons cost most of its per-request CPU in hook dispatch
+(MITMPROXY-NOTES.md, "A lean master"); sealgate loads the proxy server, layer
+selection, TLS, error checking and its own addon, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from mitmproxy import master, options
+from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
+
+from addons import ca
+from addons.addon import Sealgate
+from addons.settings import Settings
+
+
+def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Master:
+    certs = settings.certs_dir
+    ca.ensure_ca(certs)
+    bundle = ca.upstream_bundle(certs, settings.upstream_ca)
+    opts = options.Options(listen_host=settings.listen_host, listen_port=settings.listen_port)
+    m = master.Master(opts, with_termlog=with_termlog)
+    m.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), Sealgate(), tlsconfig.TlsConfig(),
+                 errorcheck.ErrorCheck())
+    opts.update(
+        confdir=str(certs),
+        ssl_verify_upstream_trusted_ca=str(bundle) if bundle else None,
+        sealgate_data_dir=str(settings.data_dir),
+        sealgate_allow_private=settings.allow_private,
+        sealgate_guard_ports=str(settings.web_port or ""),
+    )
+    return m
+
+
+async def serve(settings: Settings) -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # one log line at a time
+    logging.getLogger().setLevel(logging.INFO)  # one line per sealgate decision
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # not every connection
+    m = build_master(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, m.shutdown)
+    print(
+        f"sealgate: proxy on {settings.listen_host}:{settings.listen_port}; "
+        f"workers trust {settings.certs_dir / ca.CA_CERT}",
+        file=sys.stderr,
+    )
+    if settings.web_port is not None:
+        print("sealgate: the dashboard is not part of this build yet; running the proxy only", file=sys.stderr)
+    await m.run()

@@ -1,0 +1,36 @@
+"""Replace secret values (and the forms sealgate derived from them) with placeholders (pure)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+
+class Scrubber:
+    """Replaces every needle with its placeholder, longest needle first, in one pass."""
+
+    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self._pairs: dict[bytes, bytes] = {}
+        self._pattern: re.Pattern[bytes] | None = None
+        self.add(pairs)
+
+    def add(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        changed = False
+        for needle, replacement in pairs:
+            if needle and self._pairs.get(needle) != replacement:
+                self._pairs[needle] = replacement
+                changed = True
+        if changed:
+            ordered = sorted(self._pairs, key=len, reverse=True)
+            self._pattern = re.compile(b"|".join(re.escape(n) for n in ordered))
+
+    def __bool__(self) -> bool:
+        return self._pattern is not None
+
+    def scrub(self, data: bytes) -> bytes:
+        if self._pattern is None:
+            return data
+        return self._pattern.sub(lambda m: self._pairs[m.group(0)], data)
+
+    def scrub_text(self, text: str) -> str:
+        return self.scrub(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")

@@ -1,0 +1,144 @@
+"""Settings: config/sealgate.yaml, overridden by SEALGATE_* variables, then by flags.
+
+Parsed and validated once, apart from the mechanism; a bad value raises ConfigError
+naming where it came from (file and key, variable or flag) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from addons.egress import parse_cidrs
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_DIR / "config" / "sealgate.yaml"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message says where it came from."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_host: str
+    listen_port: int
+    web_port: int | None
+    web_password: str | None
+    data_dir: Path
+    certs_dir: Path
+    upstream_ca: Path | None
+    allow_private: str
+    session_ttl: int
+
+
+def _port(v: Any) -> int:
+    if isinstance(v, bool) or not str(v).isdigit() or not 0 <= int(v) < 65536:
+        raise ValueError("must be a port number from 0 to 65535")
+    return int(v)
+
+
+def _ttl(v: Any) -> int:
+    if isinstance(v, bool) or not str(v).isdigit() or not 60 <= int(v) <= 7 * 86400:
+        raise ValueError("must be a whole number of seconds from 60 to 604800")
+    return int(v)
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, (str, int)) or isinstance(v, bool):
+        raise ValueError("must be text")
+    return str(v)
+
+
+def _cidrs(v: Any) -> str:
+    text = "" if v is None else _text(v)
+    parse_cidrs(text)
+    return text
+
+
+# key -> (environment variable, parser)
+_KEYS: dict[str, tuple[str, Any]] = {
+    "listen_host": ("SEALGATE_LISTEN_HOST", _text),
+    "listen_port": ("SEALGATE_LISTEN_PORT", _port),
+    "web_port": ("SEALGATE_WEB_PORT", _port),
+    "web_password": ("SEALGATE_WEB_PASSWORD", _text),
+    "data_dir": ("SEALGATE_DATA_DIR", _text),
+    "certs_dir": ("SEALGATE_CERTS_DIR", _text),
+    "upstream_ca": ("SEALGATE_UPSTREAM_CA", _text),
+    "allow_private": ("SEALGATE_ALLOW_PRIVATE", _cidrs),
+    "session_ttl": ("SEALGATE_SESSION_TTL", _ttl),
+}
+_PATHS = ("data_dir", "certs_dir", "upstream_ca")
+
+
+def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    config_path = Path(env.get("SEALGATE_CONFIG") or DEFAULT_CONFIG)
+    values: dict[str, Any] = {}
+    for key, raw in _read_yaml(config_path).items():
+        if key not in _KEYS:
+            raise ConfigError(f"{config_path}: unknown key {key!r} (known: {', '.join(_KEYS)})")
+        if raw is not None:
+            values[key] = _parse(key, raw, f"{config_path}: key {key!r}")
+            if key in _PATHS:
+                values[key] = config_path.parent.parent / values[key]
+    for key, (var, _) in _KEYS.items():
+        if var and env.get(var, "") != "":
+            values[key] = _parse(key, env[var], f"environment variable {var}")
+            if key in _PATHS:
+                values[key] = Path(values[key]).absolute()
+    flags = dict(flags or {})
+    no_web = bool(flags.pop("no_web", False))
+    for key, raw in flags.items():
+        if raw is not None:
+            values[key] = _parse(key, raw, f"--{key.replace('_', '-')}")
+            if key in _PATHS:
+                values[key] = Path(values[key]).absolute()
+    return Settings(
+        listen_host=values.get("listen_host", "127.0.0.1"),
+        listen_port=values.get("listen_port", 8080),
+        web_port=None if no_web else values.get("web_port", 8081),
+        web_password=values.get("web_password"),
+        data_dir=Path(values.get("data_dir", PROJECT_DIR / "data")),
+        certs_dir=Path(values.get("certs_dir", PROJECT_DIR / "certs")),
+        upstream_ca=Path(values["upstream_ca"]) if values.get("upstream_ca") else None,
+        allow_private=values.get("allow_private", ""),
+        session_ttl=values.get("session_ttl", 3600),
+    )
+
+
+def parse_ttl(raw: Any, where: str) -> int:
+    return _parse("session_ttl", raw, where)
+
+
+def _parse(key: str, raw: Any, where: str) -> Any:
+    try:
+        return _KEYS[key][1](raw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if path == DEFAULT_CONFIG:
+            return {}
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping of keys to values")
+    return data

@@ -1,0 +1,206 @@
+"""The encrypted store: secrets and sessions in SQLite, values sealed by `crypto`.
+
+Values go in through `add_secret` and come out only through `secrets_for`, which the
+addon calls to fill a request. Listing never decrypts. The master key lives in its own
+file (mode 0600) beside the database; it is created on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from addons import crypto
+from addons.origins import Origin
+from addons.origins import parse as parse_origin
+
+DB_NAME = "sealgate.db"
+KEY_NAME = "master.key"
+
+
+class StoreError(Exception):
+    """The store, its key or a record in it cannot be read or written; says which."""
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """What may be shown about a secret: never its value."""
+
+    owner: str
+    name: str
+    origins: tuple[Origin, ...]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Secret:
+    info: SecretInfo
+    value: str
+
+    def __repr__(self) -> str:  # keep values out of tracebacks and debug output
+        return f"Secret({self.info.owner}/{self.info.name})"
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    id: str
+    credential_hash: str
+    mac_key: bytes
+    access: str
+    runchat: str
+    instance: str
+    principal: str
+    created_at: float
+    expires_at: float
+
+
+def load_or_create_key(data_dir: Path) -> bytes:
+    """The master key, created (0600) on first use; refuses a key file others can read."""
+    path = data_dir / KEY_NAME
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(crypto.KEY_BYTES).hex().encode() + b"\n")
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise StoreError(f"master key {path} is readable by others (mode {oct(mode & 0o777)}); run chmod 600 on it")
+        key = bytes.fromhex(path.read_text().strip())
+    except StoreError:
+        raise
+    except (OSError, ValueError) as e:
+        raise StoreError(f"master key {path} cannot be read: {e.__class__.__name__}") from None
+    if len(key) != crypto.KEY_BYTES:
+        raise StoreError(f"master key {path} is not a {crypto.KEY_BYTES}-byte key")
+    return key
+
+
+class SecretStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._key: bytes | None = None
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.data_dir, 0o700)
+            conn = sqlite3.connect(self.data_dir / DB_NAME, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self.db = sqlite_utils.Database(conn)
+            self._ensure_schema()
+        except sqlite3.Error as e:
+            raise StoreError(f"store {self.data_dir / DB_NAME} cannot be opened: {e}") from None
+
+    def _ensure_schema(self) -> None:
+        if "secrets" not in self.db.table_names():
+            self.db["secrets"].create(
+                {
+                    "owner": str, "name": str, "key_id": str, "nonce": bytes, "ciphertext": bytes,
+                    "origins": str, "created_at": float, "updated_at": float,
+                },
+                pk=("owner", "name"),
+            )
+        if "sessions" not in self.db.table_names():
+            self.db["sessions"].create(
+                {
+                    "id": str, "credential_hash": str, "mac_key": bytes, "access": str, "runchat": str,
+                    "instance": str, "principal": str, "created_at": float, "expires_at": float,
+                },
+                pk="id",
+            )
+
+    @property
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = load_or_create_key(self.data_dir)
+        return self._key
+
+    # secrets ------------------------------------------------------------------------
+
+    def add_secret(self, owner: str, name: str, value: str, origins: list[Origin], *, replace: bool = False) -> None:
+        env = crypto.seal(self.key, owner, name, value)
+        now = time.time()
+        existing = self._row(owner, name)
+        if existing and not replace:
+            raise StoreError(f"secret {name} of user {owner} exists already; use --replace to change its value")
+        self.db["secrets"].upsert(
+            {
+                "owner": owner, "name": name, "key_id": env.key_id, "nonce": env.nonce,
+                "ciphertext": env.ciphertext, "origins": json.dumps([str(o) for o in origins]),
+                "created_at": existing["created_at"] if existing else now, "updated_at": now,
+            },
+            pk=("owner", "name"),
+        )
+
+    def set_origins(self, owner: str, name: str, origins: list[Origin]) -> None:
+        if not self._row(owner, name):
+            raise StoreError(f"user {owner} has no secret named {name}")
+        self.db["secrets"].update(
+            (owner, name), {"origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
+        )
+
+    def remove_secret(self, owner: str, name: str) -> None:
+        if not self._row(owner, name):
+            raise StoreError(f"user {owner} has no secret named {name}")
+        self.db["secrets"].delete((owner, name))
+
+    def list_secrets(self, owner: str) -> list[SecretInfo]:
+        try:
+            rows = self._query("select * from secrets where owner = ? order by name", [owner])
+        except sqlite3.Error as e:
+            raise StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e}") from None
+        return [self._info(r) for r in rows]
+
+    def secrets_for(self, owner: str, names: set[str]) -> dict[str, Secret]:
+        """Decrypt the named secrets of owner; a missing name is simply absent."""
+        if not names:
+            return {}
+        try:
+            marks = ",".join("?" * len(names))
+            rows = self._query(f"select * from secrets where owner = ? and name in ({marks})", [owner, *sorted(names)])
+            keys = {crypto.key_id(self.key): self.key}
+            return {
+                r["name"]: Secret(
+                    self._info(r),
+                    crypto.open_envelope(keys, owner, r["name"], crypto.Envelope(r["key_id"], r["nonce"], r["ciphertext"])),
+                )
+                for r in rows
+            }
+        except crypto.EnvelopeError as e:
+            raise StoreError(str(e)) from None
+        except (sqlite3.Error, ValueError, KeyError) as e:
+            raise StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e.__class__.__name__}") from None
+
+    def _row(self, owner: str, name: str) -> dict | None:
+        return next(iter(self._query("select * from secrets where owner = ? and name = ?", [owner, name])), None)
+
+    def _query(self, sql: str, params: list) -> list[dict]:
+        """Rows as dicts; unlike sqlite-utils' rows_where, a missing table is an error, not no rows."""
+        cursor = self.db.execute(sql, params)
+        cols = [c[0] for c in cursor.description]
+        return [dict(zip(cols, row)) for row in cursor.fetchall()]
+
+    @staticmethod
+    def _info(row: dict) -> SecretInfo:
+        origins = tuple(parse_origin(o, allow_http=True) for o in json.loads(row["origins"]))
+        return SecretInfo(row["owner"], row["name"], origins, row["created_at"], row["updated_at"])
+
+    # sessions -----------------------------------------------------------------------
+
+    def add_session(self, record: SessionRecord) -> None:
+        self.db["sessions"].insert(record.__dict__)
+
+    def session(self, session_id: str) -> SessionRecord | None:
+        try:
+            row = next(iter(self._query("select * from sessions where id = ?", [session_id])), None)
+        except sqlite3.Error as e:
+            raise StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e.__class__.__name__}") from None
+        return SessionRecord(**row) if row else None

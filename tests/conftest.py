@@ -1,0 +1,371 @@
+"""Real parts for the integration tests: a test CA, HTTPS upstreams on loopback that
+record what they receive, a real `sealgate run` process, and real clients.
+
+Only loopback addresses are used. Secret values are generated per test and searched
+for in everything the test can see.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+SEALGATE = ROOT / ".venv" / "bin" / "sealgate"
+NODE_DIR = ROOT / "tests" / "node"
+
+
+# --- a test CA and certificates ---------------------------------------------------------
+
+@dataclass
+class TestPKI:
+    dir: Path
+    ca_pem: Path
+
+    def issue(self, name: str, sans: list[str], *, expired: bool = False, self_signed: bool = False) -> tuple[Path, Path]:
+        """A (cert, key) pair for the SANs (DNS names or IP addresses)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired else (
+            now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30))
+        alt = []
+        for s in sans:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(s)))
+            except ValueError:
+                alt.append(x509.DNSName(s))
+        ca_key, ca_cert = (key, None) if self_signed else (self._ca_key, self._ca_cert)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject if self_signed else ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        )
+        cert = builder.sign(ca_key, hashes.SHA256())
+        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return cert_path, key_path
+
+    @classmethod
+    def create(cls, d: Path) -> TestPKI:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sealgate test upstream CA")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        ca_pem = d / "upstream-ca.pem"
+        ca_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        pki = cls(d, ca_pem)
+        pki._ca_key, pki._ca_cert = key, cert
+        return pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> TestPKI:
+    return TestPKI.create(tmp_path_factory.mktemp("pki"))
+
+
+# --- upstream servers ---------------------------------------------------------------------
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def dump(self) -> bytes:
+        """Everything the upstream saw, for searching."""
+        head = "\n".join(f"{k}: {v}" for k, v in self.headers)
+        return f"{self.method} {self.path}\n{head}\n\n".encode("utf-8", "surrogateescape") + self.body
+
+
+@dataclass
+class Upstream:
+    host: str
+    port: int
+    scheme: str
+    received: list[Received] = field(default_factory=list)
+
+    @property
+    def origin(self) -> str:
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{shown}:{self.port}"
+
+    def url(self, path: str = "/") -> str:
+        return self.origin + path
+
+    def seen(self) -> bytes:
+        return b"\n".join(r.dump() for r in self.received)
+
+
+def _handler(upstream: Upstream):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                body = b""
+                while True:
+                    size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        break
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+            else:
+                body = self.rfile.read(length) if length else b""
+            rec = Received(self.command, self.path, list(self.headers.items()), body)
+            upstream.received.append(rec)
+            if self.path.startswith("/echo"):
+                out = json.dumps({"path": rec.path, "headers": rec.headers,
+                                  "body": body.decode("utf-8", "replace")}).encode()
+                self.send_response(200)
+                self.send_header("X-Echo-Authorization", rec.header("Authorization") or "")
+                self.send_header("X-Echo-Path", rec.path)
+            else:
+                out = b'{"ok": true}'
+                self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
+
+    return Handler
+
+
+@pytest.fixture(scope="session")
+def make_upstream(pki):
+    servers = []
+
+    def make(host: str = "127.0.0.1", *, tls: bool = True, cert: tuple[Path, Path] | None = None) -> Upstream:
+        up = Upstream(host, 0, "https" if tls else "http")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Server(ThreadingHTTPServer):
+            address_family = family
+            daemon_threads = True
+
+        srv = Server((host, 0), _handler(up))
+        up.port = srv.server_address[1]
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            c, k = cert or pki.issue(f"upstream-{host}-{up.port}", ["localhost", "127.0.0.1", "127.0.0.2", "127.0.0.3", "::1"])
+            ctx.load_cert_chain(c, k)
+            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return up
+
+    yield make
+    for s in servers:
+        s.shutdown()
+
+
+# --- the proxy -----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proxy:
+    dir: Path
+    env: dict[str, str]
+    port: int
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["SEALGATE_DATA_DIR"])
+
+    @property
+    def ca_cert(self) -> Path:
+        return Path(self.env["SEALGATE_CERTS_DIR"]) / "mitmproxy-ca-cert.pem"
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        p = subprocess.run([str(SEALGATE), *args], input=input, capture_output=True, text=True, env=self.env,
+                           timeout=60)
+        if check and p.returncode != 0:
+            raise AssertionError(f"sealgate {' '.join(args)} failed: {p.stderr}")
+        return p
+
+    def add_secret(self, user: str, name: str, value: str, origins: str, *extra: str) -> None:
+        self.cli("secret", "add", "--user", user, "--name", name, "--origins", origins, *extra, input=value + "\n")
+
+    def issue(self, access: str = "signed-in", *, user: str | None = None, author: str | None = None,
+              runchat: str = "rc1", instance: str = "in1", ttl: str | None = None) -> dict:
+        args = ["session", "issue", "--access", access, "--runchat", runchat, "--instance", instance]
+        if user:
+            args += ["--user", user]
+        if author:
+            args += ["--author", author]
+        if ttl:
+            args += ["--ttl", ttl]
+        return json.loads(self.cli(*args).stdout)
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen([str(SEALGATE), "run", "--no-web"], env=self.env, stdout=out,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sealgate run exited: {self.log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("sealgate run did not start listening")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def visible_to_operators(self) -> bytes:
+        """The proxy's output and every file it wrote (store, key, CA), raw."""
+        blobs = [self.log.read_bytes()]
+        for d in (self.data_dir, Path(self.env["SEALGATE_CERTS_DIR"])):
+            for f in d.rglob("*"):
+                if f.is_file():
+                    blobs.append(f.read_bytes())
+        return b"\n".join(blobs)
+
+
+def make_proxy(tmp: Path, pki: TestPKI, **env: str) -> Proxy:
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SEALGATE_") and "PROXY" not in k.upper()}
+    full.update(
+        SEALGATE_DATA_DIR=str(tmp / "data"),
+        SEALGATE_CERTS_DIR=str(tmp / "certs"),
+        SEALGATE_LISTEN_HOST="127.0.0.1",
+        SEALGATE_LISTEN_PORT=str(port),
+        SEALGATE_UPSTREAM_CA=str(pki.ca_pem),
+        SEALGATE_ALLOW_PRIVATE="127.0.0.1/32,127.0.0.2/32,::1/128",  # 127.0.0.3 stays blocked
+    )
+    full.update(env)
+    return Proxy(tmp, full, port, tmp / "proxy.log")
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory, pki):
+    p = make_proxy(tmp_path_factory.mktemp("sealgate"), pki)
+    p.start()
+    yield p
+    p.stop()
+
+
+# --- per-test identities and values ---------------------------------------------------------
+
+@pytest.fixture
+def user() -> str:
+    return f"user-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def value() -> str:
+    """A fresh secret value; every test that makes one checks it never shows up where it must not."""
+    return f"sk-test-{secrets.token_urlsafe(24)}"
+
+
+# --- real clients ----------------------------------------------------------------------------
+
+@dataclass
+class ClientResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+    def seen(self) -> bytes:
+        return json.dumps(self.headers).encode() + b"\n" + self.body
+
+
+def curl(session: dict, url: str, *args: str) -> ClientResult:
+    """curl through the proxy; returns what the worker received."""
+    if not shutil.which("curl"):
+        pytest.fail("curl is needed for the integration tests (apt-get install curl)")
+    cmd = ["curl", "-sS", "-D", "-", "--proxy", session["proxy_url"], "--cacert", session["ca_cert"],
+           "--max-time", "20", *args, url]
+    p = subprocess.run(cmd, capture_output=True, timeout=30)
+    raw = p.stdout
+    # with a CONNECT, curl prints the proxy's "200 Connection established" head first
+    while raw.startswith(b"HTTP/") and b" 200 Connection established" in raw.split(b"\r\n", 1)[0]:
+        raw = raw.split(b"\r\n\r\n", 1)[1]
+    if not raw.startswith(b"HTTP/"):
+        raise AssertionError(f"curl failed ({p.returncode}): {p.stderr.decode()}")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return ClientResult(status, headers, body)
+
+
+def node_fetch(session: dict, url: str, *, method: str = "GET", headers: dict | None = None,
+               body: str | None = None) -> ClientResult:
+    """Node's fetch (undici) with EnvHttpProxyAgent and NODE_EXTRA_CA_CERTS, as a worker runs it."""
+    if not (NODE_DIR / "node_modules" / "undici").exists():
+        pytest.fail("tests/node/node_modules is missing: run ./scripts/test, which installs it")
+    env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper()}
+    env.update(HTTPS_PROXY=session["proxy_url"], HTTP_PROXY=session["proxy_url"],
+               NODE_EXTRA_CA_CERTS=session["ca_cert"])
+    spec = json.dumps({"url": url, "method": method, "headers": headers or {}, "body": body})
+    p = subprocess.run(["node", str(NODE_DIR / "fetch.mjs"), spec], capture_output=True, env=env, timeout=60)
+    if p.returncode != 0:
+        raise AssertionError(f"node fetch failed: {p.stderr.decode()}")
+    out = json.loads(p.stdout)
+    return ClientResult(out["status"], out["headers"], out["body"].encode("utf-8", "surrogateescape"))
