@@ -1,7 +1,7 @@
 """The mitmproxy addon: wires identity, egress, the decision and scrubbing into hooks.
 
 Hooks gather facts and apply results; `decision.decide` is the only place that allows
-or denies. mitmproxy types stay here. Loadable as `mitmdump -s addons/addon.py` too.
+or denies. mitmproxy types stay here. `addons/script.py` loads it into a stock mitmdump.
 """
 
 from __future__ import annotations
@@ -395,5 +395,3 @@ def _facts(flow: http.HTTPFlow, scan: _Scan) -> decision.RequestFacts:
         placeholders=scan.placeholders,
     )
 
-
-addons = [Sealgate()]

@@ -7,88 +7,23 @@ for in everything the test can see.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import secrets
 import shutil
 import socket
-import ssl
 import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+
+from upstream import TestPKI, Upstream, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 SEALGATE = ROOT / ".venv" / "bin" / "sealgate"
 NODE_DIR = ROOT / "tests" / "node"
-
-
-# --- a test CA and certificates ---------------------------------------------------------
-
-@dataclass
-class TestPKI:
-    dir: Path
-    ca_pem: Path
-
-    def issue(self, name: str, sans: list[str], *, expired: bool = False, self_signed: bool = False) -> tuple[Path, Path]:
-        """A (cert, key) pair for the SANs (DNS names or IP addresses)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired else (
-            now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30))
-        alt = []
-        for s in sans:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(s)))
-            except ValueError:
-                alt.append(x509.DNSName(s))
-        ca_key, ca_cert = (key, None) if self_signed else (self._ca_key, self._ca_cert)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject if self_signed else ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        )
-        cert = builder.sign(ca_key, hashes.SHA256())
-        cert_path, key_path = self.dir / f"{name}.pem", self.dir / f"{name}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        return cert_path, key_path
-
-    @classmethod
-    def create(cls, d: Path) -> TestPKI:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sealgate test upstream CA")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
-        ca_pem = d / "upstream-ca.pem"
-        ca_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        pki = cls(d, ca_pem)
-        pki._ca_key, pki._ca_cert = key, cert
-        return pki
 
 
 @pytest.fixture(scope="session")
@@ -96,104 +31,12 @@ def pki(tmp_path_factory) -> TestPKI:
     return TestPKI.create(tmp_path_factory.mktemp("pki"))
 
 
-# --- upstream servers ---------------------------------------------------------------------
-
-@dataclass
-class Received:
-    method: str
-    path: str
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-    def dump(self) -> bytes:
-        """Everything the upstream saw, for searching."""
-        head = "\n".join(f"{k}: {v}" for k, v in self.headers)
-        return f"{self.method} {self.path}\n{head}\n\n".encode("utf-8", "surrogateescape") + self.body
-
-
-@dataclass
-class Upstream:
-    host: str
-    port: int
-    scheme: str
-    received: list[Received] = field(default_factory=list)
-
-    @property
-    def origin(self) -> str:
-        shown = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{shown}:{self.port}"
-
-    def url(self, path: str = "/") -> str:
-        return self.origin + path
-
-    def seen(self) -> bytes:
-        return b"\n".join(r.dump() for r in self.received)
-
-
-def _handler(upstream: Upstream):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
-        def _handle(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                body = b""
-                while True:
-                    size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                    if size == 0:
-                        self.rfile.readline()
-                        break
-                    body += self.rfile.read(size)
-                    self.rfile.readline()
-            else:
-                body = self.rfile.read(length) if length else b""
-            rec = Received(self.command, self.path, list(self.headers.items()), body)
-            upstream.received.append(rec)
-            if self.path.startswith("/echo"):
-                out = json.dumps({"path": rec.path, "headers": rec.headers,
-                                  "body": body.decode("utf-8", "replace")}).encode()
-                self.send_response(200)
-                self.send_header("X-Echo-Authorization", rec.header("Authorization") or "")
-                self.send_header("X-Echo-Path", rec.path)
-            else:
-                out = b'{"ok": true}'
-                self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
-
-    return Handler
-
-
 @pytest.fixture(scope="session")
 def make_upstream(pki):
     servers = []
 
     def make(host: str = "127.0.0.1", *, tls: bool = True, cert: tuple[Path, Path] | None = None) -> Upstream:
-        up = Upstream(host, 0, "https" if tls else "http")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        class Server(ThreadingHTTPServer):
-            address_family = family
-            daemon_threads = True
-
-        srv = Server((host, 0), _handler(up))
-        up.port = srv.server_address[1]
-        if tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            c, k = cert or pki.issue(f"upstream-{host}-{up.port}", ["localhost", "127.0.0.1", "127.0.0.2", "127.0.0.3", "::1"])
-            ctx.load_cert_chain(c, k)
-            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        up, srv = serve(pki, host, tls=tls, cert=cert)
         servers.append(srv)
         return up
 
@@ -273,7 +116,7 @@ class Proxy:
 
     def visible_to_operators(self) -> bytes:
         """The proxy's output and every file it wrote (store, key, CA), raw."""
-        blobs = [self.log.read_bytes()]
+        blobs = [self.log.read_bytes() if self.log.exists() else b""]
         for d in (self.data_dir, Path(self.env["SEALGATE_CERTS_DIR"])):
             for f in d.rglob("*"):
                 if f.is_file():

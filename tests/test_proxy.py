@@ -434,3 +434,53 @@ def test_fail_closed_under_the_wrong_master_key(tmp_path, pki, make_upstream, us
         assert api.received == []
     finally:
         p.stop()
+
+
+# --- the same addon in a stock mitmdump ------------------------------------------------------
+
+def test_stock_mitmdump_script_keeps_values_out_of_flow_files_and_output(tmp_path, pki, make_upstream, user, value):
+    """`mitmdump -s addons/script.py` with flow saving and full flow detail: the value reaches
+    the upstream, and neither the flow file nor mitmdump's output holds it."""
+    import subprocess
+    import time
+
+    from conftest import ROOT, free_port
+
+    api = make_upstream("127.0.0.1")
+    p = make_proxy(tmp_path, pki)
+    p.add_secret(user, "K", value, api.origin)
+    s = p.issue(user=user)
+    port = free_port()
+    flows, out = tmp_path / "flows.mitm", tmp_path / "mitmdump.out"
+    cmd = [str(ROOT / ".venv" / "bin" / "mitmdump"), "-s", str(ROOT / "addons" / "script.py"),
+           "--listen-host", "127.0.0.1", "-p", str(port), "-w", str(flows), "--flow-detail", "4",
+           "--set", f"sealgate_data_dir={p.data_dir}", "--set", f"confdir={p.ca_cert.parent}",
+           "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem}",
+           "--set", "sealgate_allow_private=127.0.0.1/32,127.0.0.2/32"]
+    with out.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=p.env)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, out.read_text()
+                time.sleep(0.1)
+        session = {**s, "proxy_url": s["proxy_url"].rsplit(":", 1)[0] + f":{port}"}
+        ph = s["env"]["K"]
+        r = curl(session, api.url(f"/echo?k={ph}"), "-H", f"Authorization: Bearer {ph}",
+                 "-H", "Content-Type: application/json", "--data-binary", json.dumps({"k": ph}))
+        assert r.status == 200
+        got = api.received[-1]
+        assert got.header("Authorization") == f"Bearer {value}" and json.loads(got.body) == {"k": value}
+        assert value in got.path
+        evil = make_upstream("127.0.0.2")
+        r2 = curl(session, evil.url("/x"), "-H", f"X-Key: {ph}")
+        assert_problem(r2, 403, "origin_not_allowed")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert flows.stat().st_size > 0 and ph.encode() in flows.read_bytes()
+    assert not leaks(value, flows.read_bytes(), out.read_bytes(), r.seen(), r2.seen(), evil.seen())

@@ -1,0 +1,154 @@
+"""Throughput side by side, in one run: small HTTPS GETs over keep-alive through
+(1) nothing, (2) plain `mitmdump -q`, (3) `sealgate run` without placeholders,
+(4) `sealgate run` injecting a header, (5) stock mitmdump carrying the sealgate addon.
+
+Rounds interleave the setups so that the machine's noise hits them alike; the report
+gives the median rate, the proxy's CPU per request, and ratios against plain mitmdump.
+Only loopback addresses are used. Usage: scripts/bench [--requests N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from upstream import TestPKI, serve  # noqa: E402
+
+BIN = ROOT / ".venv" / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: a proxy exited early: {proc.args}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("bench: a proxy did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Setup:
+    name: str
+    proxy_url: str | None
+    ca: str
+    headers: dict[str, str]
+    pid: int | None
+
+
+def run_round(setup: Setup, url: str, n: int) -> tuple[float, float | None]:
+    ctx = ssl.create_default_context(cafile=setup.ca)
+    with httpx.Client(proxy=setup.proxy_url, verify=ctx, trust_env=False, timeout=30) as c:
+        for _ in range(20):  # warm the connection and TLS
+            c.get(url, headers=setup.headers).raise_for_status()
+        cpu0 = cpu_seconds(setup.pid) if setup.pid else None
+        t0 = time.perf_counter()
+        for _ in range(n):
+            c.get(url, headers=setup.headers).raise_for_status()
+        elapsed = time.perf_counter() - t0
+        cpu = (cpu_seconds(setup.pid) - cpu0) / n if setup.pid and cpu0 is not None else None
+    return n / elapsed, cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="sealgate-bench-"))
+    pki = TestPKI.create(tmp)
+    up, _ = serve(pki)
+    url = up.url("/bench")
+    value = f"sk-bench-{secrets.token_urlsafe(24)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEALGATE_") and "PROXY" not in k.upper()}
+    sg_port, md_port, mds_port = free_port(), free_port(), free_port()
+    env.update(SEALGATE_DATA_DIR=str(tmp / "data"), SEALGATE_CERTS_DIR=str(tmp / "certs"),
+               SEALGATE_LISTEN_PORT=str(sg_port), SEALGATE_UPSTREAM_CA=str(pki.ca_pem),
+               SEALGATE_ALLOW_PRIVATE="127.0.0.1/32")
+    sealgate = str(BIN / "sealgate")
+    subprocess.run([sealgate, "secret", "add", "--user", "bench", "--name", "K", "--origins", up.origin],
+                   input=value, text=True, env=env, check=True, capture_output=True)
+    session = json.loads(subprocess.run([sealgate, "session", "issue", "--access", "signed-in", "--user", "bench",
+                                         "--runchat", "r", "--instance", "i"], env=env, check=True,
+                                        capture_output=True, text=True).stdout)
+    ca, ph = session["ca_cert"], session["env"]["K"]
+    cred = session["proxy_url"].split("//", 1)[1].split("@", 1)[0]
+    procs = [
+        subprocess.Popen([sealgate, "run", "--no-web"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(md_port),
+                          "--set", f"confdir={tmp / 'certs'}", "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem}"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(mds_port),
+                          "-s", str(ROOT / "addons" / "script.py"), "--set", f"sealgate_data_dir={tmp / 'data'}",
+                          "--set", f"confdir={tmp / 'certs'}", "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem}",
+                          "--set", "sealgate_allow_private=127.0.0.1/32"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        for port, proc in zip((sg_port, md_port, mds_port), procs):
+            wait_listening(port, proc)
+        inject = {"Authorization": f"Bearer {ph}"}
+        setups = [
+            Setup("direct", None, str(pki.ca_pem), {}, None),
+            Setup("mitmdump -q (no addon)", f"http://127.0.0.1:{md_port}", ca, {}, procs[1].pid),
+            Setup("sealgate run, no placeholder", session["proxy_url"], ca, {}, procs[0].pid),
+            Setup("sealgate run, injecting", session["proxy_url"], ca, inject, procs[0].pid),
+            Setup("mitmdump -s sealgate, injecting", f"http://{cred}@127.0.0.1:{mds_port}", ca, inject, procs[2].pid),
+        ]
+        rates: dict[str, list[float]] = {s.name: [] for s in setups}
+        cpus: dict[str, list[float]] = {s.name: [] for s in setups}
+        for r in range(args.rounds):
+            for s in setups:
+                rate, cpu = run_round(s, url, args.requests)
+                rates[s.name].append(rate)
+                if cpu is not None:
+                    cpus[s.name].append(cpu)
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        assert value.encode() not in up.seen() or up.received[-1].header("Authorization") == f"Bearer {value}"
+        base = statistics.median(rates["mitmdump -q (no addon)"])
+        base_cpu = statistics.median(cpus["mitmdump -q (no addon)"])
+        print(f"{args.requests} keep-alive HTTPS GETs per round, {args.rounds} rounds, medians:")
+        print(f"{'setup':34} {'req/s':>8} {'x mitmdump':>11} {'CPU ms/req':>11} {'x CPU':>7}")
+        for s in setups:
+            rate = statistics.median(rates[s.name])
+            cpu = statistics.median(cpus[s.name]) if cpus[s.name] else None
+            cpu_txt = f"{cpu * 1000:11.2f} {cpu / base_cpu:7.2f}" if cpu else f"{'-':>11} {'-':>7}"
+            print(f"{s.name:34} {rate:8.0f} {rate / base:11.2f} {cpu_txt}")
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+if __name__ == "__main__":
+    main()
