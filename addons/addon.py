@@ -1,12 +1,16 @@
 """The mitmproxy addon: wires identity, egress, the decision and scrubbing into hooks.
 
 Hooks gather facts and apply results; `decision.decide` is the only place that allows
-or denies. mitmproxy types stay here. `addons/script.py` loads it into a stock mitmdump.
+or denies. Every hook fails closed: an exception blocks the flow rather than letting
+mitmproxy carry on. mitmproxy types stay here; `addons/script.py` loads this into a
+stock mitmdump.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import socket
 import time
@@ -14,10 +18,10 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import connection, ctx, exceptions, http, tls
+from mitmproxy import connection, ctx, exceptions, http, tcp, tls, websocket
 from mitmproxy.proxy import server_hooks
 
-from addons import decision, inject, origins, placeholders, sessions
+from addons import bodies, decision, inject, origins, placeholders, sessions
 from addons.egress import EgressPolicy, parse_cidrs
 from addons.errors import Refusal
 from addons.inject import Context
@@ -27,7 +31,31 @@ from addons.store import SecretStore, StoreError
 
 log = logging.getLogger("sealgate")
 
+REQUEST_BODY_LIMIT = 64 * 1024 * 1024  # decoded bytes scanned for placeholders
+RESPONSE_BODY_LIMIT = 256 * 1024 * 1024  # decoded bytes scrubbed of values
+SCRUBBER_GRACE = 3600  # seconds a session's scrubber outlives the session, for slow responses
+
 Fields = tuple[tuple[bytes, bytes], ...]
+
+
+def _fail_closed(hook):
+    """Run a flow hook; on any exception, answer the flow with internal_error instead."""
+    if inspect.iscoroutinefunction(hook):
+        @functools.wraps(hook)
+        async def run_async(self: Sealgate, flow: http.HTTPFlow) -> None:
+            try:
+                await hook(self, flow)
+            except Exception as e:
+                self._internal_error(flow, hook.__name__, e)
+        return run_async
+
+    @functools.wraps(hook)
+    def run(self: Sealgate, flow: http.HTTPFlow) -> None:
+        try:
+            hook(self, flow)
+        except Exception as e:
+            self._internal_error(flow, hook.__name__, e)
+    return run
 
 
 @dataclass
@@ -46,12 +74,13 @@ class Sealgate:
         self.tunnel_sessions: weakref.WeakKeyDictionary[connection.Client, sessions.Session] = (
             weakref.WeakKeyDictionary()
         )
+        self.flow_sessions: weakref.WeakKeyDictionary[http.HTTPFlow, sessions.Session] = weakref.WeakKeyDictionary()
+        self.flow_scrubbers: weakref.WeakKeyDictionary[http.HTTPFlow, Scrubber] = weakref.WeakKeyDictionary()
         self.refused: weakref.WeakKeyDictionary[connection.Server, Refusal] = weakref.WeakKeyDictionary()
         self.dialled_from: weakref.WeakKeyDictionary[connection.Server, tuple[str, int]] = (
             weakref.WeakKeyDictionary()
         )
         self.sent: weakref.WeakKeyDictionary[http.HTTPFlow, _Sent] = weakref.WeakKeyDictionary()
-        self.flow_sessions: weakref.WeakKeyDictionary[http.HTTPFlow, sessions.Session] = weakref.WeakKeyDictionary()
         self.scrubbers: dict[str, tuple[float, Scrubber]] = {}  # session id -> (expires_at, values injected)
 
     # options ------------------------------------------------------------------------
@@ -70,6 +99,8 @@ class Sealgate:
     def configure(self, updated: set[str]) -> None:
         if ctx.options.ssl_insecure:
             raise exceptions.OptionsError("sealgate refuses ssl_insecure: secrets must only go over verified TLS")
+        if getattr(ctx.options, "stream_large_bodies", None):
+            raise exceptions.OptionsError("sealgate refuses stream_large_bodies: it checks whole bodies")
         if "sealgate_data_dir" in updated:
             if not ctx.options.sealgate_data_dir:
                 raise exceptions.OptionsError("sealgate_data_dir must name the folder of sealgate's store")
@@ -82,7 +113,7 @@ class Sealgate:
                 allow = parse_cidrs(ctx.options.sealgate_allow_private)
             except ValueError as e:
                 raise exceptions.OptionsError(f"sealgate_allow_private: {e}") from None
-            guard = {int(p) for p in ctx.options.sealgate_guard_ports.split(",") if p.strip().isdigit()}
+            guard = {int(p) for p in ctx.options.sealgate_guard_ports.split(",") if origins.is_port_text(p.strip())}
             guard.add(ctx.options.listen_port or 8080)
             self.policy = EgressPolicy(tuple(allow), frozenset(guard))
 
@@ -105,11 +136,13 @@ class Sealgate:
 
     # identity -----------------------------------------------------------------------
 
+    @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         session = self._authenticate(flow)
         if session is not None:
             self.tunnel_sessions[flow.client_conn] = session
 
+    @_fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.client_conn in self.tunnel_sessions:
             session = self.tunnel_sessions[flow.client_conn]
@@ -121,6 +154,7 @@ class Sealgate:
             session = self._authenticate(flow)
         if session is not None:
             self.flow_sessions[flow] = session
+            self.flow_scrubbers[flow] = self._scrubber(session)
             flow.metadata["sealgate"] = {
                 "session": session.id, "principal": session.principal,
                 "runchat": session.record.runchat, "instance": session.record.instance,
@@ -154,15 +188,17 @@ class Sealgate:
         if server.error or not server.address or server.via:
             return
         host, port = server.address
-        ip, refusal = await self._checked_address(host, port)
+        try:
+            ip, refusal = await self._checked_address(host, port)
+        except Exception as e:
+            ip, refusal = None, Refusal("internal_error", f"egress check failed ({e.__class__.__name__})")
         if refusal is not None:
             self.refused[server] = refusal
             server.error = str(refusal)
             return
-        if ip is not None:
-            server.sni = server.sni or host  # verify upstream TLS against the host we dial, not the client's SNI
-            self.dialled_from[server] = (host, port)
-            server.address = (ip, port)
+        server.sni = server.sni or host  # verify upstream TLS against the host we dial, not the client's SNI
+        self.dialled_from[server] = (host, port)
+        server.address = (ip, port)
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self._restore_address(data.server)
@@ -186,36 +222,37 @@ class Sealgate:
         if (refusal := self.refused.get(flow.server_conn)) is not None:
             self._respond(flow, refusal)
 
-    async def _checked_address(self, host: str, port: int) -> tuple[str | None, Refusal | None]:
+    async def _checked_address(self, host: str, port: int) -> tuple[str, None] | tuple[None, Refusal]:
         """The first address of host that policy allows, or the refusal."""
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
-            return None, None  # mitmproxy reports the failure to resolve
+        except (OSError, UnicodeError) as e:
+            return None, Refusal("destination_unresolved", f"{shown} could not be resolved ({e.__class__.__name__})")
         reasons = []
         for *_, sockaddr in infos:
             why = self.policy.refusal_reason(sockaddr[0], port)
             if why is None:
                 return sockaddr[0], None
             reasons.append(why)
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return None, Refusal("destination_blocked", f"{shown} is not reachable through sealgate: {reasons[0]}")
 
     # the request path ---------------------------------------------------------------
 
+    @_fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        session = self._session_of(flow)
+        session = self.flow_sessions.get(flow)
         if session is None:
-            return
+            return self._respond(flow, Refusal("proxy_auth_required", "this request has no session"))
         if flow.request.scheme == "http" and not flow.server_conn.connected:
             _, refusal = await self._checked_address(flow.request.host, flow.request.port)
             if refusal is not None:
                 return self._block(flow, session, refusal)
         try:
             scan = _Scan.of(flow.request)
-        except ValueError as e:
+        except bodies.BodyError as e:
             return self._block(flow, session, Refusal("unreadable_body", str(e)))
         if not scan.found:
             return
@@ -225,7 +262,7 @@ class Sealgate:
         if isinstance(result, decision.Block):
             return self._block(flow, session, result.refusal)
         self.sent[flow] = _Sent(flow.request.data.path, flow.request.headers.fields, flow.request.raw_content)
-        scrubber = self._scrubber(session)
+        scrubber = self.flow_scrubbers[flow]
         scrubber.add(
             pair
             for p in scan.placeholders
@@ -237,31 +274,59 @@ class Sealgate:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_request(flow)
+        if flow.response is not None and flow.response.stream and self.flow_scrubbers.get(flow):
+            flow.response.stream = False  # a streamed body would pass unscrubbed: buffer it
 
+    @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         self._restore_request(flow)
-        session = self._session_of(flow)
-        entry = self.scrubbers.get(session.id) if session else None
-        if entry is None or flow.response is None:
-            return
-        scrubber = entry[1]
+        scrubber = self.flow_scrubbers.get(flow)
         resp = flow.response
+        if not scrubber or resp is None:
+            return
         resp.headers.fields = tuple((k, scrubber.scrub(v)) for k, v in resp.headers.fields)
         resp.reason = scrubber.scrub_text(resp.reason)
         if resp.trailers:
             resp.trailers.fields = tuple((k, scrubber.scrub(v)) for k, v in resp.trailers.fields)
         if resp.raw_content:
             try:
-                body = resp.get_content(strict=True)
-            except ValueError:
-                resp.raw_content = scrubber.scrub(resp.raw_content)
-            else:
-                scrubbed = scrubber.scrub(body or b"")
-                if scrubbed != body:
-                    resp.content = scrubbed
+                body = bodies.decode(resp.raw_content, resp.headers.get("content-encoding", ""), RESPONSE_BODY_LIMIT)
+            except bodies.BodyError as e:
+                refusal = Refusal("unscrubbable_response", f"the upstream response cannot be checked: {e}")
+                self._log(flow, self.flow_sessions[flow], "block", refusal, ())
+                return self._respond(flow, refusal)
+            scrubbed = scrubber.scrub(body)
+            if scrubbed != body:
+                resp.headers.pop("content-encoding", None)  # send it decoded: no re-encoded copy to reason about
+                resp.content = scrubbed
 
     def error(self, flow: http.HTTPFlow) -> None:
+        injected = self.sent.get(flow) is not None
         self._restore_request(flow)
+        scrubber = self.flow_scrubbers.get(flow)
+        message = flow.error.msg if flow.error else ""
+        # mitmproxy answers a failed flow with an error page quoting what went wrong, which
+        # may quote what the upstream sent back: after an injection, send nothing at all.
+        if flow.killable and (injected or (scrubber and scrubber.scrub_text(message) != message)):
+            log.warning("sealgate: closed %s after an upstream error; the error text is withheld",
+                        origins.serialise(flow.request.scheme, flow.request.host, flow.request.port))
+            flow.kill()
+
+    @_fail_closed
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        scrubber = self.flow_scrubbers.get(flow)
+        if scrubber and flow.websocket is not None:
+            message: websocket.WebSocketMessage = flow.websocket.messages[-1]
+            if not message.from_client:
+                message.content = scrubber.scrub(message.content)
+
+    @_fail_closed
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        session = self.tunnel_sessions.get(flow.client_conn)
+        scrubber = self.scrubbers[session.id][1] if session and session.id in self.scrubbers else None
+        message = flow.messages[-1]
+        if scrubber and not message.from_client:
+            message.content = scrubber.scrub(message.content)
 
     def _restore_request(self, flow: http.HTTPFlow) -> None:
         if (sent := self.sent.pop(flow, None)) is not None:
@@ -270,9 +335,6 @@ class Sealgate:
             flow.request.raw_content = sent.raw_content
 
     # helpers ------------------------------------------------------------------------
-
-    def _session_of(self, flow: http.HTTPFlow) -> sessions.Session | None:
-        return self.flow_sessions.get(flow)
 
     def _lookup(self, principal: str) -> decision.SecretLookup:
         def lookup(names: set[str]):
@@ -283,16 +345,25 @@ class Sealgate:
         return lookup
 
     def _scrubber(self, session: sessions.Session) -> Scrubber:
-        now = time.time()
+        """The session's scrubber; flows hold their own reference, so pruning never strands one."""
         if session.id not in self.scrubbers:
-            for sid in [sid for sid, (exp, _) in self.scrubbers.items() if exp < now]:
-                del self.scrubbers[sid]  # an expired session can send nothing more
+            now = time.time()
+            for sid in [sid for sid, (exp, _) in self.scrubbers.items() if exp + SCRUBBER_GRACE < now]:
+                del self.scrubbers[sid]
             self.scrubbers[session.id] = (session.record.expires_at, Scrubber())
         return self.scrubbers[session.id][1]
 
     def _block(self, flow: http.HTTPFlow, session: sessions.Session, refusal: Refusal) -> None:
         self._respond(flow, refusal)
         self._log(flow, session, "block", refusal, ())
+
+    def _internal_error(self, flow: http.HTTPFlow | tcp.TCPFlow, hook: str, e: Exception) -> None:
+        log.error("sealgate: %s in %s; the flow is blocked", e.__class__.__name__, hook)
+        if isinstance(flow, http.HTTPFlow) and flow.websocket is None:
+            self._restore_request(flow)
+            self._respond(flow, Refusal("internal_error", "sealgate could not check this request; nothing was sent"))
+        elif flow.killable:
+            flow.kill()
 
     @staticmethod
     def _respond(flow: http.HTTPFlow, refusal: Refusal) -> None:
@@ -333,12 +404,8 @@ class _Scan:
         body: bytes | None = None
         body_found: list[Found] = []
         if req.raw_content:
-            try:
-                body = req.get_content(strict=True)
-            except ValueError:
-                enc = req.headers.get("content-encoding", "")
-                raise ValueError(f"the request body cannot be decoded as Content-Encoding {enc!r}") from None
-            body_found = placeholders.find(body or b"")
+            body = bodies.decode(req.raw_content, req.headers.get("content-encoding", ""), REQUEST_BODY_LIMIT)
+            body_found = placeholders.find(body)
         return cls(placeholders.find(req.data.path), headers, basic, body, body_found)
 
     @property
@@ -368,6 +435,8 @@ class _Scan:
             req.headers.fields = tuple(fields)
         if self.body_found and self.body is not None:
             ctx_ = inject.body_context(req.headers.get("content-type", ""), self.body)
+            # Forward the filled body decoded: a compressed copy would be one more derived form of the value.
+            req.headers.pop("content-encoding", None)
             req.content = inject.substitute(self.body, self.body_found, values, ctx_)
 
 
@@ -394,4 +463,3 @@ def _facts(flow: http.HTTPFlow, scan: _Scan) -> decision.RequestFacts:
         upstream_tls_error=tls_error,
         placeholders=scan.placeholders,
     )
-

@@ -145,4 +145,4 @@ def _split_authority(text: str, scheme: str) -> tuple[str, int]:
         host, port_text = text, ""
     if not port_text:
         return host, origins.DEFAULT_PORTS[scheme]
-    return host, int(port_text) if port_text.isdigit() else -1
+    return host, int(port_text) if origins.is_port_text(port_text) else -1

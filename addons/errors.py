@@ -19,9 +19,12 @@ CODES: dict[str, tuple[int, str]] = {
     "host_mismatch": (403, "Host header or SNI disagrees with the destination"),
     "insecure_upstream": (403, "Refusing to send a secret over an unverified connection"),
     "destination_blocked": (403, "Destination blocked by egress policy"),
+    "destination_unresolved": (502, "Destination host name could not be resolved"),
     "scope_denied": (403, "Request outside the secret's scope"),
     "unreadable_body": (400, "Request body cannot be read"),
     "rate_limited": (429, "Rate limit reached"),
+    "internal_error": (500, "sealgate could not check this request"),
+    "unscrubbable_response": (502, "Response cannot be checked for secret values"),
     "store_unavailable": (503, "Secret store unavailable"),
 }
 

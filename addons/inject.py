@@ -85,6 +85,7 @@ def encode_basic(credentials: bytes) -> str:
 def derived_forms(value: str, placeholder: str) -> list[tuple[bytes, bytes]]:
     """(what sealgate may have produced from value, what to show instead) pairs."""
     pairs = {escape(value, c): placeholder.encode() for c in Context}
+    pairs[json.dumps(value)[1:-1].encode()] = placeholder.encode()  # JSON with non-ASCII as \\uXXXX
     return list(pairs.items())
 
 

@@ -16,6 +16,12 @@ import idna
 DEFAULT_PORTS = {"https": 443, "http": 80}
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _DIGITS_OR_HEX = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
+
+
+def is_port_text(text: str) -> bool:
+    """ASCII digits naming a TCP port (str.isdigit would accept '²', which int() refuses)."""
+    return bool(_PORT.match(text)) and 0 < int(text) < 65536
 
 
 class OriginError(ValueError):
@@ -137,7 +143,7 @@ def parse(text: str, *, allow_http: bool = False) -> Origin:
         port_text = port_text if colon else None
     if port_text is None:
         port = DEFAULT_PORTS[scheme]
-    elif not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    elif not is_port_text(port_text):
         raise OriginError(f"{raw!r} has an invalid port {port_text!r}")
     else:
         port = int(port_text)

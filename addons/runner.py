@@ -30,6 +30,7 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
                  errorcheck.ErrorCheck())
     opts.update(
         confdir=str(certs),
+        rawtcp=False,  # after a non-WebSocket 101 nothing could be checked: close instead
         ssl_verify_upstream_trusted_ca=str(bundle) if bundle else None,
         sealgate_data_dir=str(settings.data_dir),
         sealgate_allow_private=settings.allow_private,

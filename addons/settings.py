@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from addons.egress import parse_cidrs
+from addons.origins import is_port_text
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_DIR / "config" / "sealgate.yaml"
@@ -37,13 +38,13 @@ class Settings:
 
 
 def _port(v: Any) -> int:
-    if isinstance(v, bool) or not str(v).isdigit() or not 0 <= int(v) < 65536:
+    if isinstance(v, bool) or not (str(v) == "0" or is_port_text(str(v))):
         raise ValueError("must be a port number from 0 to 65535")
     return int(v)
 
 
 def _ttl(v: Any) -> int:
-    if isinstance(v, bool) or not str(v).isdigit() or not 60 <= int(v) <= 7 * 86400:
+    if isinstance(v, bool) or not (str(v).isascii() and str(v).isdigit()) or not 60 <= int(v) <= 7 * 86400:
         raise ValueError("must be a whole number of seconds from 60 to 604800")
     return int(v)
 

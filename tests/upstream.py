@@ -175,3 +175,71 @@ def serve(pki: TestPKI, host: str = "127.0.0.1", *, tls: bool = True,
         srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return up, srv
+
+
+class RawUpstream:
+    """A TLS server on loopback that answers each request with whatever `answer` makes of it,
+    byte for byte, so tests can play upstreams that misbehave. answer(head, body, sock)
+    returns the bytes to send, or None after writing to sock itself (the connection then ends)."""
+
+    def __init__(self, pki: TestPKI, answer, host: str = "127.0.0.1") -> None:
+        self.answer = answer
+        self.received: list[tuple[bytes, bytes]] = []
+        c, k = pki.issue(f"raw-{host}-{id(self)}", LOOPBACK_SANS)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(c, k)
+        self.ctx.set_alpn_protocols(["http/1.1"])
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def origin(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    def seen(self) -> bytes:
+        return b"\n".join(h + b"\r\n\r\n" + b for h, b in self.received)
+
+    def _serve(self) -> None:
+        while True:
+            s, _ = self.sock.accept()
+            threading.Thread(target=self._one, args=(s,), daemon=True).start()
+
+    def _one(self, s: socket.socket) -> None:
+        try:
+            t = self.ctx.wrap_socket(s, server_side=True)
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    d = t.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = int(header(head, b"content-length") or 0)
+                while len(rest) < length:
+                    rest += t.recv(65536)
+                body, buf = rest[:length], rest[length:]
+                self.received.append((head, body))
+                out = self.answer(head, body, t)
+                if out is None:
+                    return
+                t.sendall(out)
+        except (OSError, ssl.SSLError):
+            pass
+
+
+def header(head: bytes, name: bytes) -> bytes:
+    """A header's value in a raw request head (b"" if absent)."""
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == name.lower():
+            return v.strip()
+    return b""
+
+
+def raw_response(body: bytes, status: bytes = b"200 OK", extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/octet-stream\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)

@@ -1,0 +1,103 @@
+"""Message bodies: undo Content-Encoding, never beyond a size bound (pure).
+
+Only the codings HTTP clients really send are accepted (gzip, x-gzip, deflate, br,
+zstd, identity), each decoded incrementally so a small compressed body cannot expand
+into gigabytes. Anything else raises BodyError: a body sealgate cannot read is a body
+it cannot check.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import brotli
+
+try:
+    from compression import zstd  # Python 3.14+
+except ImportError:  # pragma: no cover - depends on the Python version
+    from backports import zstd
+
+SUPPORTED = ("identity", "gzip", "x-gzip", "deflate", "br", "zstd")
+
+
+class BodyError(ValueError):
+    """A body that cannot be decoded within the bound; says why."""
+
+
+def codings(content_encoding: str) -> list[str]:
+    return [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+
+
+def decode(raw: bytes, content_encoding: str, limit: int) -> bytes:
+    """raw with every listed coding undone (last applied, first undone), at most limit bytes."""
+    data = raw
+    for coding in reversed(codings(content_encoding)):
+        if coding not in SUPPORTED:
+            raise BodyError(f"Content-Encoding {coding!r} is not supported (use one of {', '.join(SUPPORTED)})")
+        try:
+            data = _DECODERS[coding](data, limit)
+        except BodyError:
+            raise
+        except Exception as e:  # zlib.error, brotli.error, zstd.ZstdError, EOFError
+            raise BodyError(f"the body is not valid {coding}: {e.__class__.__name__}") from None
+        if len(data) > limit:
+            raise BodyError(f"the decoded body is larger than {limit} bytes")
+    return data
+
+
+def _zlib(data: bytes, limit: int, wbits: int) -> bytes:
+    out = bytearray()
+    while data:
+        d = zlib.decompressobj(wbits)
+        out += d.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
+            raise BodyError(f"the decoded body is larger than {limit} bytes")
+        if d.unconsumed_tail:
+            raise BodyError(f"the decoded body is larger than {limit} bytes")
+        if not d.eof:
+            raise BodyError("the compressed body is truncated")
+        data = d.unused_data  # gzip allows several members
+        if wbits != 16 + zlib.MAX_WBITS:
+            break
+    return bytes(out)
+
+
+def _gzip(data: bytes, limit: int) -> bytes:
+    return _zlib(data, limit, 16 + zlib.MAX_WBITS)
+
+
+def _deflate(data: bytes, limit: int) -> bytes:
+    try:
+        return _zlib(data, limit, zlib.MAX_WBITS)
+    except zlib.error:
+        return _zlib(data, limit, -zlib.MAX_WBITS)  # raw deflate, as some clients send it
+
+
+def _brotli(data: bytes, limit: int) -> bytes:
+    d = brotli.Decompressor()
+    out = d.process(data, output_buffer_limit=limit + 1)
+    if len(out) > limit or not d.is_finished():
+        raise BodyError(
+            f"the decoded body is larger than {limit} bytes" if len(out) > limit else "the compressed body is truncated"
+        )
+    return out
+
+
+def _zstd(data: bytes, limit: int) -> bytes:
+    d = zstd.ZstdDecompressor()
+    out = d.decompress(data, max_length=limit + 1)
+    if len(out) > limit:
+        raise BodyError(f"the decoded body is larger than {limit} bytes")
+    if not d.eof:
+        raise BodyError("the compressed body is truncated")
+    return out
+
+
+_DECODERS = {
+    "identity": lambda data, limit: data,
+    "gzip": _gzip,
+    "x-gzip": _gzip,
+    "deflate": _deflate,
+    "br": _brotli,
+    "zstd": _zstd,
+}

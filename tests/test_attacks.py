@@ -1,0 +1,252 @@
+"""Named attacks found by red-teaming the core proxy; each was a real failure once and is a
+regression test now. Each checks what the upstream received and what the worker received."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import os
+import time
+import zlib
+
+import brotli
+import pytest
+
+from conftest import curl, make_proxy
+from upstream import RawUpstream, header, raw_response
+from wire import connect, one_request, read_all, tunnel
+
+try:
+    from compression import zstd
+except ImportError:
+    from backports import zstd
+
+
+def no_value(value: str, *seen: bytes) -> bool:
+    return all(value.encode() not in s for s in seen)
+
+
+@pytest.fixture
+def echo_raw(pki):
+    """An upstream that answers with the raw request body, byte for byte, and no Content-Encoding."""
+    return RawUpstream(pki, lambda head, body, sock: raw_response(body))
+
+
+def _request(target: str, path: str, extra: str = "", body: bytes = b"", method: str = "GET") -> bytes:
+    length = f"Content-Length: {len(body)}\r\n" if body or method == "POST" else ""
+    return (f"{method} {path} HTTP/1.1\r\nHost: {target}\r\n{extra}{length}Connection: close\r\n\r\n").encode() + body
+
+
+# --- the worker must not get the value back ---------------------------------------------------
+
+def test_websocket_frames_from_upstream_are_scrubbed(proxy, pki, user, value):
+    def answer(head, body, sock):
+        key = header(head, b"sec-websocket-key")
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        payload = b"you sent " + header(head, b"x-key")
+        sock.sendall(bytes([0x81, len(payload)]) + payload)
+        time.sleep(1)
+    up = RawUpstream(pki, answer)
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{up.port}"
+    t = tunnel(s, proxy.port, target, None)
+    t.sendall(_request(target, "/ws", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                       f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Key: {s['env']['K']}\r\n")
+             .replace(b"Connection: close\r\n", b""))
+    out = read_all(t, 3)
+    assert header(up.received[0][0], b"x-key") == value.encode()  # the upstream got the value
+    assert s["env"]["K"].encode() in out  # the worker got the frame, scrubbed back to the placeholder
+    assert no_value(value, out, proxy.visible_to_operators())
+
+
+def test_raw_tcp_after_other_upgrade_is_closed(proxy, pki, user, value):
+    def answer(head, body, sock):
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\n")
+        sock.sendall(b"raw: " + header(head, b"x-key"))
+        time.sleep(1)
+    up = RawUpstream(pki, answer)
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{up.port}"
+    out = one_request(s, proxy.port, target, None,
+                      _request(target, "/x", f"Upgrade: foo\r\nX-Key: {s['env']['K']}\r\n"))
+    assert no_value(value, out, proxy.visible_to_operators())
+
+
+@pytest.mark.parametrize("coding, compress", [
+    ("gzip", gzip.compress), ("deflate", zlib.compress), ("br", brotli.compress), ("zstd", zstd.compress),
+])
+def test_compressed_request_body_echoed_raw(coding, compress, proxy, echo_raw, user, value):
+    proxy.add_secret(user, "K", value, echo_raw.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{echo_raw.port}"
+    body = compress(f"data={s['env']['K']}".encode())
+    out = one_request(s, proxy.port, target, None, _request(
+        target, "/blob", f"Content-Encoding: {coding}\r\nContent-Type: text/plain\r\n", body, "POST"))
+    head, body_sent = echo_raw.received[-1]
+    assert body_sent == f"data={value}".encode() and header(head, b"content-encoding") == b""
+    returned = out.partition(b"\r\n\r\n")[2]
+    assert returned == f"data={s['env']['K']}".encode()
+    assert no_value(value, out, proxy.visible_to_operators())
+
+
+@pytest.mark.parametrize("coding", ["base64", "hex", "bz2", "compress", "gzip, rot13"])
+def test_unsupported_request_encoding_is_refused(coding, proxy, echo_raw, user, value):
+    proxy.add_secret(user, "K", value, echo_raw.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{echo_raw.port}"
+    body = base64.b64encode(f"data={s['env']['K']}".encode())
+    out = one_request(s, proxy.port, target, None, _request(
+        target, "/blob", f"Content-Encoding: {coding}\r\n", body, "POST"))
+    assert out.startswith(b"HTTP/1.1 400") and b"unreadable_body" in out and b"not supported" in out
+    assert echo_raw.received == []
+
+
+def test_decompression_bomb_is_refused_with_flat_memory(proxy, echo_raw, user):
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{echo_raw.port}"
+    bomb = gzip.compress(b"\0" * (512 * 1024 * 1024), compresslevel=9)
+    rss = lambda: int(next(l for l in open(f"/proc/{proxy.proc.pid}/status") if l.startswith("VmRSS")).split()[1])
+    before = rss()
+    out = one_request(s, proxy.port, target, None, _request(
+        target, "/bomb", "Content-Encoding: gzip\r\n", bomb, "POST"))
+    assert out.startswith(b"HTTP/1.1 400") and b"larger than" in out
+    assert echo_raw.received == []
+    assert rss() - before < 200 * 1024  # KiB: far below the 512 MiB the bomb expands to
+
+
+@pytest.mark.parametrize("reply", [
+    lambda key: b"HTTP/1.1 2" + key + b" OK\r\nContent-Length: 0\r\n\r\n",
+    lambda key: b"HTTP/1.1 200 OK\r\nX-Echo: " + key + b"\r\nContent-Length: zz" + key + b"\r\n\r\n",
+], ids=["bad-status-line", "bad-content-length"])
+def test_malformed_upstream_reply_quoting_the_value(reply, proxy, pki, user, value):
+    up = RawUpstream(pki, lambda head, body, sock: reply(header(head, b"x-key")))
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{up.port}"
+    out = one_request(s, proxy.port, target, None, _request(target, "/x", f"X-Key: {s['env']['K']}\r\n"))
+    assert header(up.received[0][0], b"x-key") == value.encode()
+    assert no_value(value, out, proxy.visible_to_operators())
+
+
+@pytest.mark.parametrize("coding", ["gzip, gzip", "x-unknown", "gzip"])
+def test_response_that_cannot_be_decoded_is_withheld(coding, proxy, pki, user, value):
+    up = RawUpstream(pki, lambda head, body, sock: raw_response(
+        b"not really compressed " + header(head, b"x-key"), extra=f"Content-Encoding: {coding}\r\n".encode()))
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{up.port}"
+    out = one_request(s, proxy.port, target, None, _request(target, "/x", f"X-Key: {s['env']['K']}\r\n"))
+    assert out.startswith(b"HTTP/1.1 502") and b"unscrubbable_response" in out
+    assert no_value(value, out, proxy.visible_to_operators())
+
+
+@pytest.mark.parametrize("coding, compress", [("gzip", gzip.compress), ("br", brotli.compress),
+                                              ("zstd", zstd.compress), ("identity", lambda b: b)])
+def test_echo_in_compressed_response_is_scrubbed(coding, compress, proxy, pki, user, value):
+    up = RawUpstream(pki, lambda head, body, sock: raw_response(
+        compress(b'{"echo": "' + header(head, b"x-key") + b'"}'), extra=f"Content-Encoding: {coding}\r\n".encode()))
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    r = curl(s, up.origin + "/x", "--compressed", "-H", f"X-Key: {s['env']['K']}")
+    assert r.status == 200 and json.loads(r.body) == {"echo": s["env"]["K"]}
+    assert no_value(value, r.seen(), proxy.visible_to_operators())
+
+
+def test_non_ascii_value_echoed_as_json_escapes(proxy, pki, user):
+    value = f"sk-\u00fc\u00f1\u00ef-{os.urandom(8).hex()}"
+    up = RawUpstream(pki, lambda head, body, sock: raw_response(json.dumps({"v": json.loads(body)["k"]}).encode()))
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{up.port}"
+    body = json.dumps({"k": s["env"]["K"]}).encode()
+    out = one_request(s, proxy.port, target, None, _request(
+        target, "/x", "Content-Type: application/json\r\n", body, "POST"))
+    assert json.loads(up.received[0][1]) == {"k": value}
+    assert json.dumps(value)[1:-1].encode() not in out and s["env"]["K"].encode() in out
+
+
+# --- the value must not go anywhere else ---------------------------------------------------------
+
+def test_unicode_digit_port_in_host_header(proxy, make_upstream, user, value):
+    api, evil = make_upstream("127.0.0.1"), make_upstream("127.0.0.2")
+    proxy.add_secret(user, "K", value, api.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.2:{evil.port}"
+    out = one_request(s, proxy.port, target, None,
+                      f"GET /x HTTP/1.1\r\nHost: 127.0.0.2:\u00b2\r\nX-Key: {s['env']['K']}\r\n"
+                      f"Connection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 403") and b"host_mismatch" in out
+    assert evil.received == [] and no_value(value, out, evil.seen())
+    assert "Traceback" not in proxy.log.read_text()
+
+
+def test_unresolvable_destination_is_refused(proxy, user):
+    s = proxy.issue(user=user)
+    sock, out = connect(s, proxy.port, "no-such-host.invalid:443")
+    out += read_all(sock, 3)
+    assert out.startswith(b"HTTP/1.1 502") and b"destination_unresolved" in out
+
+
+# --- a failing hook blocks, it does not pass ------------------------------------------------------
+
+def test_exception_in_decision_blocks_the_request(monkeypatch, tmp_path, pki, make_upstream, user, value):
+    """An unexpected error while deciding must answer the request, never forward it."""
+    import asyncio
+
+    from mitmproxy.test import taddons, tflow
+
+    from addons import decision, origins, sessions
+    from addons.addon import Sealgate
+    from addons.store import SecretStore
+
+    api = make_upstream("127.0.0.1")
+    store = SecretStore(tmp_path)
+    store.add_secret(user, "K", value, [origins.parse(api.origin)])
+    issued = sessions.issue(store, access="signed-in", runchat="r", instance="i", user=user, author=None,
+                            ttl_seconds=600)
+    addon = Sealgate()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, sealgate_data_dir=str(tmp_path), sealgate_allow_private="127.0.0.1/32")
+        flow = tflow.tflow()
+        flow.request.host, flow.request.port = api.host, api.port
+        flow.request.headers["X-Key"] = issued.env["K"]
+        addon.flow_sessions[flow] = issued.session
+        addon.flow_scrubbers[flow] = addon._scrubber(issued.session)
+
+        def boom(*args):
+            raise RuntimeError("boom")
+        monkeypatch.setattr(decision, "decide", boom)
+        asyncio.run(addon.request(flow))
+    assert flow.response.status_code == 500
+    assert flow.response.headers["X-Sealgate-Error"] == "internal_error"
+    assert flow.request.headers["X-Key"] == issued.env["K"]
+    assert api.received == []
+
+
+def test_scrubber_survives_session_pruning(monkeypatch, tmp_path):
+    """A slow response of an expired session is still scrubbed after another session prunes it."""
+    from mitmproxy.test import tflow
+
+    from addons import addon as addon_module
+    from addons import sessions
+    from addons.store import SessionRecord
+
+    a = addon_module.Sealgate()
+    now = time.time()
+    old = sessions.Session(SessionRecord("a" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now - 100, now - 50))
+    new = sessions.Session(SessionRecord("b" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now, now + 600))
+    flow = tflow.tflow(resp=True)
+    a.flow_scrubbers[flow] = a._scrubber(old)
+    a.flow_scrubbers[flow].add([(b"sk-the-old-value", b"PLACEHOLDER")])
+    monkeypatch.setattr(addon_module.time, "time", lambda: now + addon_module.SCRUBBER_GRACE + 10)
+    a._scrubber(new)
+    assert old.id not in a.scrubbers  # pruned from the session table...
+    flow.response.content = b"late echo: sk-the-old-value"
+    a.response(flow)
+    assert flow.response.content == b"late echo: PLACEHOLDER"  # ...but the flow kept its scrubber
