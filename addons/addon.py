@@ -82,6 +82,7 @@ class Sealgate:
         )
         self.sent: weakref.WeakKeyDictionary[http.HTTPFlow, _Sent] = weakref.WeakKeyDictionary()
         self.scrubbers: dict[str, tuple[float, Scrubber]] = {}  # session id -> (expires_at, values injected)
+        self.log_scrubber = Scrubber()  # every value ever injected, kept out of every log line
 
     # options ------------------------------------------------------------------------
 
@@ -127,11 +128,8 @@ class Sealgate:
 
     def _scrub_log_record(self, record: logging.LogRecord) -> bool:
         """Whatever any addon logs, no injected value reaches the log."""
-        if self.scrubbers:
-            text = record.getMessage()
-            for _, scrubber in self.scrubbers.values():
-                text = scrubber.scrub_text(text)
-            record.msg, record.args = text, None
+        if self.log_scrubber:
+            record.msg, record.args = self.log_scrubber.scrub_text(record.getMessage()), None
         return True
 
     # identity -----------------------------------------------------------------------
@@ -262,14 +260,15 @@ class Sealgate:
         if isinstance(result, decision.Block):
             return self._block(flow, session, result.refusal)
         self.sent[flow] = _Sent(flow.request.data.path, flow.request.headers.fields, flow.request.raw_content)
-        scrubber = self.flow_scrubbers[flow]
-        scrubber.add(
+        pairs = [
             pair
             for p in scan.placeholders
             if p.name in result.secret_names
             for pair in inject.derived_forms(result.values[p.text], p.text)
-        )
-        scan.apply(flow.request, result.values, scrubber)
+        ]
+        pairs += scan.apply(flow.request, result.values)
+        self.flow_scrubbers[flow].add(pairs)
+        self.log_scrubber.add(pairs)
         self._log(flow, session, "allow", None, result.secret_names)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -421,7 +420,9 @@ class _Scan:
     def placeholders(self) -> tuple[placeholders.Placeholder, ...]:
         return tuple(dict.fromkeys(f.placeholder for f in self.found))
 
-    def apply(self, req: http.Request, values: dict[str, str], scrubber: Scrubber) -> None:
+    def apply(self, req: http.Request, values: dict[str, str]) -> list[tuple[bytes, bytes]]:
+        """Fill the request; return the forms this produced that only exist because of it."""
+        produced: list[tuple[bytes, bytes]] = []
         if self.path:
             req.data.path = inject.substitute(req.data.path, self.path, values, Context.URL)
         if self.headers or self.basic:
@@ -430,7 +431,7 @@ class _Scan:
                 fields[i] = (fields[i][0], inject.substitute(fields[i][1], found, values, Context.HEADER))
             for i, (decoded, found) in self.basic.items():
                 filled = inject.encode_basic(inject.substitute(decoded, found, values, Context.RAW)).encode()
-                scrubber.add([(filled[6:], fields[i][1].split(b" ", 1)[-1].strip())])
+                produced.append((filled[6:], fields[i][1].split(b" ", 1)[-1].strip()))
                 fields[i] = (fields[i][0], filled)
             req.headers.fields = tuple(fields)
         if self.body_found and self.body is not None:
@@ -438,6 +439,7 @@ class _Scan:
             # Forward the filled body decoded: a compressed copy would be one more derived form of the value.
             req.headers.pop("content-encoding", None)
             req.content = inject.substitute(self.body, self.body_found, values, ctx_)
+        return produced
 
 
 def _facts(flow: http.HTTPFlow, scan: _Scan) -> decision.RequestFacts:

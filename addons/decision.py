@@ -44,8 +44,6 @@ class SessionLike(Protocol):
     def id(self) -> str: ...
     @property
     def principal(self) -> str: ...
-    @property
-    def record(self) -> object: ...
     def global_values(self) -> dict[str, str]: ...
 
 
@@ -53,7 +51,7 @@ class SecretLike(Protocol):
     @property
     def value(self) -> str: ...
     @property
-    def info(self) -> object: ...  # has .origins
+    def origins(self) -> tuple[Origin, ...]: ...
 
 
 class LookupFailed(Exception):
@@ -97,7 +95,7 @@ def decide(facts: RequestFacts, session: SessionLike, mac_key: bytes, lookup: Se
         secret = found.get(name)
         if secret is None:
             return Block(Refusal("unknown_placeholder", f"user {session.principal} has no secret named {name}"))
-        allowed: tuple[Origin, ...] = secret.info.origins  # type: ignore[attr-defined]
+        allowed = secret.origins
         if not any(o.matches(dest.scheme, dest.host, dest.port) for o in allowed):
             if dest.scheme == "http" and any(
                 o.matches("https", dest.host, 443 if dest.port == 80 else dest.port) for o in allowed

@@ -45,6 +45,10 @@ class Secret:
     info: SecretInfo
     value: str
 
+    @property
+    def origins(self) -> tuple[Origin, ...]:
+        return self.info.origins
+
     def __repr__(self) -> str:  # keep values out of tracebacks and debug output
         return f"Secret({self.info.owner}/{self.info.name})"
 

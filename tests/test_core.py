@@ -119,7 +119,7 @@ def test_egress_allow_private_and_own_ports():
 class FakeSecret:
     def __init__(self, value, allowed):
         self.value = value
-        self.info = type("Info", (), {"origins": tuple(origins.parse(o, allow_http=True) for o in allowed)})
+        self.origins = tuple(origins.parse(o, allow_http=True) for o in allowed)
 
 
 @pytest.fixture
