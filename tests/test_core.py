@@ -46,6 +46,8 @@ def test_store_keeps_values_encrypted(tmp_path, value):
     store = SecretStore(tmp_path)
     store.add_secret("alice", "K", value, [origins.parse("https://a.example")])
     assert stat.S_IMODE((tmp_path / "master.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "sealgate.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
     for f in tmp_path.iterdir():
         assert value.encode() not in f.read_bytes(), f
     assert store.secrets_for("alice", {"K", "MISSING"})["K"].value == value

@@ -457,3 +457,55 @@ def test_stock_mitmdump_script_keeps_values_out_of_flow_files_and_output(tmp_pat
         proc.wait(10)
     assert flows.stat().st_size > 0 and ph.encode() in flows.read_bytes()
     assert not leaks(value, flows.read_bytes(), out.read_bytes(), r.seen(), r2.seen(), evil.seen())
+    credential = s["proxy_url"].split("@")[0].rsplit(":", 1)[1]
+    assert not leaks(credential, flows.read_bytes(), out.read_bytes())
+
+
+def test_http2_client(proxy, api, keyed, value):
+    ph = keyed["env"]["API_KEY"]
+    r = curl(keyed, api.url("/echo/h2"), "--http2", "-H", f"Authorization: Bearer {ph}")
+    assert r.status == 200
+    assert api.received[-1].header("Authorization") == f"Bearer {value}"
+    assert_clean(proxy, value, r.seen())
+
+
+@pytest.mark.parametrize("client", ["curl", "requests"])
+def test_inject_multipart_body(client, proxy, api, keyed, value):
+    ph = keyed["env"]["API_KEY"]
+    if client == "curl":
+        r = curl(keyed, api.url("/echo/multipart"), "-F", f"key={ph}", "-F", "note=hello")
+    else:
+        with requests.Session() as s:
+            s.trust_env = False
+            resp = s.post(api.url("/echo/multipart"), files={"key": (None, ph), "doc": ("a.txt", f"k={ph}\n")},
+                          proxies={"https": keyed["proxy_url"]}, verify=keyed["ca_cert"], timeout=20)
+        r = type("R", (), {"status": resp.status_code, "seen": lambda self: resp.content})()
+    assert r.status == 200
+    got = api.received[-1]
+    assert got.header("Content-Type").startswith("multipart/form-data")
+    assert value.encode() in got.body and ph.encode() not in got.body
+    assert int(got.header("Content-Length")) == len(got.body)
+    assert_clean(proxy, value, r.seen())
+
+
+def test_ipv6_origin(proxy, make_upstream, user, value):
+    v6 = make_upstream("::1")
+    proxy.add_secret(user, "K", value, v6.origin)
+    s = proxy.issue(user=user)
+    r = curl(s, v6.url("/echo"), "-H", f"X-Key: {s['env']['K']}")
+    assert r.status == 200 and v6.received[-1].header("X-Key") == value
+    assert_clean(proxy, value, r.seen())
+
+
+def test_expired_session_gets_407(proxy, api, user, value):
+    import time as _time
+    proxy.add_secret(user, "K", value, api.origin)
+    s = proxy.issue(user=user, ttl="60")
+    db = sqlite3.connect(proxy.data_dir / "sealgate.db")
+    sid = s["proxy_url"].split("//")[1].split(":")[0]
+    db.execute("update sessions set expires_at = ? where id = ?", (_time.time() - 1, sid))
+    db.commit()
+    db.close()
+    r = curl(s, api.url("/x"), "-H", f"X-Key: {s['env']['K']}")
+    assert r.status == 407
+    assert not any(value.encode() in x.dump() for x in api.received)
