@@ -27,12 +27,14 @@ from addons.errors import Refusal
 from addons.inject import Context
 from addons.placeholders import Found
 from addons.scrub import Scrubber
+from addons.streams import StreamRewriter
 from addons.store import SecretStore, StoreError
 
 log = logging.getLogger("sealgate")
 
 REQUEST_BODY_LIMIT = 64 * 1024 * 1024  # decoded bytes scanned for placeholders
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024  # decoded bytes scrubbed of values
+STREAM_OVER = 1024 * 1024  # identity bodies larger than this (or of unknown length) stream through
 SCRUBBER_GRACE = 3600  # seconds a session's scrubber outlives the session, for slow responses
 
 Fields = tuple[tuple[bytes, bytes], ...]
@@ -141,7 +143,7 @@ class Sealgate:
             self.tunnel_sessions[flow.client_conn] = session
 
     @_fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.client_conn in self.tunnel_sessions:
             session = self.tunnel_sessions[flow.client_conn]
             if time.time() >= session.record.expires_at:
@@ -150,13 +152,19 @@ class Sealgate:
             flow.request.headers.pop("Proxy-Authorization", None)  # never forward a credential
         else:
             session = self._authenticate(flow)
-        if session is not None:
-            self.flow_sessions[flow] = session
-            self.flow_scrubbers[flow] = self._scrubber(session)
-            flow.metadata["sealgate"] = {
-                "session": session.id, "principal": session.principal,
-                "runchat": session.record.runchat, "instance": session.record.instance,
-            }
+        if session is None:
+            return
+        self.flow_sessions[flow] = session
+        self.flow_scrubbers[flow] = self._scrubber(session)
+        flow.metadata["sealgate"] = {
+            "session": session.id, "principal": session.principal,
+            "runchat": session.record.runchat, "instance": session.record.instance,
+        }
+        if _streams(flow.request.headers, unknown_length=False):
+            # The head goes out when this hook returns: check URL and headers now, then the body as it flows.
+            await self._check(flow, session, with_body=False)
+            if flow.response is None:
+                self._stream_request_body(flow, session)
 
     def _authenticate(self, flow: http.HTTPFlow) -> sessions.Session | None:
         """The session named by Proxy-Authorization (removed from the request), or a 407/503."""
@@ -239,42 +247,111 @@ class Sealgate:
 
     @_fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
-            return
+        if flow.response or flow.error or not flow.live or flow.request.stream:
+            return  # answered, failed, or streamed (checked in requestheaders and as it flowed)
         session = self.flow_sessions.get(flow)
         if session is None:
             return self._respond(flow, Refusal("proxy_auth_required", "this request has no session"))
+        await self._check(flow, session, with_body=True)
+
+    async def _check(self, flow: http.HTTPFlow, session: sessions.Session, *, with_body: bool) -> None:
+        """Find the placeholders, ask `decide`, and fill the request or answer it with the refusal."""
         if flow.request.scheme == "http" and not flow.server_conn.connected:
             _, refusal = await self._checked_address(flow.request.host, flow.request.port)
             if refusal is not None:
                 return self._block(flow, session, refusal)
         try:
-            scan = _Scan.of(flow.request)
+            scan = _Scan.of(flow.request, with_body=with_body)
         except bodies.BodyError as e:
             return self._block(flow, session, Refusal("unreadable_body", str(e)))
         if not scan.found:
             return
         result = decision.decide(
-            _facts(flow, scan), session, session.record.mac_key, self._lookup(session.principal)
+            _facts(flow, scan.placeholders), session, session.record.mac_key, self._lookup(session.principal)
         )
         if isinstance(result, decision.Block):
             return self._block(flow, session, result.refusal)
         self.sent[flow] = _Sent(flow.request.data.path, flow.request.headers.fields, flow.request.raw_content)
-        pairs = [
-            pair
-            for p in scan.placeholders
-            if p.name in result.secret_names
-            for pair in inject.derived_forms(result.values[p.text], p.text)
-        ]
-        pairs += scan.apply(flow.request, result.values)
-        self.flow_scrubbers[flow].add(pairs)
-        self.log_scrubber.add(pairs)
+        self._remember(flow, result, scan.apply(flow.request, result.values))
         self._log(flow, session, "allow", None, result.secret_names)
 
+    def _remember(self, flow: http.HTTPFlow, result: decision.Allow, produced: list[tuple[bytes, bytes]]) -> None:
+        """Scrub every form of the injected values from this session's responses and from logs."""
+        pairs = produced + [
+            pair
+            for text, value in result.values.items()
+            if placeholders.find(text.encode())[0].placeholder.name in result.secret_names
+            for pair in inject.derived_forms(value, text)
+        ]
+        self.flow_scrubbers[flow].add(pairs)
+        self.log_scrubber.add(pairs)
+
+    def _stream_request_body(self, flow: http.HTTPFlow, session: sessions.Session) -> None:
+        """Fill placeholders in a body as it streams; a refused one cuts the upstream connection."""
+        req = flow.request
+        content_type = req.headers.get("content-type", "")
+        filled: dict[str, bytes] = {}
+        context: list[Context] = []  # decided by the first chunk
+        lookup = self._lookup(session.principal)
+
+        def find(buf: bytes):
+            for f in placeholders.find(buf):
+                text = f.placeholder.text
+                if text not in filled:
+                    result = decision.decide(_facts(flow, (f.placeholder,)), session, session.record.mac_key, lookup)
+                    if isinstance(result, decision.Block):
+                        raise _Refused(result.refusal)
+                    self._remember(flow, result, [])
+                    self._log(flow, session, "allow", None, result.secret_names)
+                    filled[text] = inject.escape(result.values[text], context[0])
+                yield f.start, f.end, filled[text]
+
+        rewriter = StreamRewriter(find, lambda: placeholders.MAX_LEN)
+        refused: list[Refusal] = []
+
+        def stream(chunk: bytes) -> list[bytes]:
+            if refused:
+                return []
+            if not context:
+                context.append(inject.body_context(content_type, chunk))
+            try:
+                out = rewriter.feed(chunk) if chunk else rewriter.finish()
+            except _Refused as r:
+                refused.append(r.refusal)
+                self._block_stream(flow, session, r.refusal)
+                return []
+            return [out] if out else []  # b"" would end the body early
+
+        req.stream = stream
+        _reframe(req, chunked=flow.server_conn.alpn != b"h2")
+
+    def _block_stream(self, flow: http.HTTPFlow, session: sessions.Session, refusal: Refusal) -> None:
+        """Part of the body has gone: cut the upstream connection so it never sees a complete request."""
+        self._log(flow, session, "block", refusal, ())
+        flow.metadata["sealgate.refusal"] = str(refusal)
+        server = ctx.master.addons.get("proxyserver")
+        handler = server.connections.get(flow.client_conn.id) if server else None
+        if handler is None or flow.server_conn not in handler.transports:
+            raise RuntimeError("cannot cut the upstream connection")  # mitmproxy then drops them all
+        handler.transports[flow.server_conn].writer.close()  # at once: nothing queued after this is written
+        handler.close_connection(flow.server_conn)
+        if flow.killable:
+            flow.kill()
+
+    @_fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._restore_request(flow)
-        if flow.response is not None and flow.response.stream and self.flow_scrubbers.get(flow):
-            flow.response.stream = False  # a streamed body would pass unscrubbed: buffer it
+        resp, scrubber = flow.response, self.flow_scrubbers.get(flow)
+        if resp is None or scrubber is None:
+            return
+        has_body = flow.request.method != "HEAD" and resp.status_code >= 200 and resp.status_code not in (204, 304)
+        if has_body and _streams(resp.headers, unknown_length=True):
+            # SSE, chunked, large: pass it on as it comes, scrubbed
+            rewriter = scrubber.stream()
+            resp.stream = lambda chunk: [out] if (out := rewriter.feed(chunk) if chunk else rewriter.finish()) else []
+            _reframe(resp, chunked=flow.request.http_version.startswith("HTTP/1"))
+        elif resp.stream:
+            resp.stream = False  # someone asked to stream an encoded body: buffer it, so it can be scrubbed
 
     @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
@@ -283,11 +360,11 @@ class Sealgate:
         resp = flow.response
         if not scrubber or resp is None:
             return
-        resp.headers.fields = tuple((k, scrubber.scrub(v)) for k, v in resp.headers.fields)
+        resp.headers.fields = tuple((k, scrubber.scrub(v)) for k, v in resp.headers.fields)  # streamed: trailers
         resp.reason = scrubber.scrub_text(resp.reason)
         if resp.trailers:
             resp.trailers.fields = tuple((k, scrubber.scrub(v)) for k, v in resp.trailers.fields)
-        if resp.raw_content:
+        if resp.raw_content and not resp.stream:
             try:
                 body = bodies.decode(resp.raw_content, resp.headers.get("content-encoding", ""), RESPONSE_BODY_LIMIT)
             except bodies.BodyError as e:
@@ -313,11 +390,29 @@ class Sealgate:
 
     @_fail_closed
     def websocket_message(self, flow: http.HTTPFlow) -> None:
-        scrubber = self.flow_scrubbers.get(flow)
-        if scrubber and flow.websocket is not None:
-            message: websocket.WebSocketMessage = flow.websocket.messages[-1]
-            if not message.from_client:
-                message.content = scrubber.scrub(message.content)
+        session, scrubber = self.flow_sessions.get(flow), self.flow_scrubbers.get(flow)
+        if session is None or scrubber is None or flow.websocket is None:
+            return
+        message: websocket.WebSocketMessage = flow.websocket.messages[-1]
+        if not message.from_client:
+            message.content = scrubber.scrub(message.content)
+            return
+        found = placeholders.find(message.content)
+        if not found:
+            return
+        facts = _facts(flow, tuple(dict.fromkeys(f.placeholder for f in found)))
+        result = decision.decide(facts, session, session.record.mac_key, self._lookup(session.principal))
+        if isinstance(result, decision.Block):
+            self._log(flow, session, "block", result.refusal, ())
+            message.drop()
+            ctx.master.commands.call("inject.websocket", flow, True, result.refusal.problem_json(), True)
+            flow.websocket.close_code, flow.websocket.close_reason = 1008, result.refusal.code
+            flow.kill()
+            return
+        self._remember(flow, result, [])
+        self._log(flow, session, "allow", None, result.secret_names)
+        message.content = inject.substitute(message.content, found, result.values,
+                                            inject.body_context("", message.content))
 
     @_fail_closed
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
@@ -391,7 +486,7 @@ class _Scan:
     body_found: list[Found]
 
     @classmethod
-    def of(cls, req: http.Request) -> _Scan:
+    def of(cls, req: http.Request, *, with_body: bool) -> _Scan:
         headers: dict[int, list[Found]] = {}
         basic: dict[int, tuple[bytes, list[Found]]] = {}
         for i, (name, value) in enumerate(req.headers.fields):
@@ -402,7 +497,7 @@ class _Scan:
                     basic[i] = b
         body: bytes | None = None
         body_found: list[Found] = []
-        if req.raw_content:
+        if with_body and req.raw_content:
             body = bodies.decode(req.raw_content, req.headers.get("content-encoding", ""), REQUEST_BODY_LIMIT)
             body_found = placeholders.find(body)
         return cls(placeholders.find(req.data.path), headers, basic, body, body_found)
@@ -442,7 +537,34 @@ class _Scan:
         return produced
 
 
-def _facts(flow: http.HTTPFlow, scan: _Scan) -> decision.RequestFacts:
+def _streams(headers: http.Headers, *, unknown_length: bool) -> bool:
+    """True for an identity body that is large, or of unknown length (chunked, SSE, until close).
+
+    unknown_length says whether a message without Content-Length has a body of unknown
+    length (a response) or, unless chunked, none at all (an HTTP/1 request).
+    """
+    if bodies.codings(headers.get("content-encoding", "")) not in ([], ["identity"]):
+        return False
+    length = headers.get("content-length")
+    if length is None:
+        return unknown_length or "chunked" in headers.get("transfer-encoding", "").lower()
+    return not length.isdigit() or int(length) > STREAM_OVER
+
+
+def _reframe(message: http.Message, chunked: bool) -> None:
+    """A body that is filled or scrubbed as it streams changes length: frame it by chunks (HTTP/1)."""
+    if "content-length" in message.headers:
+        del message.headers["content-length"]
+    if chunked and "chunked" not in message.headers.get("transfer-encoding", "").lower():
+        message.headers["transfer-encoding"] = "chunked"
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
+
+
+def _facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...]) -> decision.RequestFacts:
     req = flow.request
     try:
         host = origins.normalise_host(req.host)
@@ -463,5 +585,5 @@ def _facts(flow: http.HTTPFlow, scan: _Scan) -> decision.RequestFacts:
         host_headers=hosts,
         sni=flow.client_conn.sni if flow.client_conn.tls else None,
         upstream_tls_error=tls_error,
-        placeholders=scan.placeholders,
+        placeholders=found,
     )

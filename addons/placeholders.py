@@ -17,6 +17,7 @@ SESSION_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 SESSION_ID_LENGTH = 16
 NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
 _MAC_HEX = 24
+MAX_LEN = len("sg...") + SESSION_ID_LENGTH + 64 + _MAC_HEX  # the longest placeholder
 
 PATTERN = re.compile(
     rb"sg\.([a-z0-9]{%d})\.(%s)\.([0-9a-f]{%d})"

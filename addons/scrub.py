@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from addons.streams import StreamRewriter
+
 
 class Scrubber:
     """Replaces every needle with its placeholder, longest needle first, in one pass."""
@@ -12,6 +14,7 @@ class Scrubber:
     def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
         self._pairs: dict[bytes, bytes] = {}
         self._pattern: re.Pattern[bytes] | None = None
+        self.max_len = 0  # the longest needle: how much of a stream must be held back
         self.add(pairs)
 
     def add(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
@@ -22,6 +25,7 @@ class Scrubber:
                 changed = True
         if changed:
             ordered = sorted(self._pairs, key=len, reverse=True)
+            self.max_len = len(ordered[0])
             self._pattern = re.compile(b"|".join(re.escape(n) for n in ordered))
 
     def __bool__(self) -> bool:
@@ -31,6 +35,15 @@ class Scrubber:
         if self._pattern is None:
             return data
         return self._pattern.sub(lambda m: self._pairs[m.group(0)], data)
+
+    def matches(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        if self._pattern is None:
+            return []
+        return [(m.start(), m.end(), self._pairs[m.group(0)]) for m in self._pattern.finditer(data)]
+
+    def stream(self) -> StreamRewriter:
+        """A rewriter for one streamed body; it sees values added while the body flows."""
+        return StreamRewriter(self.matches, lambda: self.max_len)
 
     def scrub_text(self, text: str) -> str:
         return self.scrub(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")

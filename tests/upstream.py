@@ -4,6 +4,7 @@ loopback that record every request they receive. `/echo...` answers with what it
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import json
 import socket
@@ -182,9 +183,12 @@ class RawUpstream:
     byte for byte, so tests can play upstreams that misbehave. answer(head, body, sock)
     returns the bytes to send, or None after writing to sock itself (the connection then ends)."""
 
-    def __init__(self, pki: TestPKI, answer, host: str = "127.0.0.1") -> None:
+    def __init__(self, pki: TestPKI, answer, host: str = "127.0.0.1", *, keep_bodies: bool = True) -> None:
         self.answer = answer
+        self.keep_bodies = keep_bodies  # False: record only each body's length and SHA-256 (huge uploads)
         self.received: list[tuple[bytes, bytes]] = []
+        self.body_sizes: list[int] = []
+        self.body_hashes: list[str] = []
         c, k = pki.issue(f"raw-{host}-{id(self)}", LOOPBACK_SANS)
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(c, k)
@@ -217,11 +221,16 @@ class RawUpstream:
                     if not d:
                         return
                     buf += d
-                head, _, rest = buf.partition(b"\r\n\r\n")
-                length = int(header(head, b"content-length") or 0)
-                while len(rest) < length:
-                    rest += t.recv(65536)
-                body, buf = rest[:length], rest[length:]
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                digest, size, kept = hashlib.sha256(), 0, []
+                for piece, buf in self._body(t, head, buf):
+                    digest.update(piece)
+                    size += len(piece)
+                    if self.keep_bodies:
+                        kept.append(piece)
+                self.body_sizes.append(size)
+                self.body_hashes.append(digest.hexdigest())
+                body = b"".join(kept)
                 self.received.append((head, body))
                 out = self.answer(head, body, t)
                 if out is None:
@@ -229,6 +238,38 @@ class RawUpstream:
                 t.sendall(out)
         except (OSError, ssl.SSLError):
             pass
+
+
+    @staticmethod
+    def _body(t, head: bytes, buf: bytes):
+        """Yield (piece of body, rest of buffer) for a Content-Length or chunked body."""
+        def need(n: int) -> None:
+            nonlocal buf
+            while len(buf) < n:
+                d = t.recv(1 << 20)
+                if not d:
+                    raise ConnectionError("the client went away mid-body")
+                buf += d
+        if b"chunked" in header(head, b"transfer-encoding").lower():
+            while True:
+                while b"\r\n" not in buf:
+                    need(len(buf) + 1)
+                line, _, buf = buf.partition(b"\r\n")
+                size = int(line.split(b";")[0], 16)
+                need(size + 2)
+                piece, buf = buf[:size], buf[size + 2:]
+                if size == 0:
+                    yield b"", buf
+                    return
+                yield piece, buf
+        left = int(header(head, b"content-length") or 0)
+        while left:
+            if not buf:
+                need(1)
+            piece, buf = buf[:left], buf[left:]
+            left -= len(piece)
+            yield piece, buf
+        yield b"", buf
 
 
 def header(head: bytes, name: bytes) -> bytes:

@@ -1,0 +1,254 @@
+"""Streaming: large and chunked bodies flow through with flat memory while placeholders
+are filled (also when split across chunks), SSE responses arrive as they come and are
+scrubbed, WebSocket messages follow the same rules; and the pure rewriter under hypothesis."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import time
+
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from addons import inject, placeholders
+from addons.inject import Context
+from addons.scrub import Scrubber
+from addons.streams import StreamRewriter
+from upstream import RawUpstream, header, raw_response
+from wire import read_all, tunnel
+
+KEY = os.urandom(32)
+SID = "abcdefghijklmnop"
+
+
+# --- the pure rewriter ---------------------------------------------------------------------------
+
+def _fill_find(values: dict[str, str], context: Context):
+    def find(buf: bytes):
+        for f in placeholders.find(buf):
+            yield f.start, f.end, inject.escape(values[f.placeholder.text], context)
+    return find
+
+
+def _chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+
+
+def _run(rewriter: StreamRewriter, chunks: list[bytes]) -> bytes:
+    return b"".join(rewriter.feed(c) for c in chunks) + rewriter.finish()
+
+
+names = st.sampled_from(["A", "B_2", "LONG_" + "N" * 59])
+values = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=8, max_size=30)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.binary(max_size=40), names), max_size=6), st.binary(max_size=40),
+       st.lists(st.integers(0, 2000), max_size=12), values, st.sampled_from(list(Context)))
+def test_streamed_filling_equals_whole(parts, tail, cuts, value, context):
+    tokens = {n: placeholders.mint(KEY, SID, n) for n in ("A", "B_2", "LONG_" + "N" * 59)}
+    vals = {t: value + n for n, t in tokens.items()}
+    data = b"".join(filler + tokens[n].encode() for filler, n in parts) + tail
+    expected = inject.substitute(data, placeholders.find(data), vals, context)
+    got = _run(StreamRewriter(_fill_find(vals, context), lambda: placeholders.MAX_LEN), _chunked(data, cuts))
+    assert got == expected
+
+
+@settings(max_examples=300)
+@given(values, st.lists(st.tuples(st.binary(max_size=30), st.sampled_from(list(Context))), max_size=5),
+       st.binary(max_size=30), st.lists(st.integers(0, 1000), max_size=12))
+def test_streamed_scrubbing_equals_whole_and_leaves_no_value(value, parts, tail, cuts):
+    p = placeholders.mint(KEY, SID, "K")
+    pairs = inject.derived_forms(value, p)
+    assume(all(needle not in p.encode() for needle, _ in pairs))
+    scrubber = Scrubber(pairs)
+    data = b"".join(filler + inject.escape(value, c) for filler, c in parts) + tail
+    got = _run(scrubber.stream(), _chunked(data, cuts))
+    assert got == scrubber.scrub(data)
+    assert all(needle not in got for needle, _ in pairs)
+
+
+def test_rewriter_holds_back_only_a_tail():
+    r = StreamRewriter(lambda buf: [], lambda: 10)
+    assert r.feed(b"0123456789abcdef") == b"0123456"  # 9 bytes held: a 10-byte match could start there
+    assert r.feed(b"") == b""
+    assert r.finish() == b"789abcdef"
+
+
+# --- through the proxy -----------------------------------------------------------------------------
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def test_placeholder_split_across_chunks_is_filled(proxy, pki, user, value):
+    up = RawUpstream(pki, lambda head, body, sock: raw_response(b"stored " + body))
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    ph = s["env"]["K"].encode()
+    target = f"127.0.0.1:{up.port}"
+    t = tunnel(s, proxy.port, target, None)
+    t.sendall(f"POST /upload HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\n"
+              f"Content-Type: application/json\r\nConnection: close\r\n\r\n".encode())
+    body = b'{"key": "' + ph + b'", "again": "' + ph + b'"}'
+    for piece in (body[:12], body[12:40], body[40:95], body[95:]):  # both placeholders cut apart
+        t.sendall(_chunk(piece))
+        time.sleep(0.05)
+    t.sendall(b"0\r\n\r\n")
+    out = read_all(t)
+    assert json.loads(up.received[0][1]) == {"key": value, "again": value}
+    assert out.partition(b"\r\n\r\n")[2].endswith(b'{"key": "' + ph + b'", "again": "' + ph + b'"}')
+    assert value.encode() not in out and value.encode() not in proxy.visible_to_operators()
+
+
+def _rss_kib(pid: int) -> int:
+    return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1])
+
+
+def test_one_gib_upload_streams_with_flat_memory(proxy, pki, user, value):
+    up = RawUpstream(pki, lambda head, body, sock: raw_response(b"ok"), keep_bodies=False)
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    ph = s["env"]["K"].encode()
+    target = f"127.0.0.1:{up.port}"
+    block = os.urandom(1 << 20).replace(b"sg.", b"xx.")
+    total = 1 << 30
+    before = _rss_kib(proxy.proc.pid)
+    t = tunnel(s, proxy.port, target, None)
+    # placeholders at the start, across the 1 MiB block boundary in the middle, and at the end
+    first, last = b"key=" + ph + b"&", b"&end=" + ph
+    middle_at = 512 * len(block) - 50
+    t.sendall(f"POST /big HTTP/1.1\r\nHost: {target}\r\nContent-Length: {total}\r\n"
+              f"Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n".encode())
+    expected = hashlib.sha256()
+    sent, peak = 0, before
+    while sent < total:
+        piece = block if sent else first + block[len(first):]
+        if sent <= middle_at < sent + len(piece):
+            off = middle_at - sent
+            piece = piece[:off] + ph + piece[off + len(ph):]
+        piece = piece[: total - sent]
+        if sent + len(piece) == total:
+            piece = piece[: -len(last)] + last
+        t.sendall(piece)
+        expected.update(piece.replace(ph, value.encode()))
+        sent += len(piece)
+        if sent % (64 << 20) == 0:
+            peak = max(peak, _rss_kib(proxy.proc.pid))
+    out = read_all(t, 30)
+    peak = max(peak, _rss_kib(proxy.proc.pid))
+    assert out.startswith(b"HTTP/1.1 200")
+    assert up.body_sizes[-1] == total + 3 * (len(value) - len(ph))
+    assert up.body_hashes[-1] == expected.hexdigest()  # every placeholder filled, nothing else changed
+    print(f"1 GiB upload: proxy RSS {before // 1024} MiB before, peak {peak // 1024} MiB")
+    assert (peak - before) < 64 * 1024, f"proxy grew by {(peak - before) // 1024} MiB"
+
+
+def test_refused_placeholder_in_streamed_body_cuts_the_upstream(proxy, pki, make_upstream, user, value):
+    api = make_upstream("127.0.0.1")
+    evil = RawUpstream(pki, lambda head, body, sock: raw_response(b"got it"), host="127.0.0.2")
+    proxy.add_secret(user, "K", value, api.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.2:{evil.port}"
+    t = tunnel(s, proxy.port, target, None)
+    t.sendall(f"POST /steal HTTP/1.1\r\nHost: {target}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+              .encode())
+    t.sendall(_chunk(b"harmless start; "))
+    time.sleep(0.2)
+    t.sendall(_chunk(b"key=" + s["env"]["K"].encode()) + b"0\r\n\r\n")
+    out = read_all(t, 5)
+    time.sleep(0.5)
+    assert evil.received == []  # the upstream never saw a complete request
+    assert value.encode() not in out and value.encode() not in evil.seen()
+    assert "decision=block code=origin_not_allowed" in proxy.log.read_text()
+
+
+def test_sse_events_arrive_as_they_come_and_are_scrubbed(proxy, pki, user, value):
+    def answer(head, body, sock):
+        key = header(head, b"x-key")
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        event = b"data: echo " + key + b"\n\n"
+        for piece in (event[:15], event[15:]):  # the value split across two chunks
+            sock.sendall(_chunk(piece))
+            time.sleep(0.2)
+        time.sleep(2)  # the stream stays open: the first event must already be at the worker
+        sock.sendall(_chunk(b"data: done\n\n") + b"0\r\n\r\n")
+    up = RawUpstream(pki, answer)
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    target = f"127.0.0.1:{up.port}"
+    t = tunnel(s, proxy.port, target, None)
+    t.sendall(f"GET /events HTTP/1.1\r\nHost: {target}\r\nX-Key: {s['env']['K']}\r\n\r\n".encode())
+    early = read_all(t, 1.2)
+    assert s["env"]["K"].encode() in early and b"done" not in early  # the first event, before the stream ends
+    rest = read_all(t, 4)
+    whole = early + rest
+    assert b"data: done" in whole
+    assert value.encode() not in whole and value.encode() not in proxy.visible_to_operators()
+
+
+def _ws_frame(payload: bytes, mask: bool) -> bytes:
+    head = bytes([0x81, (0x80 if mask else 0) | len(payload)])
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _ws_upstream(pki, host="127.0.0.1"):
+    """Answers the upgrade, then echoes the first client frame back as 'you sent ...'."""
+    def answer(head, body, sock):
+        key = header(head, b"sec-websocket-key")
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        sock.settimeout(5)
+        frame = sock.recv(4096)
+        n, mask = frame[1] & 0x7F, frame[2:6]
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(frame[6:6 + n]))
+        up.frames.append(payload)
+        sock.sendall(_ws_frame(b"you sent " + payload, mask=False))
+        time.sleep(1)
+    up = RawUpstream(pki, answer, host=host)
+    up.frames = []
+    return up
+
+
+def _ws_open(s, proxy_port, target):
+    t = tunnel(s, proxy_port, target, None)
+    t.sendall(f"GET /ws HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += t.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return t
+
+
+def test_websocket_client_message_is_filled_and_echo_scrubbed(proxy, pki, user, value):
+    up = _ws_upstream(pki)
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    t = _ws_open(s, proxy.port, f"127.0.0.1:{up.port}")
+    t.sendall(_ws_frame(json.dumps({"auth": s["env"]["K"]}).encode(), mask=True))
+    out = read_all(t, 3)
+    assert json.loads(up.frames[0]) == {"auth": value}
+    assert s["env"]["K"].encode() in out and value.encode() not in out
+
+
+def test_websocket_message_to_other_origin_closes_with_reason(proxy, pki, make_upstream, user, value):
+    api = make_upstream("127.0.0.1")
+    evil = _ws_upstream(pki, host="127.0.0.2")
+    proxy.add_secret(user, "K", value, api.origin)
+    s = proxy.issue(user=user)
+    t = _ws_open(s, proxy.port, f"127.0.0.2:{evil.port}")
+    t.sendall(_ws_frame(f"key={s['env']['K']}".encode(), mask=True))
+    out = read_all(t, 3)
+    assert evil.frames == []
+    assert b"origin_not_allowed" in out
+    assert value.encode() not in out
