@@ -38,6 +38,10 @@ STREAM_OVER = 1024 * 1024  # identity bodies larger than this (or of unknown len
 SCRUBBER_GRACE = 3600  # seconds a session's scrubber outlives the session, for slow responses
 
 Fields = tuple[tuple[bytes, bytes], ...]
+# Options of stock mitmdump's addons that rewrite or redirect a request after sealgate's
+# request hook (or stream it past sealgate): with them, a value could go elsewhere.
+_REFUSED_OPTIONS = ("map_remote", "map_local", "modify_headers", "modify_body", "server_replay",
+                    "stream_large_bodies", "proxyauth", "upstream_auth", "ignore_hosts", "allow_hosts")
 
 
 def _fail_closed(hook):
@@ -102,8 +106,12 @@ class Sealgate:
     def configure(self, updated: set[str]) -> None:
         if ctx.options.ssl_insecure:
             raise exceptions.OptionsError("sealgate refuses ssl_insecure: secrets must only go over verified TLS")
-        if getattr(ctx.options, "stream_large_bodies", None):
-            raise exceptions.OptionsError("sealgate refuses stream_large_bodies: it checks whole bodies")
+        for name in _REFUSED_OPTIONS:
+            if getattr(ctx.options, name, None):
+                raise exceptions.OptionsError(
+                    f"sealgate refuses {name}: it would change requests after sealgate checked them")
+        if any(not mode.startswith("regular") for mode in getattr(ctx.options, "mode", ["regular"])):
+            raise exceptions.OptionsError("sealgate runs only as a regular (forward) proxy")
         if "sealgate_data_dir" in updated:
             if not ctx.options.sealgate_data_dir:
                 raise exceptions.OptionsError("sealgate_data_dir must name the folder of sealgate's store")
@@ -116,7 +124,10 @@ class Sealgate:
                 allow = parse_cidrs(ctx.options.sealgate_allow_private)
             except ValueError as e:
                 raise exceptions.OptionsError(f"sealgate_allow_private: {e}") from None
-            guard = {int(p) for p in ctx.options.sealgate_guard_ports.split(",") if origins.is_port_text(p.strip())}
+            guard_text = [p.strip() for p in ctx.options.sealgate_guard_ports.split(",") if p.strip()]
+            if bad := [p for p in guard_text if not origins.is_port_text(p)]:
+                raise exceptions.OptionsError(f"sealgate_guard_ports: {bad[0]!r} is not a port")
+            guard = {int(p) for p in guard_text}
             guard.add(ctx.options.listen_port or 8080)
             self.policy = EgressPolicy(tuple(allow), frozenset(guard))
 
@@ -132,6 +143,9 @@ class Sealgate:
         """Whatever any addon logs, no injected value reaches the log."""
         if self.log_scrubber:
             record.msg, record.args = self.log_scrubber.scrub_text(record.getMessage()), None
+            if record.exc_info:
+                record.exc_text = self.log_scrubber.scrub_text(logging.Formatter().formatException(record.exc_info))
+                record.exc_info = None
         return True
 
     # identity -----------------------------------------------------------------------
@@ -146,7 +160,7 @@ class Sealgate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.client_conn in self.tunnel_sessions:
             session = self.tunnel_sessions[flow.client_conn]
-            if time.time() >= session.record.expires_at:
+            if session.expired():
                 self._respond(flow, Refusal("proxy_auth_required", "this session has expired"))
                 return
             flow.request.headers.pop("Proxy-Authorization", None)  # never forward a credential
@@ -155,7 +169,10 @@ class Sealgate:
         if session is None:
             return
         self.flow_sessions[flow] = session
-        self.flow_scrubbers[flow] = self._scrubber(session)
+        try:
+            self.flow_scrubbers[flow] = self._scrubber(session)
+        except StoreError as e:
+            return self._respond(flow, Refusal("store_unavailable", f"cannot read this session's secrets: {e}"))
         flow.metadata["sealgate"] = {
             "session": session.id, "principal": session.principal,
             "runchat": session.record.runchat, "instance": session.record.instance,
@@ -202,7 +219,6 @@ class Sealgate:
             self.refused[server] = refusal
             server.error = str(refusal)
             return
-        server.sni = server.sni or host  # verify upstream TLS against the host we dial, not the client's SNI
         self.dialled_from[server] = (host, port)
         server.address = (ip, port)
 
@@ -271,20 +287,25 @@ class Sealgate:
         )
         if isinstance(result, decision.Block):
             return self._block(flow, session, result.refusal)
+        self._log(flow, session, "allow", None, result.secret_names)
         self.sent[flow] = _Sent(flow.request.data.path, flow.request.headers.fields, flow.request.raw_content)
         self._remember(flow, result, scan.apply(flow.request, result.values))
-        self._log(flow, session, "allow", None, result.secret_names)
 
     def _remember(self, flow: http.HTTPFlow, result: decision.Allow, produced: list[tuple[bytes, bytes]]) -> None:
-        """Scrub every form of the injected values from this session's responses and from logs."""
+        """Scrub every form of the injected values from this session's responses and from logs.
+
+        The session's scrubber knew its principal's values when it was made; this adds what is
+        new since then (a secret added later, a Basic header this request produced)."""
+        scrubber = self.flow_scrubbers[flow]
         pairs = produced + [
             pair
             for text, value in result.values.items()
-            if placeholders.find(text.encode())[0].placeholder.name in result.secret_names
+            if value.encode() not in scrubber and placeholders.find(text.encode())[0].placeholder.name in result.secret_names
             for pair in inject.derived_forms(value, text)
         ]
-        self.flow_scrubbers[flow].add(pairs)
-        self.log_scrubber.add(pairs)
+        if pairs:
+            scrubber.add(pairs)
+            self.log_scrubber.add(pairs)
 
     def _stream_request_body(self, flow: http.HTTPFlow, session: sessions.Session) -> None:
         """Fill placeholders in a body as it streams; a refused one cuts the upstream connection."""
@@ -346,7 +367,9 @@ class Sealgate:
             return
         has_body = flow.request.method != "HEAD" and resp.status_code >= 200 and resp.status_code not in (204, 304)
         if has_body and _streams(resp.headers, unknown_length=True):
-            # SSE, chunked, large: pass it on as it comes, scrubbed
+            # SSE, chunked, large: pass it on as it comes, scrubbed; the head goes out after this hook
+            resp.headers.fields = _scrub_fields(scrubber, resp.headers.fields)
+            resp.reason = scrubber.scrub_text(resp.reason)
             rewriter = scrubber.stream()
             resp.stream = lambda chunk: [out] if (out := rewriter.feed(chunk) if chunk else rewriter.finish()) else []
             _reframe(resp, chunked=flow.request.http_version.startswith("HTTP/1"))
@@ -360,10 +383,10 @@ class Sealgate:
         resp = flow.response
         if not scrubber or resp is None:
             return
-        resp.headers.fields = tuple((k, scrubber.scrub(v)) for k, v in resp.headers.fields)  # streamed: trailers
+        resp.headers.fields = _scrub_fields(scrubber, resp.headers.fields)
         resp.reason = scrubber.scrub_text(resp.reason)
         if resp.trailers:
-            resp.trailers.fields = tuple((k, scrubber.scrub(v)) for k, v in resp.trailers.fields)
+            resp.trailers.fields = _scrub_fields(scrubber, resp.trailers.fields)
         if resp.raw_content and not resp.stream:
             try:
                 body = bodies.decode(resp.raw_content, resp.headers.get("content-encoding", ""), RESPONSE_BODY_LIMIT)
@@ -439,12 +462,20 @@ class Sealgate:
         return lookup
 
     def _scrubber(self, session: sessions.Session) -> Scrubber:
-        """The session's scrubber; flows hold their own reference, so pruning never strands one."""
+        """The session's scrubber, made knowing every value of its principal: a value stored at an
+        allowed origin by one session comes back scrubbed in any other, and after a restart.
+        Flows hold their own reference, so pruning never strands one. StoreError if unreadable."""
         if session.id not in self.scrubbers:
             now = time.time()
             for sid in [sid for sid, (exp, _) in self.scrubbers.items() if exp + SCRUBBER_GRACE < now]:
                 del self.scrubbers[sid]
-            self.scrubbers[session.id] = (session.record.expires_at, Scrubber())
+            pairs = [
+                pair
+                for name, secret in self._store().secrets_for(session.principal).items()
+                for pair in inject.derived_forms(secret.value, session.placeholder(name))
+            ]
+            self.log_scrubber.add(pairs)
+            self.scrubbers[session.id] = (session.record.expires_at, Scrubber(pairs))
         return self.scrubbers[session.id][1]
 
     def _block(self, flow: http.HTTPFlow, session: sessions.Session, refusal: Refusal) -> None:
@@ -535,6 +566,10 @@ class _Scan:
             req.headers.pop("content-encoding", None)
             req.content = inject.substitute(self.body, self.body_found, values, ctx_)
         return produced
+
+
+def _scrub_fields(scrubber: Scrubber, fields: Fields) -> Fields:
+    return tuple((scrubber.scrub(k), scrubber.scrub(v)) for k, v in fields)
 
 
 def _streams(headers: http.Headers, *, unknown_length: bool) -> bool:

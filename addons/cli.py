@@ -24,8 +24,8 @@ class UsageError(Exception):
 
 
 def _settings(args: argparse.Namespace) -> settings.Settings:
-    flags = {k: getattr(args, k, None) for k in
-             ("listen_host", "listen_port", "web_port", "data_dir", "certs_dir", "upstream_ca", "allow_private")}
+    flags = {k: getattr(args, k, None) for k in ("listen_host", "listen_port", "web_port", "web_password",
+                                                 "data_dir", "certs_dir", "upstream_ca", "allow_private")}
     flags["no_web"] = getattr(args, "no_web", False)
     return settings.load(flags)
 
@@ -52,7 +52,10 @@ def _read_value(name: str) -> str:
     if sys.stdin.isatty():
         value = getpass.getpass(f"Value for {name} (hidden): ")
     else:
-        value = sys.stdin.read()
+        try:
+            value = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError("the value on stdin is not UTF-8 text") from None
         if value.endswith("\n"):
             value = value[:-1]
             if value.endswith("\r"):
@@ -132,8 +135,15 @@ def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other sealgate error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"sealgate: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     g = common.add_argument_group("settings (override SEALGATE_* variables and config/sealgate.yaml)")
     g.add_argument("--data-dir", help="store and master key folder [SEALGATE_DATA_DIR]")
     g.add_argument("--certs-dir", help="the proxy's CA folder [SEALGATE_CERTS_DIR]")
@@ -142,10 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--upstream-ca", help="PEM file of extra CAs trusted upstream [SEALGATE_UPSTREAM_CA]")
     g.add_argument("--allow-private", help="CIDRs reachable although private [SEALGATE_ALLOW_PRIVATE]")
 
-    p = argparse.ArgumentParser(prog="sealgate", description="Secrets that workers use but never read.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="sealgate", description="Secrets that workers use but never read.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    secret = sub.add_parser("secret", help="add, list, remove secrets").add_subparsers(dest="action", required=True)
+    secret = sub.add_parser("secret", help="add, list, remove secrets").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
     add = secret.add_parser("add", parents=[common], help="add a secret; the value is read from stdin")
     add.add_argument("--user", required=True)
     add.add_argument("--name", required=True)
@@ -168,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--allow-http", action="store_true")
     so.set_defaults(func=cmd_secret_set_origins)
 
-    session = sub.add_parser("session", help="issue worker sessions").add_subparsers(dest="action", required=True)
+    session = sub.add_parser("session", help="issue worker sessions").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
     si = session.add_parser("issue", parents=[common], help="issue a session: proxy_url, ca_cert, env")
     si.add_argument("--access", required=True, choices=sessions.ACCESS_MODES)
     si.add_argument("--runchat", required=True)
@@ -182,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     web = run.add_mutually_exclusive_group()
     web.add_argument("--web-port", help="dashboard port [SEALGATE_WEB_PORT]")
     web.add_argument("--no-web", action="store_true", help="run without the dashboard")
+    run.add_argument("--web-password", help="dashboard password [SEALGATE_WEB_PASSWORD]")
     run.set_defaults(func=cmd_run)
     return p
 
@@ -191,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], None] = args.func
     try:
         handler(args)
+    except KeyboardInterrupt:
+        print("sealgate: interrupted", file=sys.stderr)
+        return 130
     except (UsageError, ValueError, StoreError, settings.ConfigError, ca.CertError) as e:
         print(f"sealgate: error: {e}", file=sys.stderr)
         return 1

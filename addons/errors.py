@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-TYPE_BASE = "https://sealgate.dev/errors/"
+TYPE_BASE = "urn:sealgate:error:"  # a URN: no web page we would have to keep up
 
 # code -> (HTTP status, title)
 CODES: dict[str, tuple[int, str]] = {

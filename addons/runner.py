@@ -26,7 +26,9 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
     bundle = ca.upstream_bundle(certs, settings.upstream_ca)
     opts = options.Options(listen_host=settings.listen_host, listen_port=settings.listen_port)
     m = master.Master(opts, with_termlog=with_termlog)
-    m.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), Sealgate(), tlsconfig.TlsConfig(),
+    # sealgate first: its server_connect check runs before anything else sees the connection,
+    # and its tls_start_server names the destination before TlsConfig builds the context
+    m.addons.add(Sealgate(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
                  errorcheck.ErrorCheck())
     opts.update(
         confdir=str(certs),
@@ -47,11 +49,19 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, m.shutdown)
-    print(
-        f"sealgate: proxy on {settings.listen_host}:{settings.listen_port}; "
-        f"workers trust {settings.certs_dir / ca.CA_CERT}",
-        file=sys.stderr,
-    )
+    lines = [f"sealgate: proxy on {settings.listen_host}:{settings.listen_port}; "
+             f"workers trust {settings.certs_dir / ca.CA_CERT}"]
     if settings.web_port is not None:
-        print("sealgate: the dashboard is not part of this build yet; running the proxy only", file=sys.stderr)
+        lines.append("sealgate: the dashboard is not part of this build yet; running the proxy only")
+    m.addons.add(_Announce("\n".join(lines)))
     await m.run()
+
+
+class _Announce:
+    """Says where the proxy listens, once it really does."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def running(self) -> None:
+        print(self.text, file=sys.stderr)

@@ -28,6 +28,9 @@ class Scrubber:
             self.max_len = len(ordered[0])
             self._pattern = re.compile(b"|".join(re.escape(n) for n in ordered))
 
+    def __contains__(self, needle: bytes) -> bool:
+        return needle in self._pairs
+
     def __bool__(self) -> bool:
         return self._pattern is not None
 

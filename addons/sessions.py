@@ -22,13 +22,10 @@ ACCESS_MODES = ("signed-in", "api", "app-view")
 
 def principal_for(access: str, user: str | None, author: str | None) -> str:
     """The user whose credentials resolve for a run; ValueError says what is missing."""
-    if access == "signed-in":
+    if access in ("signed-in", "api"):
         if not user:
-            raise ValueError("--access signed-in needs --user (the signed-in user)")
-        return validate.user_id(user)
-    if access == "api":
-        if not user:
-            raise ValueError("--access api needs --user (the owner of the API key that made the call)")
+            who = "the signed-in user" if access == "signed-in" else "the owner of the API key that made the call"
+            raise ValueError(f"--access {access} needs --user ({who})")
         return validate.user_id(user)
     if access == "app-view":
         if user:  # a signed-in viewer uses their own credentials
@@ -54,7 +51,10 @@ class Session:
     def global_values(self) -> dict[str, str]:
         """Identifying variables; they resolve for any destination."""
         r = self.record
-        return {"RUNCHAT_ID": r.runchat, "INSTANCE_ID": r.instance, "USER_ID": r.principal}
+        return dict(zip(validate.GLOBAL_NAMES, (r.runchat, r.instance, r.principal), strict=True))
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.record.expires_at
 
     def placeholder(self, name: str) -> str:
         return placeholders.mint(self.record.mac_key, self.record.id, name)
@@ -96,6 +96,5 @@ def authenticate(store: SecretStore, session_id: str, credential: str, now: floa
     record = store.session(session_id)
     if record is None or not hmac.compare_digest(record.credential_hash, _hash(credential)):
         return None
-    if (now or time.time()) >= record.expires_at:
-        return None
-    return Session(record)
+    session = Session(record)
+    return None if session.expired(now) else session

@@ -38,8 +38,8 @@ class Settings:
 
 
 def _port(v: Any) -> int:
-    if isinstance(v, bool) or not (str(v) == "0" or is_port_text(str(v))):
-        raise ValueError("must be a port number from 0 to 65535")
+    if isinstance(v, bool) or not is_port_text(str(v)):
+        raise ValueError("must be a port number from 1 to 65535")
     return int(v)
 
 
@@ -85,19 +85,17 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
             raise ConfigError(f"{config_path}: unknown key {key!r} (known: {', '.join(_KEYS)})")
         if raw is not None:
             values[key] = _parse(key, raw, f"{config_path}: key {key!r}")
-            if key in _PATHS:
-                values[key] = config_path.parent.parent / values[key]
-    for key, (var, _) in _KEYS.items():
-        if var and env.get(var, "") != "":
-            values[key] = _parse(key, env[var], f"environment variable {var}")
-            if key in _PATHS:
-                values[key] = Path(values[key]).absolute()
+            if key in _PATHS:  # relative to the project folder for config/sealgate.yaml, else to the file
+                base = PROJECT_DIR if config_path == DEFAULT_CONFIG else config_path.parent
+                values[key] = base / values[key]
     flags = dict(flags or {})
     no_web = bool(flags.pop("no_web", False))
-    for key, raw in flags.items():
-        if raw is not None:
-            values[key] = _parse(key, raw, f"--{key.replace('_', '-')}")
-            if key in _PATHS:
+    overrides = [(key, env.get(var, ""), f"environment variable {var}") for key, (var, _) in _KEYS.items()]
+    overrides += [(key, raw, f"--{key.replace('_', '-')}") for key, raw in flags.items()]
+    for key, raw, where in overrides:
+        if raw is not None and raw != "":
+            values[key] = _parse(key, raw, where)
+            if key in _PATHS:  # relative to where the command runs
                 values[key] = Path(values[key]).absolute()
     return Settings(
         listen_host=values.get("listen_host", "127.0.0.1"),

@@ -7,6 +7,7 @@ file (mode 0600) beside the database; it is created on first use.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -66,6 +67,12 @@ class SessionRecord:
     expires_at: float
 
 
+@functools.lru_cache(maxsize=4096)
+def _origins(stored: str) -> tuple[Origin, ...]:
+    """Stored origins, parsed once per distinct list (they were validated when written)."""
+    return tuple(parse_origin(o, allow_http=True) for o in json.loads(stored))
+
+
 def load_or_create_key(data_dir: Path) -> bytes:
     """The master key, created (0600) on first use; refuses a key file others can read."""
     path = data_dir / KEY_NAME
@@ -93,8 +100,8 @@ class SecretStore:
         self.data_dir = Path(data_dir)
         self._key: bytes | None = None
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.data_dir, 0o700)
+            if not self.data_dir.exists():
+                self.data_dir.mkdir(parents=True, mode=0o700)
             db_path = self.data_dir / DB_NAME
             if not db_path.exists():
                 os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm its mode
@@ -103,7 +110,7 @@ class SecretStore:
             conn.execute("PRAGMA busy_timeout=5000")
             self.db = sqlite_utils.Database(conn)
             self._ensure_schema()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise StoreError(f"store {self.data_dir / DB_NAME} cannot be opened: {e}") from None
 
     def _ensure_schema(self) -> None:
@@ -133,11 +140,11 @@ class SecretStore:
     # secrets ------------------------------------------------------------------------
 
     def add_secret(self, owner: str, name: str, value: str, origins: list[Origin], *, replace: bool = False) -> None:
-        env = crypto.seal(self.key, owner, name, value)
-        now = time.time()
         existing = self._row(owner, name)
         if existing and not replace:
             raise StoreError(f"secret {name} of user {owner} exists already; use --replace to change its value")
+        env = crypto.seal(self.key, owner, name, value)
+        now = time.time()
         self.db["secrets"].upsert(
             {
                 "owner": owner, "name": name, "key_id": env.key_id, "nonce": env.nonce,
@@ -163,16 +170,20 @@ class SecretStore:
         try:
             rows = self._query("select * from secrets where owner = ? order by name", [owner])
         except sqlite3.Error as e:
-            raise StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e}") from None
+            raise self._unreadable(e) from None
         return [self._info(r) for r in rows]
 
-    def secrets_for(self, owner: str, names: set[str]) -> dict[str, Secret]:
-        """Decrypt the named secrets of owner; a missing name is simply absent."""
-        if not names:
+    def secrets_for(self, owner: str, names: set[str] | None = None) -> dict[str, Secret]:
+        """Decrypt the named secrets of owner (all of them for None); a missing name is simply absent."""
+        if names is not None and not names:
             return {}
         try:
-            marks = ",".join("?" * len(names))
-            rows = self._query(f"select * from secrets where owner = ? and name in ({marks})", [owner, *sorted(names)])
+            if names is None:
+                rows = self._query("select * from secrets where owner = ?", [owner])
+            else:
+                marks = ",".join("?" * len(names))
+                rows = self._query(f"select * from secrets where owner = ? and name in ({marks})",
+                                   [owner, *sorted(names)])
             keys = {crypto.key_id(self.key): self.key}
             return {
                 r["name"]: Secret(
@@ -184,10 +195,13 @@ class SecretStore:
         except crypto.EnvelopeError as e:
             raise StoreError(str(e)) from None
         except (sqlite3.Error, ValueError, KeyError) as e:
-            raise StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e.__class__.__name__}") from None
+            raise self._unreadable(e) from None
 
     def _row(self, owner: str, name: str) -> dict | None:
         return next(iter(self._query("select * from secrets where owner = ? and name = ?", [owner, name])), None)
+
+    def _unreadable(self, e: Exception) -> StoreError:
+        return StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e.__class__.__name__}: {e}")
 
     def _query(self, sql: str, params: list) -> list[dict]:
         """Rows as dicts; unlike sqlite-utils' rows_where, a missing table is an error, not no rows."""
@@ -197,8 +211,7 @@ class SecretStore:
 
     @staticmethod
     def _info(row: dict) -> SecretInfo:
-        origins = tuple(parse_origin(o, allow_http=True) for o in json.loads(row["origins"]))
-        return SecretInfo(row["owner"], row["name"], origins, row["created_at"], row["updated_at"])
+        return SecretInfo(row["owner"], row["name"], _origins(row["origins"]), row["created_at"], row["updated_at"])
 
     # sessions -----------------------------------------------------------------------
 
@@ -209,5 +222,5 @@ class SecretStore:
         try:
             row = next(iter(self._query("select * from sessions where id = ?", [session_id])), None)
         except sqlite3.Error as e:
-            raise StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e.__class__.__name__}") from None
+            raise self._unreadable(e) from None
         return SessionRecord(**row) if row else None

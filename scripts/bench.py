@@ -85,7 +85,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="sealgate-bench-"))
+    with tempfile.TemporaryDirectory(prefix="sealgate-bench-") as d:  # holds a store, a key and a CA: removed after
+        bench(Path(d), args)
+
+
+def bench(tmp: Path, args: argparse.Namespace) -> None:
     pki = TestPKI.create(tmp)
     up, _ = serve(pki)
     url = up.url("/bench")

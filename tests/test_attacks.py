@@ -235,9 +235,10 @@ def test_scrubber_survives_session_pruning(monkeypatch, tmp_path):
 
     from addons import addon as addon_module
     from addons import sessions
-    from addons.store import SessionRecord
+    from addons.store import SecretStore, SessionRecord
 
     a = addon_module.Sealgate()
+    a.store = SecretStore(tmp_path)
     now = time.time()
     old = sessions.Session(SessionRecord("a" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now - 100, now - 50))
     new = sessions.Session(SessionRecord("b" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now, now + 600))

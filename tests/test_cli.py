@@ -197,3 +197,59 @@ def test_run_refuses_bad_upstream_ca_and_key(p, tmp_path):
     (p.data_dir / "master.key").write_text("zz")
     (p.data_dir / "master.key").chmod(0o600)
     refused(p, "run", "--no-web", says="master key")
+
+
+def test_argparse_errors_are_one_line(p):
+    r = p.cli("secret", "add", "--user", "u", "--name", "K", input="sk-abcdefgh", check=False)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("sealgate: error:") and "--origins" in r.stderr
+
+
+@pytest.mark.parametrize("var", ["SEALGATE_LISTEN_PORT", "SEALGATE_WEB_PORT"])
+def test_port_zero_is_refused(p, var):
+    p.env[var] = "0"
+    refused(p, "session", "issue", "--access", "api", "--user", "u", "--runchat", "r", "--instance", "i",
+            says=f"{var}: must be a port number from 1 to 65535")
+
+
+def test_config_file_paths_are_relative_to_that_file(p, tmp_path):
+    cfg_dir = tmp_path / "cfg" / "sub"
+    cfg_dir.mkdir(parents=True)
+    (cfg_dir / "s.yaml").write_text("data_dir: mydata\n")
+    p.env["SEALGATE_CONFIG"] = str(cfg_dir / "s.yaml")
+    del p.env["SEALGATE_DATA_DIR"]
+    p.cli("secret", "list", "--user", "u")
+    assert (cfg_dir / "mydata" / "sealgate.db").exists()
+
+
+def test_unusable_data_dir_is_one_line(p, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    p.env["SEALGATE_DATA_DIR"] = str(tmp_path / "afile" / "data")
+    refused(p, "secret", "list", "--user", "u", says="cannot be opened")
+
+
+def test_existing_data_dir_keeps_its_mode(p, tmp_path):
+    d = tmp_path / "shared-dir"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    p.env["SEALGATE_DATA_DIR"] = str(d)
+    p.cli("secret", "list", "--user", "u")
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    assert stat.S_IMODE((d / "sealgate.db").stat().st_mode) == 0o600
+
+
+def test_non_utf8_value_is_refused(p, user):
+    r = subprocess.run([str(SEALGATE), "secret", "add", "--user", user, "--name", "K", "--origins",
+                        "https://a.example"], input=b"sk-\xff\xfe-abcdefgh", capture_output=True, env=p.env)
+    assert r.returncode == 1 and b"not UTF-8" in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("option", ["--map-remote=|//a.example/|//b.example/", "--modify-headers=/~q/Host/b.example",
+                                    "--set=stream_large_bodies=1m", "--mode=upstream:http://127.0.0.1:9"])
+def test_stock_mitmdump_refuses_options_that_act_after_sealgate(p, option):
+    from conftest import ROOT
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "mitmdump"), "-s", str(ROOT / "addons" / "script.py"),
+                        "--set", f"sealgate_data_dir={p.data_dir}", "-p", "0", option],
+                       capture_output=True, text=True, env=p.env, timeout=30)
+    assert r.returncode != 0
+    assert "sealgate refuses" in r.stdout + r.stderr or "regular (forward) proxy" in r.stdout + r.stderr

@@ -183,17 +183,18 @@ class RawUpstream:
     byte for byte, so tests can play upstreams that misbehave. answer(head, body, sock)
     returns the bytes to send, or None after writing to sock itself (the connection then ends)."""
 
-    def __init__(self, pki: TestPKI, answer, host: str = "127.0.0.1", *, keep_bodies: bool = True) -> None:
+    def __init__(self, pki: TestPKI, answer, host: str = "127.0.0.1", *, keep_bodies: bool = True,
+                 tls: bool = True, cert: tuple[Path, Path] | None = None) -> None:
         self.answer = answer
         self.keep_bodies = keep_bodies  # False: record only each body's length and SHA-256 (huge uploads)
         self.received: list[tuple[bytes, bytes]] = []
         self.body_sizes: list[int] = []
         self.body_hashes: list[str] = []
-        c, k = pki.issue(f"raw-{host}-{id(self)}", LOOPBACK_SANS)
+        self.tls = tls
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(c, k)
+        self.ctx.load_cert_chain(*(cert or pki.issue(f"raw-{host}-{id(self)}", LOOPBACK_SANS)))
         self.ctx.set_alpn_protocols(["http/1.1"])
-        self.sock = socket.socket()
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.bind((host, 0))
         self.sock.listen(16)
         self.host, self.port = host, self.sock.getsockname()[1]
@@ -201,7 +202,13 @@ class RawUpstream:
 
     @property
     def origin(self) -> str:
-        return f"https://{self.host}:{self.port}"
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{shown}:{self.port}"
+
+    @property
+    def target(self) -> str:
+        """host:port as a CONNECT line names it."""
+        return self.origin.split("://", 1)[1]
 
     def seen(self) -> bytes:
         return b"\n".join(h + b"\r\n\r\n" + b for h, b in self.received)
@@ -213,7 +220,7 @@ class RawUpstream:
 
     def _one(self, s: socket.socket) -> None:
         try:
-            t = self.ctx.wrap_socket(s, server_side=True)
+            t = self.ctx.wrap_socket(s, server_side=True) if self.tls else s
             buf = b""
             while True:
                 while b"\r\n\r\n" not in buf:
