@@ -251,3 +251,61 @@ def test_scrubber_survives_session_pruning(monkeypatch, tmp_path):
     flow.response.content = b"late echo: sk-the-old-value"
     a.response(flow)
     assert flow.response.content == b"late echo: PLACEHOLDER"  # ...but the flow kept its scrubber
+
+
+def test_dns_is_resolved_once_and_the_checked_address_dialled(monkeypatch):
+    """DNS rebinding: whatever a second lookup would say, the dial goes to the address that was checked."""
+    import asyncio
+    import socket as _socket
+
+    from mitmproxy import connection
+    from mitmproxy.proxy import server_hooks
+
+    from addons.addon import Sealgate
+    from addons.egress import EgressPolicy
+
+    answers = [["93.184.215.14"], ["127.0.0.1"]]  # a public address first, loopback on any later lookup
+    calls = []
+
+    async def getaddrinfo(host, port, **kw):
+        calls.append(host)
+        return [(_socket.AF_INET, _socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers[min(len(calls) - 1, 1)]]
+
+    async def run():
+        asyncio.get_running_loop().getaddrinfo = getaddrinfo
+        addon = Sealgate()
+        addon.policy = EgressPolicy()
+        server = connection.Server(address=("rebind.example", 443))
+        data = server_hooks.ServerConnectionHookData(server=server, client=connection.Client(
+            peername=("127.0.0.1", 5555), sockname=("127.0.0.1", 8080)))
+        await addon.server_connect(data)
+        return addon, server, data
+
+    addon, server, data = asyncio.run(run())
+    assert calls == ["rebind.example"]  # one lookup
+    assert server.address == ("93.184.215.14", 443) and server.error is None  # dialled: what was checked
+    addon.server_connected(data)
+    assert server.address == ("rebind.example", 443)  # and named again for mitmproxy's bookkeeping
+
+
+def test_rebinding_to_a_blocked_address_is_refused():
+    import asyncio
+    import socket as _socket
+
+    from mitmproxy import connection
+    from mitmproxy.proxy import server_hooks
+
+    from addons.addon import Sealgate
+
+    async def getaddrinfo(host, port, **kw):
+        return [(_socket.AF_INET, _socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
+
+    async def run():
+        asyncio.get_running_loop().getaddrinfo = getaddrinfo
+        addon = Sealgate()
+        server = connection.Server(address=("metadata.example", 80))
+        await addon.server_connect(server_hooks.ServerConnectionHookData(server=server, client=connection.Client(
+            peername=("127.0.0.1", 5555), sockname=("127.0.0.1", 8080))))
+        return server
+    server = asyncio.run(run())
+    assert server.error.startswith("destination_blocked") and server.address == ("metadata.example", 80)

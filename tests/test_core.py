@@ -196,3 +196,11 @@ def test_globals_go_anywhere_without_the_store(session):
     r = decision.decide(facts(session, ["RUNCHAT_ID", "USER_ID"], dest="https://anything.example", hosts=["x"]),
                         session, session.record.mac_key, broken)
     assert isinstance(r, Allow) and sorted(r.values.values()) == ["alice", "rc"] and r.secret_names == ()
+
+
+def test_idna_destination_matches_its_punycode_origin(session):
+    secrets = {"K": FakeSecret("sk-live-value", ["https://bücher.example"])}
+    f = facts(session, ["K"], dest="https://xn--bcher-kva.example", hosts=["BÜCHER.example."])
+    assert isinstance(decide(session, f, secrets), Allow)
+    f = facts(session, ["K"], dest="https://xn--bcher-kva.example.evil.test")
+    assert decide(session, f, secrets).refusal.code == "origin_not_allowed"
