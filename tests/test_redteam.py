@@ -679,6 +679,18 @@ def placeholder_in_http2_request_trailers_to_other_host(s):
 
 
 @attack
+def placeholder_in_trailers_of_streamed_http2_body_to_other_host(s):
+    evil = H2Upstream(s.pki, _h2_ok, host="127.0.0.2")
+    s.extra.append(evil)
+    body = os.urandom(2 << 20).replace(b"sg.", b"xx.")
+    out = h2_request(s.session, s.proxy.port, evil.target,
+                     [(b"content-length", str(len(body)).encode()), (b"te", b"trailers")],
+                     body_parts=(body,), trailers=[(b"x-key", s.ph.encode())], method=b"POST")
+    assert not any(s.ph.encode() in repr(t).encode() for _, _, t in evil.received)
+    return out, None
+
+
+@attack
 def placeholder_split_by_empty_http2_data_frame_to_other_host(s):
     evil = H2Upstream(s.pki, _h2_ok, host="127.0.0.2")
     s.extra.append(evil)

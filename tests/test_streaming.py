@@ -252,3 +252,31 @@ def test_websocket_message_to_other_origin_closes_with_reason(proxy, pki, make_u
     assert evil.frames == []
     assert b"origin_not_allowed" in out
     assert value.encode() not in out
+
+
+def test_streamed_json_context_is_decided_by_the_first_real_bytes(proxy, pki, user):
+    value = f'sk-{os.urandom(6).hex()}","admin":true,"x":"y'
+    up = RawUpstream(pki, lambda head, body, sock: raw_response(b"ok"))
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    t = tunnel(s, proxy.port, up.target, None)
+    t.sendall(f"POST / HTTP/1.1\r\nHost: {up.target}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+              .encode() + _chunk(b"\n  "))
+    time.sleep(0.3)
+    t.sendall(_chunk(b'{"key": "' + s["env"]["K"].encode() + b'"}') + b"0\r\n\r\n")
+    read_all(t, 3)
+    assert json.loads(up.received[0][1]) == {"key": value}  # the value stayed inside its string
+
+
+def test_error_page_after_streamed_injection_is_withheld(proxy, pki, user):
+    value = f"sk-\u00e9t\u00e9-{os.urandom(8).hex()}"
+    up = RawUpstream(pki, lambda head, body, sock: b"HTTP/1.1 2" + body + b" OK\r\nContent-Length: 0\r\n\r\n")
+    proxy.add_secret(user, "K", value, up.origin)
+    s = proxy.issue(user=user)
+    t = tunnel(s, proxy.port, up.target, None)
+    t.sendall(f"POST / HTTP/1.1\r\nHost: {up.target}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+              .encode() + _chunk(b"k=" + s["env"]["K"].encode()) + b"0\r\n\r\n")
+    out = read_all(t, 3)
+    assert up.received[0][1] == b"k=" + value.encode()
+    escaped = repr(value.encode())[2:-1].encode()  # how an error page would quote the bytes
+    assert escaped not in out and value.encode() not in out
