@@ -262,7 +262,7 @@ class Sealgate:
 
     async def _checked_address(self, host: str, port: int) -> tuple[str, None] | tuple[None, Refusal]:
         """The first address of host that policy allows, or the refusal."""
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        shown = f"{origins.bracketed(host)}:{port}"
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError) as e:
@@ -301,7 +301,7 @@ class Sealgate:
         if not scan.found:
             return
         result = decision.decide(
-            _facts(flow, scan.placeholders), session, session.record.mac_key, self._lookup(session.principal)
+            _facts(flow, scan.placeholders), session, self._lookup(session.principal)
         )
         if isinstance(result, decision.Block):
             return self._block(flow, session, result.refusal)
@@ -339,7 +339,7 @@ class Sealgate:
             for f in placeholders.find(buf):
                 text = f.placeholder.text
                 if text not in filled:
-                    result = decision.decide(_facts(flow, (f.placeholder,)), session, session.record.mac_key, lookup)
+                    result = decision.decide(_facts(flow, (f.placeholder,)), session, lookup)
                     if isinstance(result, decision.Block):
                         raise _Refused(result.refusal)
                     self._log(flow, session, "allow", None, result.secret_names)
@@ -362,7 +362,7 @@ class Sealgate:
         if not found:
             return
         phs = tuple(dict.fromkeys(p.placeholder for fs in found.values() for p in fs))
-        result = decision.decide(_facts(flow, phs), session, session.record.mac_key, self._lookup(session.principal))
+        result = decision.decide(_facts(flow, phs), session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return self._block_stream(flow, session, result.refusal)
         self._log(flow, session, "allow", None, result.secret_names)
@@ -451,7 +451,7 @@ class Sealgate:
         if not found:
             return
         facts = _facts(flow, tuple(dict.fromkeys(f.placeholder for f in found)))
-        result = decision.decide(facts, session, session.record.mac_key, self._lookup(session.principal))
+        result = decision.decide(facts, session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
             self._log(flow, session, "block", result.refusal, ())
             message.drop()

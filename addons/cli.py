@@ -103,10 +103,9 @@ def cmd_session_issue(args: argparse.Namespace) -> None:
     issued = sessions.issue(store, access=args.access, runchat=args.runchat, instance=args.instance,
                             user=args.user, author=args.author, ttl_seconds=ttl)
     host = s.listen_host if s.listen_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    shown = f"[{host}]" if ":" in host else host
     record = issued.session.record
     print(json.dumps({
-        "proxy_url": f"http://{record.id}:{issued.credential}@{shown}:{s.listen_port}",
+        "proxy_url": f"http://{record.id}:{issued.credential}@{origins.bracketed(host)}:{s.listen_port}",
         "ca_cert": str(ca.ensure_ca(s.certs_dir)),
         "env": issued.env,
         "expires_at": _iso(record.expires_at),

@@ -44,6 +44,8 @@ class SessionLike(Protocol):
     def id(self) -> str: ...
     @property
     def principal(self) -> str: ...
+    @property
+    def mac_key(self) -> bytes: ...
     def global_values(self) -> dict[str, str]: ...
 
 
@@ -75,11 +77,11 @@ class Block:
     refusal: Refusal
 
 
-def decide(facts: RequestFacts, session: SessionLike, mac_key: bytes, lookup: SecretLookup) -> Allow | Block:
+def decide(facts: RequestFacts, session: SessionLike, lookup: SecretLookup) -> Allow | Block:
     dest = facts.destination
     globals_ = session.global_values()
     for p in facts.placeholders:
-        if not p.is_valid_for(session.id, mac_key):
+        if not p.is_valid_for(session.id, session.mac_key):
             return Block(Refusal("unknown_placeholder", f"placeholder for {p.name} does not belong to this session"))
     wanted = {p.name for p in facts.placeholders if p.name not in globals_}
     values = {p.text: globals_[p.name] for p in facts.placeholders if p.name in globals_}

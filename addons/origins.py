@@ -51,12 +51,16 @@ class Origin:
         return host == self.host
 
 
+def bracketed(host: str) -> str:
+    """host as it stands in a URL or authority: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def serialise(scheme: str, host: str, port: int) -> str:
     """`scheme://host[:port]` with IPv6 bracketed and the default port left out."""
-    shown = f"[{host}]" if ":" in host else host
     if DEFAULT_PORTS.get(scheme) == port:
-        return f"{scheme}://{shown}"
-    return f"{scheme}://{shown}:{port}"
+        return f"{scheme}://{bracketed(host)}"
+    return f"{scheme}://{bracketed(host)}:{port}"
 
 
 def normalise_host(host: str) -> str:

@@ -48,6 +48,11 @@ class Session:
     def principal(self) -> str:
         return self.record.principal
 
+    @property
+    def mac_key(self) -> bytes:
+        """The key of this session's placeholder MACs."""
+        return self.record.mac_key
+
     def global_values(self) -> dict[str, str]:
         """Identifying variables; they resolve for any destination."""
         r = self.record

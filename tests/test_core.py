@@ -149,7 +149,7 @@ SECRETS = {"K": FakeSecret("sk-live-value", ["https://api.example.com"]),
 
 
 def decide(session, f, secrets=SECRETS):
-    return decision.decide(f, session, session.record.mac_key, lookup_of(secrets))
+    return decision.decide(f, session, lookup_of(secrets))
 
 
 def test_allow_to_allowed_origin(session):
@@ -182,7 +182,7 @@ def test_unknown_secret_and_store_failure(session):
 
     def broken(names):
         raise LookupFailed("master key unreadable")
-    r = decision.decide(facts(session, ["K"]), session, session.record.mac_key, broken)
+    r = decision.decide(facts(session, ["K"]), session, broken)
     assert r.refusal.code == "store_unavailable" and r.refusal.status == 503
 
 
@@ -194,7 +194,7 @@ def test_globals_go_anywhere_without_the_store(session):
     def broken(names):
         raise AssertionError("globals need no lookup")
     r = decision.decide(facts(session, ["RUNCHAT_ID", "USER_ID"], dest="https://anything.example", hosts=["x"]),
-                        session, session.record.mac_key, broken)
+                        session, broken)
     assert isinstance(r, Allow) and sorted(r.values.values()) == ["alice", "rc"] and r.secret_names == ()
 
 

@@ -640,8 +640,9 @@ def echo_split_by_empty_http2_data_frame(s):
     def answer(h, body, conn, sid, sock):
         msg = b"data: echo " + h[b"x-key"] + b"\n\n"
         conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"text/event-stream")])
-        for part in (msg[:20], b"", msg[20:]):  # an empty DATA frame cuts the value
-            conn.send_data(sid, part, end_stream=part is msg[20:] and part != b"")
+        parts = (msg[:20], b"", msg[20:])  # an empty DATA frame cuts the value
+        for i, part in enumerate(parts):
+            conn.send_data(sid, part, end_stream=i == len(parts) - 1)
             sock.sendall(conn.data_to_send())
             time.sleep(0.2)
     up = H2Upstream(s.pki, answer)
@@ -721,7 +722,8 @@ def secret_added_after_the_reading_session_started(s):
     s.via(up, post(up, s.session["env"]["K"].encode(), path="/note").replace(b"POST", b"PUT", 1))
     assert stored == [s.value.encode()]
     s.session = reader
-    return s.via(up, get(up, "/note")), b"note: " + reader["env"]["RUNCHAT_ID"].replace("RUNCHAT_ID", "K")[:3].encode()
+    reader_id = reader["proxy_url"].split("//")[1].split(":")[0]
+    return s.via(up, get(up, "/note")), f"note: sg.{reader_id}.K.".encode()
 
 
 # --- the one test ----------------------------------------------------------------------------------
