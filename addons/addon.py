@@ -29,7 +29,8 @@ from addons.inject import Context
 from addons.placeholders import Found
 from addons.scrub import Scrubber
 from addons.streams import StreamRewriter
-from addons.store import SecretStore, StoreError
+from addons.metrics import Metrics
+from addons.store import AuditRecord, SecretStore, StoreError
 
 log = logging.getLogger("sealgate")
 
@@ -82,6 +83,7 @@ class _FlowState:
     scrubber: Scrubber  # the session's: shared, so values it learns reach every flow
     sent: _Sent | None = None  # the placeholder form, until the request has gone out
     injected: bool = False  # a value went out with this flow
+    audit_id: int | None = None  # the audit row of its latest allow, awaiting the status
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Sealgate:
         )
         self.scrubbers: dict[str, _SessionScrub] = {}  # by session id
         self.log_scrubber = Scrubber()  # every value ever injected, kept out of every log line
+        self.metrics = Metrics()
 
     # options ------------------------------------------------------------------------
 
@@ -185,6 +188,7 @@ class Sealgate:
             session = self._authenticate(flow)
         if session is None:
             return
+        self.metrics.requests += 1
         try:
             self.flows[flow] = _FlowState(session, self._scrubber(session))
         except StoreError as e:
@@ -305,7 +309,7 @@ class Sealgate:
         )
         if isinstance(result, decision.Block):
             return self._block(flow, session, result.refusal)
-        self._log(flow, session, "allow", None, result.secret_names)
+        self._decided(flow, session, None, result.secret_names)
         self.flows[flow].sent = _Sent(flow.request.data.path, flow.request.headers.fields, flow.request.raw_content)
         self._remember(flow, result, scan.apply(flow.request, result.values))
 
@@ -342,7 +346,7 @@ class Sealgate:
                     result = decision.decide(_facts(flow, (f.placeholder,)), session, lookup)
                     if isinstance(result, decision.Block):
                         raise _Refused(result.refusal)
-                    self._log(flow, session, "allow", None, result.secret_names)
+                    self._decided(flow, session, None, result.secret_names)
                     self._remember(flow, result, [])
                     filled[text] = inject.escape(result.values[text], context[0])
                 yield f.start, f.end, filled[text]
@@ -365,13 +369,13 @@ class Sealgate:
         result = decision.decide(_facts(flow, phs), session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return self._block_stream(flow, session, result.refusal)
-        self._log(flow, session, "allow", None, result.secret_names)
+        self._decided(flow, session, None, result.secret_names)
         self._remember(flow, result, [])
         trailers.fields = _fill_fields(trailers.fields, found, result.values)
 
     def _block_stream(self, flow: http.HTTPFlow, session: sessions.Session, refusal: Refusal) -> None:
         """Part of the body has gone: cut the upstream connection so it never sees a complete request."""
-        self._log(flow, session, "block", refusal, ())
+        self._decided(flow, session, refusal, status=0)
         flow.metadata["sealgate.refusal"] = str(refusal)
         server = ctx.master.addons.get("proxyserver")
         handler = server.connections.get(flow.client_conn.id) if server else None
@@ -405,7 +409,11 @@ class Sealgate:
         self._restore_request(flow)
         state = self.flows.get(flow)
         resp = flow.response
-        if state is None or not state.scrubber or resp is None:
+        if state is None or resp is None:
+            return
+        self.metrics.observe_latency(time.time() - flow.request.timestamp_start)
+        self._audit_status(flow, resp.status_code)
+        if not state.scrubber:
             return
         scrubber = state.scrubber
         resp.headers.fields = _scrub_fields(scrubber, resp.headers.fields)
@@ -417,7 +425,7 @@ class Sealgate:
                 body = bodies.decode(resp.raw_content, resp.headers.get("content-encoding", ""), RESPONSE_BODY_LIMIT)
             except bodies.BodyError as e:
                 refusal = Refusal("unscrubbable_response", f"the upstream response cannot be checked: {e}")
-                self._log(flow, state.session, "block", refusal, ())
+                self._decided(flow, state.session, refusal)
                 return self._respond(flow, refusal)
             scrubbed = scrubber.scrub(body)
             if scrubbed != body:
@@ -429,6 +437,7 @@ class Sealgate:
         state = self.flows.get(flow)
         if state is None:
             return
+        self._audit_status(flow, 0)
         message = flow.error.msg if flow.error else ""
         # mitmproxy answers a failed flow with an error page quoting what went wrong, which
         # may quote what the upstream sent back: after an injection, send nothing at all.
@@ -453,14 +462,14 @@ class Sealgate:
         facts = _facts(flow, tuple(dict.fromkeys(f.placeholder for f in found)))
         result = decision.decide(facts, session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
-            self._log(flow, session, "block", result.refusal, ())
+            self._decided(flow, session, result.refusal)
             message.drop()
             ctx.master.commands.call("inject.websocket", flow, True, result.refusal.problem_json(), True)
             flow.websocket.close_code, flow.websocket.close_reason = 1008, result.refusal.code
             flow.kill()
             return
         self._remember(flow, result, [])
-        self._log(flow, session, "allow", None, result.secret_names)
+        self._decided(flow, session, None, result.secret_names)
         message.content = inject.substitute(message.content, found, result.values,
                                             inject.body_context("", message.content))
 
@@ -521,7 +530,7 @@ class Sealgate:
 
     def _block(self, flow: http.HTTPFlow, session: sessions.Session, refusal: Refusal) -> None:
         self._respond(flow, refusal)
-        self._log(flow, session, "block", refusal, ())
+        self._decided(flow, session, refusal)
 
     def _internal_error(self, flow: http.HTTPFlow | tcp.TCPFlow, hook: str, e: Exception) -> None:
         log.error("sealgate: %s in %s; the flow is blocked", e.__class__.__name__, hook)
@@ -536,15 +545,45 @@ class Sealgate:
         flow.response = http.Response.make(refusal.status, refusal.problem_json(), refusal.headers())
         flow.metadata["sealgate.refusal"] = str(refusal)
 
-    @staticmethod
-    def _log(flow: http.HTTPFlow, session: sessions.Session, verdict: str, refusal: Refusal | None,
-             names: tuple[str, ...]) -> None:
+    def _decided(self, flow: http.HTTPFlow, session: sessions.Session, refusal: Refusal | None,
+                 names: tuple[str, ...] = (), *, status: int | None = None) -> None:
+        """Record a decision: one log line, the metrics, and a row of the audit trail."""
         r = flow.request
+        record = AuditRecord(
+            at=time.time(), session=session.id, runchat=session.record.runchat, instance=session.record.instance,
+            principal=session.principal, secrets=names, method=r.method,
+            origin=origins.serialise(r.scheme, r.host, r.port), path=r.path.split("?", 1)[0],
+            decision="block" if refusal else "allow", code=refusal.code if refusal else None,
+            status=status if status is not None else (refusal.status if refusal else None),
+        )
         log.info(
             "sealgate decision=%s code=%s session=%s principal=%s runchat=%s secrets=%s method=%s origin=%s path=%s",
-            verdict, refusal.code if refusal else "-", session.id, session.principal, session.record.runchat,
-            ",".join(names) or "-", r.method, origins.serialise(r.scheme, r.host, r.port), r.path.split("?", 1)[0],
+            record.decision, record.code or "-", record.session, record.principal, record.runchat,
+            ",".join(names) or "-", record.method, record.origin, record.path,
         )
+        if refusal:
+            self.metrics.blocks[refusal.code] += 1
+        elif names:
+            self.metrics.injections += 1
+        try:
+            row_id = self._store().add_audit(record)
+        except StoreError as e:
+            self.metrics.audit_failures += 1
+            log.error("sealgate: %s", e)
+            return
+        if refusal is None and (state := self.flows.get(flow)) is not None:
+            state.audit_id = row_id
+
+    def _audit_status(self, flow: http.HTTPFlow, status: int) -> None:
+        state = self.flows.get(flow)
+        if state is None or state.audit_id is None:
+            return
+        try:
+            self._store().set_audit_status(state.audit_id, status)
+        except StoreError as e:
+            self.metrics.audit_failures += 1
+            log.error("sealgate: %s", e)
+        state.audit_id = None
 
 
 @dataclass

@@ -25,8 +25,9 @@ class UsageError(Exception):
 
 def _settings(args: argparse.Namespace) -> settings.Settings:
     flags = {k: getattr(args, k, None) for k in ("listen_host", "listen_port", "web_port", "web_password",
-                                                 "data_dir", "certs_dir", "upstream_ca", "allow_private")}
+                                                 "data_dir", "certs_dir", "upstream_ca", "allow_private", "metrics")}
     flags["no_web"] = getattr(args, "no_web", False)
+    flags["no_metrics"] = getattr(args, "no_metrics", False)
     return settings.load(flags)
 
 
@@ -130,6 +131,31 @@ def cmd_run(args: argparse.Namespace) -> None:
         pass
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    since = _since(args.since) if args.since else None
+    user = validate.user_id(args.user) if args.user else None
+    records = _store(args).audit(user=user, runchat=args.runchat, since=since, limit=args.limit)
+    if args.json:
+        print(json.dumps([{**r.__dict__, "at": _iso(r.at), "secrets": list(r.secrets)} for r in records], indent=2))
+        return
+    for r in records:
+        status = "-" if r.status is None else str(r.status)
+        print(f"{_iso(r.at)}\t{r.decision}\t{r.code or '-'}\t{status}\t{r.principal}\t{r.runchat}\t{r.instance}\t"
+              f"{','.join(r.secrets) or '-'}\t{r.method} {r.origin}{r.path}")
+
+
+def _since(text: str) -> float:
+    """'30m', '2h', '7d' ago, or an ISO 8601 time."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return datetime.datetime.now(datetime.UTC).timestamp() - int(text[:-1]) * units[text[-1]]
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r}: use a duration like 30m, 2h, 7d or a time like 2026-11-27T10:00:00Z") from None
+    return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).timestamp()
+
+
 def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -189,11 +215,22 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--ttl", help="seconds the session lives (60 to 604800)")
     si.set_defaults(func=cmd_session_issue)
 
+    audit = sub.add_parser("audit", parents=[common], help="read the audit trail (newest first)")
+    audit.add_argument("--user", help="only this principal's decisions")
+    audit.add_argument("--runchat", help="only this runchat's decisions")
+    audit.add_argument("--since", help="a duration (30m, 2h, 7d) or an ISO 8601 time")
+    audit.add_argument("--limit", type=int, default=1000, help="at most this many records (1000)")
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(func=cmd_audit)
+
     run = sub.add_parser("run", parents=[common], help="run the proxy")
     web = run.add_mutually_exclusive_group()
     web.add_argument("--web-port", help="dashboard port [SEALGATE_WEB_PORT]")
     web.add_argument("--no-web", action="store_true", help="run without the dashboard")
     run.add_argument("--web-password", help="dashboard password [SEALGATE_WEB_PASSWORD]")
+    probes = run.add_mutually_exclusive_group()
+    probes.add_argument("--metrics-port", dest="metrics", help="[host:]port of the probes [SEALGATE_METRICS_PORT]")
+    probes.add_argument("--no-metrics", action="store_true", help="run without the probes and metrics")
     run.set_defaults(func=cmd_run)
     return p
 

@@ -35,6 +35,7 @@ class Settings:
     upstream_ca: Path | None
     allow_private: str
     session_ttl: int
+    metrics: tuple[str, int] | None  # host and port of /healthz, /readyz, /metrics; None: off
 
 
 def _port(v: Any) -> int:
@@ -55,6 +56,13 @@ def _text(v: Any) -> str:
     return str(v)
 
 
+def _host_port(v: Any) -> tuple[str, int]:
+    """'9090' or '127.0.0.1:9090' (default host 127.0.0.1)."""
+    text = _text(v)
+    host, _, port = text.rpartition(":")
+    return (host.strip("[]") or "127.0.0.1", _port(port))
+
+
 def _cidrs(v: Any) -> str:
     text = "" if v is None else _text(v)
     parse_cidrs(text)
@@ -72,6 +80,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "upstream_ca": ("SEALGATE_UPSTREAM_CA", _text),
     "allow_private": ("SEALGATE_ALLOW_PRIVATE", _cidrs),
     "session_ttl": ("SEALGATE_SESSION_TTL", _ttl),
+    "metrics": ("SEALGATE_METRICS_PORT", _host_port),
 }
 _PATHS = ("data_dir", "certs_dir", "upstream_ca")
 
@@ -90,6 +99,7 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
                 values[key] = base / values[key]
     flags = dict(flags or {})
     no_web = bool(flags.pop("no_web", False))
+    no_metrics = bool(flags.pop("no_metrics", False))
     overrides = [(key, env.get(var, ""), f"environment variable {var}") for key, (var, _) in _KEYS.items()]
     overrides += [(key, raw, f"--{key.replace('_', '-')}") for key, raw in flags.items()]
     for key, raw, where in overrides:
@@ -107,6 +117,7 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
         upstream_ca=Path(values["upstream_ca"]) if values.get("upstream_ca") else None,
         allow_private=values.get("allow_private", ""),
         session_ttl=values.get("session_ttl", 3600),
+        metrics=None if no_metrics else values.get("metrics", ("127.0.0.1", 9090)),
     )
 
 

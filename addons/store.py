@@ -55,6 +55,24 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class AuditRecord:
+    """One decision: never a value, never a query string, never a credential."""
+
+    at: float
+    session: str
+    runchat: str
+    instance: str
+    principal: str
+    secrets: tuple[str, ...]
+    method: str
+    origin: str
+    path: str
+    decision: str  # allow | block
+    code: str | None
+    status: int | None  # the status the worker got (0: the connection was closed)
+
+
+@dataclass(frozen=True)
 class SessionRecord:
     id: str
     credential_hash: str
@@ -122,6 +140,15 @@ class SecretStore:
                 },
                 pk=("owner", "name"),
             )
+        if "audit" not in self.db.table_names():
+            self.db["audit"].create(
+                {"id": int, "at": float, "session": str, "runchat": str, "instance": str, "principal": str,
+                 "secrets": str, "method": str, "origin": str, "path": str, "decision": str, "code": str,
+                 "status": int},
+                pk="id",
+            )
+            self.db["audit"].create_index(["principal", "at"])
+            self.db["audit"].create_index(["runchat", "at"])
         if "sessions" not in self.db.table_names():
             self.db["sessions"].create(
                 {
@@ -220,6 +247,38 @@ class SecretStore:
     @staticmethod
     def _info(row: dict) -> SecretInfo:
         return SecretInfo(row["owner"], row["name"], _origins(row["origins"]), row["created_at"], row["updated_at"])
+
+    # audit --------------------------------------------------------------------------
+
+    def add_audit(self, record: AuditRecord) -> int:
+        """Write one decision; its row id, for the status once the response is known."""
+        row = {**record.__dict__, "secrets": ",".join(record.secrets)}
+        try:
+            return self.db["audit"].insert(row).last_pk
+        except sqlite3.Error as e:
+            raise StoreError(f"audit trail in {self.data_dir / DB_NAME} cannot be written: {e}") from None
+
+    def set_audit_status(self, row_id: int, status: int) -> None:
+        try:
+            self.db.execute("update audit set status = ? where id = ?", [status, row_id])
+        except sqlite3.Error as e:
+            raise StoreError(f"audit trail in {self.data_dir / DB_NAME} cannot be written: {e}") from None
+
+    def audit(self, *, user: str | None = None, runchat: str | None = None, since: float | None = None,
+              limit: int = 1000) -> list[AuditRecord]:
+        """The newest decisions first, filtered."""
+        where, params = ["1 = 1"], []
+        for clause, value in (("principal = ?", user), ("runchat = ?", runchat), ("at >= ?", since)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        try:
+            rows = self._query(f"select * from audit where {' and '.join(where)} order by at desc, id desc limit ?",
+                               [*params, limit])
+        except sqlite3.Error as e:
+            raise self._unreadable(e) from None
+        return [AuditRecord(**{**{k: v for k, v in r.items() if k != "id"},
+                               "secrets": tuple(filter(None, (r["secrets"] or "").split(",")))}) for r in rows]
 
     # sessions -----------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
     sg_port, md_port, mds_port = free_port(), free_port(), free_port()
     env.update(SEALGATE_DATA_DIR=str(tmp / "data"), SEALGATE_CERTS_DIR=str(tmp / "certs"),
                SEALGATE_LISTEN_PORT=str(sg_port), SEALGATE_UPSTREAM_CA=str(pki.ca_pem),
-               SEALGATE_ALLOW_PRIVATE="127.0.0.1/32")
+               SEALGATE_ALLOW_PRIVATE="127.0.0.1/32", SEALGATE_METRICS_PORT=str(free_port()))
     sealgate = str(BIN / "sealgate")
     subprocess.run([sealgate, "secret", "add", "--user", "bench", "--name", "K", "--origins", up.origin],
                    input=value, text=True, env=env, check=True, capture_output=True)

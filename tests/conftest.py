@@ -62,6 +62,10 @@ class Proxy:
     proc: subprocess.Popen | None = None
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['SEALGATE_METRICS_PORT']}"
+
+    @property
     def data_dir(self) -> Path:
         return Path(self.env["SEALGATE_DATA_DIR"])
 
@@ -134,6 +138,7 @@ def make_proxy(tmp: Path, pki: TestPKI, **env: str) -> Proxy:
         SEALGATE_LISTEN_PORT=str(port),
         SEALGATE_UPSTREAM_CA=str(pki.ca_pem),
         SEALGATE_ALLOW_PRIVATE="127.0.0.1/32,127.0.0.2/32,::1/128",  # 127.0.0.3 stays blocked
+        SEALGATE_METRICS_PORT=str(free_port()),
     )
     full.update(env)
     return Proxy(tmp, full, port, tmp / "proxy.log")
