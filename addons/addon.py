@@ -26,11 +26,11 @@ from addons import bodies, decision, inject, origins, placeholders, sessions
 from addons.egress import EgressPolicy, parse_cidrs
 from addons.errors import Refusal
 from addons.inject import Context
+from addons.metrics import Metrics
 from addons.placeholders import Found
 from addons.scrub import Scrubber
-from addons.streams import StreamRewriter
-from addons.metrics import Metrics
 from addons.store import AuditRecord, SecretStore, StoreError
+from addons.streams import StreamRewriter
 
 log = logging.getLogger("sealgate")
 
@@ -304,9 +304,7 @@ class Sealgate:
             return self._block(flow, session, Refusal("unreadable_body", str(e)))
         if not scan.found:
             return
-        result = decision.decide(
-            _facts(flow, scan.placeholders), session, self._lookup(session.principal)
-        )
+        result = decision.decide(_facts(flow, scan.placeholders), session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return self._block(flow, session, result.refusal)
         self._decided(flow, session, None, result.secret_names)

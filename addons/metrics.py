@@ -39,7 +39,7 @@ class Metrics:
             "# TYPE sealgate_request_duration_seconds histogram",
         ]
         total = 0
-        for bound, n in zip((*BUCKETS, float("inf")), self._latency_counts):
+        for bound, n in zip((*BUCKETS, float("inf")), self._latency_counts, strict=True):
             total += n
             le = "+Inf" if bound == float("inf") else repr(bound)
             lines.append(f'sealgate_request_duration_seconds_bucket{{le="{le}"}} {total}')

@@ -242,7 +242,7 @@ class SecretStore:
         """Rows as dicts; unlike sqlite-utils' rows_where, a missing table is an error, not no rows."""
         cursor = self.db.execute(sql, params)
         cols = [c[0] for c in cursor.description]
-        return [dict(zip(cols, row)) for row in cursor.fetchall()]
+        return [dict(zip(cols, row, strict=True)) for row in cursor.fetchall()]
 
     @staticmethod
     def _info(row: dict) -> SecretInfo:

@@ -99,15 +99,17 @@ class Proxy:
         self.proc = subprocess.Popen([str(SEALGATE), "run", "--no-web"], env=self.env, stdout=out,
                                      stderr=subprocess.STDOUT)
         deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sealgate run exited: {self.log.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("sealgate run did not start listening")
+        for port in (self.port, int(self.env["SEALGATE_METRICS_PORT"])):  # the proxy, then its probes
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"sealgate run exited: {self.log.read_text()}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise AssertionError("sealgate run did not start listening") from None
+                    time.sleep(0.1)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

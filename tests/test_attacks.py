@@ -14,7 +14,7 @@ import zlib
 import brotli
 import pytest
 
-from conftest import curl, make_proxy
+from conftest import curl
 from upstream import RawUpstream, header, raw_response
 from wire import connect, one_request, read_all, tunnel
 

@@ -10,7 +10,6 @@ import gzip
 import json
 import socket
 import sqlite3
-import ssl
 from urllib.parse import parse_qs, urlsplit
 
 import pytest

@@ -17,7 +17,6 @@ import gzip
 import json
 import os
 import socket
-import subprocess
 import time
 import zlib
 from collections.abc import Callable
@@ -736,7 +735,7 @@ def mirrors(pki):
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_attack(name, proxy, pki, mirrors, user, value):
     api, evil = mirrors
-    evil_before, api_before = len(evil.received), len(api.received)
+    evil_before = len(evil.received)
     proxy.add_secret(user, "K", value, api.origin)
     session = proxy.issue(user=user)
     scene = Scene(proxy, session, session["env"]["K"], value, api, evil, pki, [])

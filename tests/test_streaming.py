@@ -8,10 +8,8 @@ import base64
 import hashlib
 import json
 import os
-import socket
 import time
 
-import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from addons import inject, placeholders

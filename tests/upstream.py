@@ -230,11 +230,13 @@ class RawUpstream:
                     buf += d
                 head, _, buf = buf.partition(b"\r\n\r\n")
                 digest, size, kept = hashlib.sha256(), 0, []
-                for piece, buf in self._body(t, head, buf):
+                rest = buf
+                for piece, rest in self._body(t, head, buf):
                     digest.update(piece)
                     size += len(piece)
                     if self.keep_bodies:
                         kept.append(piece)
+                buf = rest
                 self.body_sizes.append(size)
                 self.body_hashes.append(digest.hexdigest())
                 body = b"".join(kept)
