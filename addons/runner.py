@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import argon2
+import yaml
 from mitmproxy import master, options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 
-from pathlib import Path
-
 from addons import ca
 from addons.addon import Sealgate
+from addons.dashboard import Mirror
 from addons.probes import ProbeServer
 from addons.settings import Settings
 from addons.store import StoreError
@@ -75,11 +81,42 @@ class _Probes:
         await self.server.stop()
 
 
+def start_dashboard(settings: Settings, workdir: Path) -> tuple[subprocess.Popen, str, str]:
+    """Start mitmweb as its own process, fed by the mirror; (process, socket path, password).
+
+    Its options, the password among them, go in a config file readable by its owner only,
+    not on a command line that `ps` shows."""
+    password = settings.web_password or secrets.token_urlsafe(18)
+    socket_path = str(workdir / "mirror.sock")
+    config = os.open(workdir / "config.yaml", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(config, "w") as f:
+        yaml.safe_dump({"web_host": "127.0.0.1", "web_port": settings.web_port,
+                        "web_password": argon2.PasswordHasher().hash(password),  # no plaintext in the file
+                        "web_open_browser": False, "server": False, "sealgate_mirror_socket": socket_path}, f)
+    cmd = [sys.executable, "-m", "addons.dashboard_web", str(workdir)]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL), socket_path, password
+
+
 async def serve(settings: Settings) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # one log line at a time
     logging.getLogger().setLevel(logging.INFO)  # one line per sealgate decision
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # not every connection
     m = build_master(settings)
+    dashboard = None
+    with tempfile.TemporaryDirectory(prefix="sealgate-dashboard-") as workdir:
+        if settings.web_port is not None:
+            dashboard, socket_path, password = start_dashboard(settings, Path(workdir))
+            sealgate = m.addons.get("sealgate")
+            m.addons.add(Mirror(socket_path, lambda: sealgate.log_scrubber))
+        try:
+            await _run(m, settings, password if dashboard else None)
+        finally:
+            if dashboard is not None:
+                dashboard.terminate()
+                dashboard.wait(10)
+
+
+async def _run(m: master.Master, settings: Settings, web_password: str | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, m.shutdown)
@@ -88,8 +125,9 @@ async def serve(settings: Settings) -> None:
     if settings.metrics is not None:
         lines.append(f"sealgate: probes and metrics on http://{settings.metrics[0]}:{settings.metrics[1]}"
                      "/healthz, /readyz, /metrics")
-    if settings.web_port is not None:
-        lines.append("sealgate: the dashboard is not part of this build yet; running the proxy only")
+    if web_password is not None:
+        shown = "as set in SEALGATE_WEB_PASSWORD" if settings.web_password else web_password
+        lines.append(f"sealgate: dashboard on http://127.0.0.1:{settings.web_port}/ (password: {shown})")
     m.addons.add(_Announce("\n".join(lines)))
     await m.run()
 

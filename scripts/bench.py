@@ -1,6 +1,8 @@
 """Throughput side by side, in one run: small HTTPS GETs over keep-alive through
 (1) nothing, (2) plain `mitmdump -q`, (3) `sealgate run` without placeholders,
-(4) `sealgate run` injecting a header, (5) stock mitmdump carrying the sealgate addon.
+(4) `sealgate run` injecting a header, (5) the same with the dashboard mirror on,
+(6) the dashboard as a chain instead: a second mitmproxy in upstream mode in front of
+sealgate, (7) stock mitmdump carrying the sealgate addon.
 
 Rounds interleave the setups so that the machine's noise hits them alike; the report
 gives the median rate, the proxy's CPU per request, and ratios against plain mitmdump.
@@ -62,7 +64,7 @@ class Setup:
     proxy_url: str | None
     ca: str
     headers: dict[str, str]
-    pid: int | None
+    pids: tuple[int, ...]  # whose CPU the setup costs
 
 
 def run_round(setup: Setup, url: str, n: int) -> tuple[float, float | None]:
@@ -70,12 +72,12 @@ def run_round(setup: Setup, url: str, n: int) -> tuple[float, float | None]:
     with httpx.Client(proxy=setup.proxy_url, verify=ctx, trust_env=False, timeout=30) as c:
         for _ in range(20):  # warm the connection and TLS
             c.get(url, headers=setup.headers).raise_for_status()
-        cpu0 = cpu_seconds(setup.pid) if setup.pid else None
+        cpu0 = sum(map(cpu_seconds, setup.pids))
         t0 = time.perf_counter()
         for _ in range(n):
             c.get(url, headers=setup.headers).raise_for_status()
         elapsed = time.perf_counter() - t0
-        cpu = (cpu_seconds(setup.pid) - cpu0) / n if setup.pid and cpu0 is not None else None
+        cpu = (sum(map(cpu_seconds, setup.pids)) - cpu0) / n if setup.pids else None
     return n / elapsed, cpu
 
 
@@ -95,7 +97,7 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
     url = up.url("/bench")
     value = f"sk-bench-{secrets.token_urlsafe(24)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEALGATE_") and "PROXY" not in k.upper()}
-    sg_port, md_port, mds_port = free_port(), free_port(), free_port()
+    sg_port, md_port, mds_port, web_sg_port, chain_port = (free_port() for _ in range(5))
     env.update(SEALGATE_DATA_DIR=str(tmp / "data"), SEALGATE_CERTS_DIR=str(tmp / "certs"),
                SEALGATE_LISTEN_PORT=str(sg_port), SEALGATE_UPSTREAM_CA=str(pki.ca_pem),
                SEALGATE_ALLOW_PRIVATE="127.0.0.1/32", SEALGATE_METRICS_PORT=str(free_port()))
@@ -117,17 +119,34 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
                           "--set", f"confdir={tmp / 'certs'}", "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem}",
                           "--set", "sealgate_allow_private=127.0.0.1/32"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sealgate, "run"], env={**env, "SEALGATE_LISTEN_PORT": str(web_sg_port),
+                                                 "SEALGATE_WEB_PORT": str(free_port()),
+                                                 "SEALGATE_METRICS_PORT": str(free_port())},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        # the chain: a front mitmproxy (standing in for mitmweb's proxy) forwarding to sealgate
+        subprocess.Popen([str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(chain_port),
+                          "--mode", f"upstream:http://127.0.0.1:{sg_port}", "--set", f"upstream_auth={cred}",
+                          "--set", f"confdir={tmp / 'front-certs'}", "--set", f"ssl_verify_upstream_trusted_ca={ca}"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     try:
-        for port, proc in zip((sg_port, md_port, mds_port), procs):
+        for port, proc in zip((sg_port, md_port, mds_port, web_sg_port, chain_port), procs, strict=True):
             wait_listening(port, proc)
+        front_ca = str(tmp / "front-certs" / "mitmproxy-ca-cert.pem")
         inject = {"Authorization": f"Bearer {ph}"}
+        web_url = session["proxy_url"].rsplit(":", 1)[0] + f":{web_sg_port}"
+        dashboard_pids = tuple(int(p) for p in subprocess.run(["pgrep", "-P", str(procs[3].pid)],
+                                                              capture_output=True, text=True).stdout.split())
         setups = [
-            Setup("direct", None, str(pki.ca_pem), {}, None),
-            Setup("mitmdump -q (no addon)", f"http://127.0.0.1:{md_port}", ca, {}, procs[1].pid),
-            Setup("sealgate run, no placeholder", session["proxy_url"], ca, {}, procs[0].pid),
-            Setup("sealgate run, injecting", session["proxy_url"], ca, inject, procs[0].pid),
-            Setup("mitmdump -s sealgate, injecting", f"http://{cred}@127.0.0.1:{mds_port}", ca, inject, procs[2].pid),
+            Setup("direct", None, str(pki.ca_pem), {}, ()),
+            Setup("mitmdump -q (no addon)", f"http://127.0.0.1:{md_port}", ca, {}, (procs[1].pid,)),
+            Setup("sealgate run, no placeholder", session["proxy_url"], ca, {}, (procs[0].pid,)),
+            Setup("sealgate run, injecting", session["proxy_url"], ca, inject, (procs[0].pid,)),
+            Setup("sealgate + mirror dashboard, injecting", web_url, ca, inject, (procs[3].pid, *dashboard_pids)),
+            Setup("chain: front proxy -> sealgate, injecting", f"http://127.0.0.1:{chain_port}", front_ca, inject,
+                  (procs[4].pid, procs[0].pid)),
+            Setup("mitmdump -s sealgate, injecting", f"http://{cred}@127.0.0.1:{mds_port}", ca, inject,
+                  (procs[2].pid,)),
         ]
         rates: dict[str, list[float]] = {s.name: [] for s in setups}
         cpus: dict[str, list[float]] = {s.name: [] for s in setups}
@@ -142,12 +161,12 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
         base = statistics.median(rates["mitmdump -q (no addon)"])
         base_cpu = statistics.median(cpus["mitmdump -q (no addon)"])
         print(f"{args.requests} keep-alive HTTPS GETs per round, {args.rounds} rounds, medians:")
-        print(f"{'setup':34} {'req/s':>8} {'x mitmdump':>11} {'CPU ms/req':>11} {'x CPU':>7}")
+        print(f"{'setup':42} {'req/s':>8} {'x mitmdump':>11} {'CPU ms/req':>11} {'x CPU':>7}")
         for s in setups:
             rate = statistics.median(rates[s.name])
             cpu = statistics.median(cpus[s.name]) if cpus[s.name] else None
             cpu_txt = f"{cpu * 1000:11.2f} {cpu / base_cpu:7.2f}" if cpu else f"{'-':>11} {'-':>7}"
-            print(f"{s.name:34} {rate:8.0f} {rate / base:11.2f} {cpu_txt}")
+            print(f"{s.name:42} {rate:8.0f} {rate / base:11.2f} {cpu_txt}")
     finally:
         for p in procs:
             p.terminate()

@@ -94,12 +94,17 @@ class Proxy:
             args += ["--ttl", ttl]
         return json.loads(self.cli(*args).stdout)
 
-    def start(self) -> None:
+    def start(self, *, web: bool = False) -> None:
+        """Run `sealgate run` (with the dashboard when web: SEALGATE_WEB_PORT and _PASSWORD are set)."""
         out = self.log.open("ab")
-        self.proc = subprocess.Popen([str(SEALGATE), "run", "--no-web"], env=self.env, stdout=out,
-                                     stderr=subprocess.STDOUT)
+        if web:
+            self.env.setdefault("SEALGATE_WEB_PORT", str(free_port()))
+            self.env.setdefault("SEALGATE_WEB_PASSWORD", secrets.token_urlsafe(16))
+        self.proc = subprocess.Popen([str(SEALGATE), "run", *([] if web else ["--no-web"])], env=self.env,
+                                     stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
-        for port in (self.port, int(self.env["SEALGATE_METRICS_PORT"])):  # the proxy, then its probes
+        ports = [self.port, int(self.env["SEALGATE_METRICS_PORT"])]  # the proxy, its probes, its dashboard
+        for port in ports + ([int(self.env["SEALGATE_WEB_PORT"])] if web else []):
             while True:
                 if self.proc.poll() is not None:
                     raise AssertionError(f"sealgate run exited: {self.log.read_text()}")

@@ -1,0 +1,111 @@
+"""The dashboard as a mirror: the process that holds secrets sends redacted copies of
+finished flows to a separate mitmweb process, which never holds a value, the master key
+or a session credential (MITMPROXY-NOTES.md: in one mitmweb process, values are readable
+through its API while a flow is in flight, and an intercepted flow can be sent elsewhere).
+
+`Mirror` runs in the proxy; `dashboard_web.py` is the mitmweb script on the other end.
+Frames on the Unix socket between them: 4-byte big-endian length, then one flow as
+mitmproxy's tnetstring state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+
+from mitmproxy import http
+from mitmproxy.io import tnetstring
+
+from addons.scrub import Scrubber
+
+log = logging.getLogger("sealgate")
+
+QUEUE_MAX = 1000  # copies waiting for the dashboard; more are dropped, never the proxy slowed
+
+
+def redacted(flow: http.HTTPFlow, scrub: Scrubber) -> http.HTTPFlow:
+    """A copy of a finished flow fit for operators: placeholder form, scrubbed, no credentials.
+
+    By the time a flow finishes, sealgate has put its request back in placeholder form and
+    scrubbed its response; this scrubs every field once more with every value the process
+    knows (WebSocket messages from the worker, for one, carry filled values)."""
+    f = flow.copy()
+    f.metadata = {k: v for k, v in f.metadata.items() if k in ("sealgate", "sealgate.refusal")}
+    if refusal := f.metadata.get("sealgate.refusal"):
+        f.comment = refusal
+        f.marked = ":no_entry:"
+    for message in (f.request, f.response):
+        if message is None:
+            continue
+        message.headers.fields = tuple((scrub.scrub(k), scrub.scrub(v)) for k, v in message.headers.fields)
+        if message.trailers:
+            message.trailers.fields = tuple((scrub.scrub(k), scrub.scrub(v)) for k, v in message.trailers.fields)
+        if message.raw_content:
+            message.raw_content = scrub.scrub(message.raw_content)
+    f.request.data.path = scrub.scrub(f.request.data.path)
+    if f.response is not None:
+        f.response.reason = scrub.scrub_text(f.response.reason)
+    if f.websocket is not None:
+        for m in f.websocket.messages:
+            m.content = scrub.scrub(m.content)
+        f.websocket.close_reason = scrub.scrub_text(f.websocket.close_reason or "") or None
+    if f.error is not None:
+        f.error.msg = scrub.scrub_text(f.error.msg)
+    return f
+
+
+def frame(flow: http.HTTPFlow) -> bytes:
+    blob = tnetstring.dumps(flow.get_state())
+    return struct.pack(">I", len(blob)) + blob
+
+
+class Mirror:
+    """Sends a redacted copy of every finished flow to the dashboard's socket."""
+
+    def __init__(self, socket_path: str, scrubber: Callable[[], Scrubber]) -> None:
+        self.socket_path = socket_path
+        self.scrubber = scrubber
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MAX)
+        self.task: asyncio.Task | None = None
+        self.dropped = 0
+
+    def running(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._send_forever())
+
+    async def done(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            self._mirror(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._mirror(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._mirror(flow)
+
+    def _mirror(self, flow: http.HTTPFlow) -> None:
+        try:
+            self.queue.put_nowait(frame(redacted(flow, self.scrubber())))
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def _send_forever(self) -> None:
+        while True:
+            try:
+                _, writer = await asyncio.open_unix_connection(self.socket_path)
+            except OSError:
+                await asyncio.sleep(0.5)  # the dashboard is starting, or gone: try again
+                continue
+            try:
+                while True:
+                    writer.write(await self.queue.get())
+                    await writer.drain()
+            except OSError:
+                log.warning("sealgate: the dashboard went away; reconnecting")
+            finally:
+                writer.close()

