@@ -16,5 +16,6 @@ ENV SEALGATE_LISTEN_HOST=0.0.0.0 \
     SEALGATE_CONFIG=/app/config/sealgate.yaml
 VOLUME ["/app/data", "/app/certs"]
 EXPOSE 8080
+# the dashboard (8081) and the probes (9090) listen on 127.0.0.1 inside the pod: reach them with a port-forward
 ENTRYPOINT ["sealgate"]
-CMD ["run", "--no-web"]
+CMD ["run"]

@@ -33,8 +33,10 @@ def redacted(flow: http.HTTPFlow, scrub: Scrubber) -> http.HTTPFlow:
     knows (WebSocket messages from the worker, for one, carry filled values)."""
     f = flow.copy()
     f.metadata = {k: v for k, v in f.metadata.items() if k in ("sealgate", "sealgate.refusal")}
+    who = f.metadata.get("sealgate", {})
+    f.comment = f"principal {who.get('principal', '?')}, runchat {who.get('runchat', '?')}" if who else ""
     if refusal := f.metadata.get("sealgate.refusal"):
-        f.comment = refusal
+        f.comment = f"{refusal} ({f.comment})" if f.comment else refusal
         f.marked = ":no_entry:"
     for message in (f.request, f.response):
         if message is None:

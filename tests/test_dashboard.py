@@ -127,8 +127,10 @@ def test_polling_the_dashboard_never_shows_a_value_or_credential(dash, pki, user
     shown = flows[api.host]
     assert ph in shown["request"]["path"] and shown["response"]["status_code"] == 200
     assert board.get(f"/flows/{shown['id']}/request/content.data").content == f'{{"k": "{ph}"}}'.encode()
+    assert shown["comment"] == f"principal {user}, runchat rc-dash"
     blocked = flows[evil.host]
     assert blocked["comment"].startswith("origin_not_allowed: K may not go to") and blocked["marked"]
+    assert blocked["comment"].endswith(f"(principal {user}, runchat rc-dash)")
     dump = board.get("/flows/dump").content
     assert b"rc-dash" in dump and user.encode() in dump  # principal and runchat, for operators
 
@@ -160,3 +162,9 @@ def test_nothing_done_in_the_dashboard_sends_a_value_anywhere(dash, pki, user, v
     assert not marker.exists()  # no code loaded through the API
     assert board.get("/options").json()["server"]["value"] is False  # no proxy opened: rolled back
     assert value.encode() not in board.get("/flows/dump").content
+
+
+def test_dashboard_is_not_reachable_through_the_proxy(dash, user):
+    s = dash.issue(user=user)
+    r = curl(s, f"http://127.0.0.1:{dash.env['SEALGATE_WEB_PORT']}/flows")
+    assert r.status == 403 and r.headers["x-sealgate-error"] == "destination_blocked" and b"own port" in r.body
