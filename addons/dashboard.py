@@ -22,7 +22,8 @@ from addons.scrub import Scrubber
 
 log = logging.getLogger("sealgate")
 
-QUEUE_MAX = 1000  # copies waiting for the dashboard; more are dropped, never the proxy slowed
+QUEUE_BYTES = 64 * 1024 * 1024  # copies waiting for the dashboard; more are dropped, the proxy never waits
+BODY_MAX = 1024 * 1024  # a larger body is not mirrored: the dashboard shows that it was left out
 
 
 def redacted(flow: http.HTTPFlow, scrub: Scrubber) -> http.HTTPFlow:
@@ -31,7 +32,7 @@ def redacted(flow: http.HTTPFlow, scrub: Scrubber) -> http.HTTPFlow:
     By the time a flow finishes, sealgate has put its request back in placeholder form and
     scrubbed its response; this scrubs every field once more with every value the process
     knows (WebSocket messages from the worker, for one, carry filled values)."""
-    f = flow.copy()
+    f = http.HTTPFlow.from_state(flow.get_state())  # shares the bodies until they are replaced
     f.metadata = {k: v for k, v in f.metadata.items() if k in ("sealgate", "sealgate.refusal")}
     who = f.metadata.get("sealgate", {})
     f.comment = f"principal {who.get('principal', '?')}, runchat {who.get('runchat', '?')}" if who else ""
@@ -44,7 +45,10 @@ def redacted(flow: http.HTTPFlow, scrub: Scrubber) -> http.HTTPFlow:
         message.headers.fields = tuple((scrub.scrub(k), scrub.scrub(v)) for k, v in message.headers.fields)
         if message.trailers:
             message.trailers.fields = tuple((scrub.scrub(k), scrub.scrub(v)) for k, v in message.trailers.fields)
-        if message.raw_content:
+        if message.raw_content and len(message.raw_content) > BODY_MAX:
+            message.headers.pop("content-encoding", None)
+            message.raw_content = f"[a body of {len(message.raw_content)} bytes, not mirrored]".encode()
+        elif message.raw_content:
             message.raw_content = scrub.scrub(message.raw_content)
     f.request.data.path = scrub.scrub(f.request.data.path)
     if f.response is not None:
@@ -69,7 +73,8 @@ class Mirror:
     def __init__(self, socket_path: str, scrubber: Callable[[], Scrubber]) -> None:
         self.socket_path = socket_path
         self.scrubber = scrubber
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_MAX)
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.queued_bytes = 0
         self.task: asyncio.Task | None = None
         self.dropped = 0
 
@@ -91,10 +96,12 @@ class Mirror:
         self._mirror(flow)
 
     def _mirror(self, flow: http.HTTPFlow) -> None:
-        try:
-            self.queue.put_nowait(frame(redacted(flow, self.scrubber())))
-        except asyncio.QueueFull:
+        if self.queued_bytes > QUEUE_BYTES:  # the dashboard is behind or gone: drop, before any work
             self.dropped += 1
+            return
+        data = frame(redacted(flow, self.scrubber()))
+        self.queued_bytes += len(data)
+        self.queue.put_nowait(data)
 
     async def _send_forever(self) -> None:
         while True:
@@ -105,7 +112,9 @@ class Mirror:
                 continue
             try:
                 while True:
-                    writer.write(await self.queue.get())
+                    data = await self.queue.get()
+                    self.queued_bytes -= len(data)
+                    writer.write(data)
                     await writer.drain()
             except OSError:
                 log.warning("sealgate: the dashboard went away; reconnecting")

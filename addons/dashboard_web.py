@@ -1,10 +1,12 @@
 """The mitmweb end of the dashboard mirror: `python -m addons.dashboard_web CONFDIR`.
 
-It receives redacted flows on a Unix socket and shows them. It runs no proxy server,
-kills every live flow (so a replay from the UI sends nothing), has no script loader (so
-its API cannot load code: mitmweb's `scripts` option and `script.run` command are gone),
-and refuses, once running, the options through which its API could open a proxy or read
-files. It never holds a secret value, the master key or a session credential.
+It receives redacted flows on a Unix socket and shows them. It runs no proxy server and
+kills every live flow (a replay sends nothing). mitmweb's API can run any command and set
+any option, so the addons whose commands or options load code, read or write files, or
+connect anywhere (scripts, saving, exporting, replay, proxy auth over LDAP, ...) are taken
+out with their commands, and once running only the options of viewing may change: the
+guard is first in the chain, so a refused change reaches no other addon. It never holds a
+secret value, the master key or a session credential.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from mitmproxy.io import FlowReader
 
 log = logging.getLogger("sealgate.dashboard")
 
-# options whose change after start would let the dashboard's API run code, read files or proxy
-LOCKED = ("scripts", "server", "mode", "listen_host", "listen_port", "client_replay", "server_replay", "rfile",
-          "save_stream_file", "hardump", "confdir", "map_local", "map_remote", "web_static_viewer")
+# addons of mitmweb whose commands or options load code, touch files or connect anywhere
+REMOVED = ("Browser", "ClientPlayback", "CommandHistory", "Cut", "Export", "ProxyAuth", "ScriptLoader",
+           "ServerPlayback", "MapRemote", "MapLocal", "Save", "SaveHar", "UpstreamAuth", "ReadFileStdin",
+           "StaticViewer")
+REMOVED_COMMANDS = ("options.load", "options.save", "view.flows.load")
+# the only options the dashboard's API may change once it runs
+VIEWING = ("view_filter", "view_order", "view_order_reversed", "intercept", "intercept_active", "web_columns",
+           "showhost", "content_view_lines_cutoff")
 
 
 class MirrorReceiver:
@@ -37,8 +44,8 @@ class MirrorReceiver:
         loader.add_option("sealgate_mirror_socket", str, "", "Unix socket the sealgate proxy mirrors flows to.")
 
     def configure(self, updated: set[str]) -> None:
-        if self.started and updated & set(LOCKED):
-            raise exceptions.OptionsError(f"the sealgate dashboard is read-only: {sorted(updated & set(LOCKED))[0]}")
+        if self.started and (refused := sorted(updated - set(VIEWING))):
+            raise exceptions.OptionsError(f"the sealgate dashboard is read-only: {refused[0]} cannot change")
 
     async def running(self) -> None:
         if ctx.options.server:
@@ -75,12 +82,16 @@ async def serve(confdir: Path) -> None:
     from mitmproxy.tools.web.master import WebMaster
 
     m = WebMaster(options.Options(), with_termlog=True)
-    loader = m.addons.get("scriptloader")
-    m.addons.remove(loader)
+    removed = [a for a in m.addons.chain if type(a).__name__ in REMOVED]
+    m.addons.chain = [a for a in m.addons.chain if a not in removed]  # before they ever ran: nothing to end
+    for name in [n for n, a in m.addons.lookup.items() if a in removed]:
+        del m.addons.lookup[name]
     for name, command in list(m.commands.commands.items()):
-        if getattr(command.func, "__self__", None) is loader:
+        if name in REMOVED_COMMANDS or getattr(command.func, "__self__", None) in removed:
             del m.commands.commands[name]
-    m.addons.add(MirrorReceiver())
+    guard = MirrorReceiver()
+    m.addons.add(guard)
+    m.addons.chain.insert(0, m.addons.chain.pop())  # first: a refused option reaches no other addon
     config = yaml.safe_load((confdir / "config.yaml").read_text())
     m.options.update(confdir=str(confdir), **config)
     loop = asyncio.get_running_loop()

@@ -168,3 +168,61 @@ def test_dashboard_is_not_reachable_through_the_proxy(dash, user):
     s = dash.issue(user=user)
     r = curl(s, f"http://127.0.0.1:{dash.env['SEALGATE_WEB_PORT']}/flows")
     assert r.status == 403 and r.headers["x-sealgate-error"] == "destination_blocked" and b"own port" in r.body
+
+
+def test_dashboard_api_cannot_write_files_or_connect_anywhere(dash, pki, user, value, tmp_path):
+    api = RawUpstream(pki, lambda head, body, sock: raw_response(b"ok"))
+    dash.add_secret(user, "K", value, api.origin)
+    s = dash.issue(user=user)
+    curl(s, api.origin + "/x", "-H", f"X-Key: {s['env']['K']}")
+    time.sleep(0.5)
+    board = Dashboard(dash)
+    flow = next(f for f in board.flows() if f["request"]["host"] == api.host)
+    target = tmp_path / "evil.pth"
+    for command, args in (("export.file", ["raw_request", "@all", str(target)]), ("save.file", ["@all", str(target)]),
+                          ("options.save", [str(target)]), ("cut.save", ["@all", "request.path", str(target)]),
+                          ("save.har", ["@all", str(target)]), ("script.run", [flow["id"], str(target)])):
+        board.http.post(f"{board.base}/commands/{command}", json={"arguments": args}, timeout=5)
+    assert not target.exists()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(1.5)
+    port = listener.getsockname()[1]
+    for update in ({"proxyauth": f"ldap:127.0.0.1:{port}:cn=x:pw:ou=x"}, {"command_history": True},
+                   {"web_password": "taken-over"}, {"upstream_auth": "a:b"}):
+        board.http.put(board.base + "/options", json=update, timeout=5)
+    with pytest.raises(TimeoutError):
+        listener.accept()  # nobody connected
+    listener.close()
+    assert board.get("/flows").status_code == 200  # the password did not change
+
+
+def _rss_mib(pid: int) -> int:
+    return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1]) // 1024
+
+
+def test_a_stalled_dashboard_does_not_grow_the_proxy(tmp_path, pki, user, value):
+    import signal
+    import subprocess as sp
+
+    body = os.urandom(900 * 1024)
+    up = RawUpstream(pki, lambda head, b, sock: raw_response(body))
+    p = make_proxy(tmp_path, pki)
+    p.add_secret(user, "K", value, up.origin)
+    s = p.issue(user=user)
+    p.start(web=True)
+    dashboard = int(sp.run(["pgrep", "-P", str(p.proc.pid)], capture_output=True, text=True).stdout.split()[0])
+    try:
+        os.kill(dashboard, signal.SIGSTOP)
+        before = _rss_mib(p.proc.pid)
+        with requests.Session() as c:
+            c.trust_env = False
+            for _ in range(300):  # 270 MB of mirrored copies if the queue were unbounded
+                r = c.get(up.origin + "/x", proxies={"https": s["proxy_url"]}, verify=s["ca_cert"], timeout=10)
+                assert r.status_code == 200
+        grown = _rss_mib(p.proc.pid) - before
+        assert grown < 140, f"the proxy grew by {grown} MiB while the dashboard was stopped"
+    finally:
+        os.kill(dashboard, signal.SIGCONT)
+        p.stop()
