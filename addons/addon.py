@@ -91,6 +91,7 @@ class _SessionScrub:
     expires_at: float
     scrubber: Scrubber
     signature: tuple = ()  # of the principal's secrets when last loaded
+    data_version: int | None = None  # of the store when the signature was last checked
 
 
 class Sealgate:
@@ -514,6 +515,9 @@ class Sealgate:
             for sid in [sid for sid, e in self.scrubbers.items() if e.expires_at + SCRUBBER_GRACE < now]:
                 del self.scrubbers[sid]
             entry = self.scrubbers[session.id] = _SessionScrub(session.record.expires_at, Scrubber())
+        version = store.data_version()
+        if entry.data_version == version:
+            return entry.scrubber  # nothing was written to the store since the last look
         signature = store.secrets_signature(session.principal)
         if entry.signature != signature:
             pairs = [
@@ -524,6 +528,7 @@ class Sealgate:
             entry.scrubber.add(pairs)
             self.log_scrubber.add(pairs)
             entry.signature = signature
+        entry.data_version = version  # only once loaded: a failure is tried again, and refused again
         return entry.scrubber
 
     def _block(self, flow: http.HTTPFlow, session: sessions.Session, refusal: Refusal) -> None:
