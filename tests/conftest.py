@@ -45,6 +45,18 @@ def make_upstream(pki):
         s.shutdown()
 
 
+@pytest.fixture(scope="module")
+def api(make_upstream) -> Upstream:
+    """An HTTPS upstream on 127.0.0.1: the allowed origin of most tests."""
+    return make_upstream("127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def evil(make_upstream) -> Upstream:
+    """An HTTPS upstream on 127.0.0.2: somewhere a value must never go."""
+    return make_upstream("127.0.0.2")
+
+
 # --- the proxy -----------------------------------------------------------------------------
 
 def free_port() -> int:

@@ -20,16 +20,6 @@ def fetch(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-@pytest.fixture(scope="module")
-def api(make_upstream):
-    return make_upstream("127.0.0.1")
-
-
-@pytest.fixture(scope="module")
-def evil(make_upstream):
-    return make_upstream("127.0.0.2")
-
-
 def test_audit_records_every_injection_and_block(proxy, api, evil, user, value):
     proxy.add_secret(user, "K", value, api.origin)
     s = proxy.issue(user=user, runchat="rc-audit", instance="in-audit")

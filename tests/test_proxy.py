@@ -46,16 +46,6 @@ def assert_problem(r, status: int, code: str, *says: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def api(make_upstream):
-    return make_upstream("127.0.0.1")
-
-
-@pytest.fixture(scope="module")
-def evil(make_upstream):
-    return make_upstream("127.0.0.2")
-
-
-@pytest.fixture(scope="module")
 def api_other_port(make_upstream):
     return make_upstream("127.0.0.1")
 
