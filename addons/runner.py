@@ -110,12 +110,22 @@ async def serve(settings: Settings) -> None:
             dashboard, socket_path, password = start_dashboard(settings, Path(workdir))
             sealgate = m.addons.get("sealgate")
             m.addons.add(Mirror(socket_path, lambda: sealgate.log_scrubber))
+            watcher = asyncio.get_running_loop().create_task(_watch(dashboard))
         try:
             await _run(m, settings, password if dashboard else None)
         finally:
             if dashboard is not None:
+                watcher.cancel()
                 dashboard.terminate()
                 dashboard.wait(10)
+
+
+async def _watch(dashboard: subprocess.Popen) -> None:
+    """Say so if the dashboard dies: the proxy goes on, and its copies are dropped."""
+    while dashboard.poll() is None:
+        await asyncio.sleep(1)
+    logging.getLogger("sealgate").error(
+        "sealgate: the dashboard process exited (code %s); proxying goes on without it", dashboard.returncode)
 
 
 async def _run(m: master.Master, settings: Settings, web_password: str | None) -> None:

@@ -226,3 +226,23 @@ def test_a_stalled_dashboard_does_not_grow_the_proxy(tmp_path, pki, user, value)
     finally:
         os.kill(dashboard, signal.SIGCONT)
         p.stop()
+
+
+def test_the_proxy_goes_on_and_says_so_when_the_dashboard_dies(tmp_path, pki, user, value):
+    import signal
+    import subprocess as sp
+
+    up = RawUpstream(pki, lambda head, b, sock: raw_response(b"ok"))
+    p = make_proxy(tmp_path, pki)
+    p.add_secret(user, "K", value, up.origin)
+    s = p.issue(user=user)
+    p.start(web=True)
+    try:
+        dashboard = int(sp.run(["pgrep", "-P", str(p.proc.pid)], capture_output=True, text=True).stdout.split()[0])
+        os.kill(dashboard, signal.SIGKILL)
+        time.sleep(2)
+        r = curl(s, up.origin + "/x", "-H", f"X-Key: {s['env']['K']}")
+        assert r.status == 200 and header(up.received[-1][0], b"x-key") == value.encode()
+        assert "the dashboard process exited" in p.log.read_text()
+    finally:
+        p.stop()
