@@ -361,10 +361,10 @@ class Sealgate:
     def _check_streamed_trailers(self, flow: http.HTTPFlow, session: sessions.Session) -> None:
         """Trailers of a streamed request go out after this hook: fill or refuse their placeholders."""
         trailers = flow.request.trailers
-        found = {i: f for i, (_, v) in enumerate(trailers.fields) if (f := placeholders.find(v))} if trailers else {}
+        found = _find_in_fields(trailers.fields) if trailers else {}
         if not found:
             return
-        phs = tuple(dict.fromkeys(p.placeholder for fs in found.values() for p in fs))
+        phs = _distinct([f for fs in found.values() for f in fs])
         result = decision.decide(_facts(flow, phs), session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return self._block_stream(flow, session, result.refusal)
@@ -458,7 +458,7 @@ class Sealgate:
         found = placeholders.find(message.content)
         if not found:
             return
-        facts = _facts(flow, tuple(dict.fromkeys(f.placeholder for f in found)))
+        facts = _facts(flow, _distinct(found))
         result = decision.decide(facts, session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
             self._decided(flow, session, result.refusal)
@@ -602,21 +602,18 @@ class _Scan:
 
     @classmethod
     def of(cls, req: http.Request, *, with_body: bool) -> _Scan:
-        headers: dict[int, list[Found]] = {}
-        basic: dict[int, tuple[bytes, list[Found]]] = {}
-        for i, (name, value) in enumerate(req.headers.fields):
-            if found := placeholders.find(value):
-                headers[i] = found
-            elif name.lower() == b"authorization":
-                if (b := inject.find_in_basic(value.decode("latin-1"))) is not None:
-                    basic[i] = b
+        headers = _find_in_fields(req.headers.fields)
+        basic = {
+            i: b for i, (name, value) in enumerate(req.headers.fields)
+            if i not in headers and name.lower() == b"authorization"
+            and (b := inject.find_in_basic(value.decode("latin-1"))) is not None
+        }
         body: bytes | None = None
         body_found: list[Found] = []
         if with_body and req.raw_content:
             body = bodies.decode(req.raw_content, req.headers.get("content-encoding", ""), REQUEST_BODY_LIMIT)
             body_found = placeholders.find(body)
-        trailers = {i: f for i, (_, v) in enumerate(req.trailers.fields) if (f := placeholders.find(v))} \
-            if req.trailers else {}
+        trailers = _find_in_fields(req.trailers.fields) if req.trailers else {}
         return cls(placeholders.find(req.data.path), headers, basic, trailers, body, body_found)
 
     @property
@@ -630,7 +627,7 @@ class _Scan:
 
     @property
     def placeholders(self) -> tuple[placeholders.Placeholder, ...]:
-        return tuple(dict.fromkeys(f.placeholder for f in self.found))
+        return _distinct(self.found)
 
     def apply(self, req: http.Request, values: dict[str, str]) -> list[tuple[bytes, bytes]]:
         """Fill the request; return the forms this produced that only exist because of it."""
@@ -652,6 +649,15 @@ class _Scan:
             req.headers.pop("content-encoding", None)
             req.content = inject.substitute(self.body, self.body_found, values, ctx_)
         return produced
+
+
+def _distinct(found: list[Found]) -> tuple[placeholders.Placeholder, ...]:
+    return tuple(dict.fromkeys(f.placeholder for f in found))
+
+
+def _find_in_fields(fields: Fields) -> dict[int, list[Found]]:
+    """Placeholders in header (or trailer) values, by field index."""
+    return {i: f for i, (_, value) in enumerate(fields) if (f := placeholders.find(value))}
 
 
 def _fill_fields(fields: Fields, found: dict[int, list[Found]], values: dict[str, str]) -> Fields:

@@ -246,3 +246,39 @@ def test_the_proxy_goes_on_and_says_so_when_the_dashboard_dies(tmp_path, pki, us
         assert "the dashboard process exited" in p.log.read_text()
     finally:
         p.stop()
+
+
+def test_filled_websocket_messages_reach_the_dashboard_scrubbed(dash, pki, user, value):
+    """A worker's WebSocket message is filled in the proxy's own flow: its copy must not carry the value."""
+    import hashlib
+
+    def answer(head, body, sock):
+        accept = base64.b64encode(hashlib.sha1(header(head, b"sec-websocket-key")
+                                               + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        frame = sock.recv(4096)
+        n, mask = frame[1] & 0x7F, frame[2:6]
+        got.append(bytes(b ^ mask[i % 4] for i, b in enumerate(frame[6:6 + n])))
+        sock.sendall(bytes([0x88, 2]) + b"\x03\xe8")  # close
+        time.sleep(0.5)
+    got: list[bytes] = []
+    up = RawUpstream(pki, answer)
+    dash.add_secret(user, "K", value, up.origin)
+    s = dash.issue(user=user)
+    from wire import read_all, tunnel
+    t = tunnel(s, dash.port, up.target, None)
+    t.sendall(f"GET /ws HTTP/1.1\r\nHost: {up.target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    time.sleep(0.3)
+    payload, key = f"auth {s['env']['K']}".encode(), os.urandom(4)
+    t.sendall(bytes([0x81, 0x80 | len(payload)]) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload)))
+    read_all(t, 2)
+    time.sleep(1)
+    assert got == [f"auth {value}".encode()]  # the upstream got the value
+    board = Dashboard(dash)
+    dump = board.get("/flows/dump").content
+    ws_flow = next(f for f in board.flows() if f["request"]["host"] == up.host)
+    messages = board.get(f"/flows/{ws_flow['id']}/messages/content.data").content
+    assert s["env"]["K"].encode() in dump + messages
+    assert value.encode() not in dump + messages
