@@ -15,8 +15,8 @@ import sqlite3
 import sys
 from collections.abc import Callable
 
-from addons import ca, origins, sessions, settings, validate
-from addons.store import SecretStore, StoreError
+from . import ca, origins, sessions, settings, validate
+from .store import SecretStore, StoreError
 
 
 class UsageError(Exception):
@@ -28,7 +28,7 @@ def _settings(args: argparse.Namespace) -> settings.Settings:
                                                  "data_dir", "certs_dir", "upstream_ca", "allow_private", "metrics")}
     flags["no_web"] = getattr(args, "no_web", False)
     flags["no_metrics"] = getattr(args, "no_metrics", False)
-    return settings.load(flags)
+    return settings.load(flags, args.env)
 
 
 def _store(args: argparse.Namespace) -> SecretStore:
@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     SecretStore(s.data_dir).key  # create the store and key on first use, or fail before listening
     from mitmproxy.exceptions import OptionsError
 
-    from addons import runner  # mitmproxy's master is only needed here
+    from . import runner  # mitmproxy's master is only needed here
 
     try:
         asyncio.run(runner.serve(s))
@@ -235,8 +235,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+    """Run one command; env stands in for os.environ (for tests that call this in-process)."""
     args = _parser().parse_args(argv)
+    args.env = env
     handler: Callable[[argparse.Namespace], None] = args.func
     try:
         handler(args)

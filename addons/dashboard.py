@@ -18,7 +18,7 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.io import tnetstring
 
-from addons.scrub import Scrubber
+from .scrub import Scrubber
 
 log = logging.getLogger("sealgate")
 

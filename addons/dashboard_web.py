@@ -1,10 +1,10 @@
-"""The mitmweb end of the dashboard mirror: `python -m addons.dashboard_web CONFDIR`.
+"""The mitmweb end of the dashboard mirror: `python -m sealgate.dashboard_web CONFDIR`.
 
 It receives redacted flows on a Unix socket and shows them. It runs no proxy server and
 kills every live flow (a replay sends nothing). mitmweb's API can run any command and set
-any option, so the addons whose commands or options load code, read or write files, or
-connect anywhere (scripts, saving, exporting, replay, proxy auth over LDAP, ...) are taken
-out with their commands, and once running only the options of viewing may change: the
+any option, so it keeps only an allowlist of mitmweb's addons (viewing, the web UI and its
+password); every other (scripts, saving, exporting, replay, proxy auth over LDAP, and any a
+new mitmweb brings) is taken out with its commands, and once running only the options of viewing may change: the
 guard is first in the chain, so a refused change reaches no other addon. It never holds a
 secret value, the master key or a session credential.
 """
@@ -23,12 +23,15 @@ import yaml
 from mitmproxy import ctx, exceptions, http, options
 from mitmproxy.io import FlowReader
 
+from . import internals
+
 log = logging.getLogger("sealgate.dashboard")
 
-# addons of mitmweb whose commands or options load code, touch files or connect anywhere
-REMOVED = ("Browser", "ClientPlayback", "CommandHistory", "Cut", "Export", "ProxyAuth", "ScriptLoader",
-           "ServerPlayback", "MapRemote", "MapLocal", "Save", "SaveHar", "UpstreamAuth", "ReadFileStdin",
-           "StaticViewer")
+# the mitmweb addons the dashboard runs; any other (a new mitmweb's among them) is removed
+# with its commands before it ever runs: whatever loads code, touches files or connects
+KEPT = ("TermLog", "Core", "Comment", "Proxyserver", "WebAddon", "WebAuth", "Intercept", "View", "EventStore",
+        "ErrorCheck")
+# commands of the kept addons that read or write files
 REMOVED_COMMANDS = ("options.load", "options.save", "view.flows.load")
 # the only options the dashboard's API may change once it runs
 VIEWING = ("view_filter", "view_order", "view_order_reversed", "intercept", "intercept_active", "web_columns",
@@ -82,16 +85,10 @@ async def serve(confdir: Path) -> None:
     from mitmproxy.tools.web.master import WebMaster
 
     m = WebMaster(options.Options(), with_termlog=True)
-    removed = [a for a in m.addons.chain if type(a).__name__ in REMOVED]
-    m.addons.chain = [a for a in m.addons.chain if a not in removed]  # before they ever ran: nothing to end
-    for name in [n for n, a in m.addons.lookup.items() if a in removed]:
-        del m.addons.lookup[name]
-    for name, command in list(m.commands.commands.items()):
-        if name in REMOVED_COMMANDS or getattr(command.func, "__self__", None) in removed:
-            del m.commands.commands[name]
-    guard = MirrorReceiver()
-    m.addons.add(guard)
-    m.addons.chain.insert(0, m.addons.chain.pop())  # first: a refused option reaches no other addon
+    internals.keep_only_addons(m, KEPT)  # before they ever ran: nothing to end
+    for name in REMOVED_COMMANDS:
+        m.commands.commands.pop(name, None)
+    internals.put_addon_first(m, MirrorReceiver())  # a refused option reaches no other addon
     config = yaml.safe_load((confdir / "config.yaml").read_text())
     m.options.update(confdir=str(confdir), **config)
     loop = asyncio.get_running_loop()

@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from addons import origins
-from addons.errors import Refusal
-from addons.origins import Origin, OriginError
-from addons.placeholders import Placeholder
+from . import origins
+from .errors import Refusal
+from .origins import Origin, OriginError
+from .placeholders import Placeholder
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from urllib.parse import quote, quote_plus
 
-from addons import placeholders
-from addons.placeholders import Found
+from . import placeholders
+from .placeholders import Found
 
 
 class Context(Enum):

@@ -11,7 +11,7 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from addons.metrics import Metrics
+from .metrics import Metrics
 
 Readiness = Callable[[], str | None]  # None when ready, else why not
 

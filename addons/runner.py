@@ -22,12 +22,12 @@ import yaml
 from mitmproxy import master, options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 
-from addons import ca
-from addons.addon import Sealgate
-from addons.dashboard import Mirror
-from addons.probes import ProbeServer
-from addons.settings import Settings
-from addons.store import StoreError
+from . import ca
+from .addon import Sealgate
+from .dashboard import Mirror
+from .probes import ProbeServer
+from .settings import Settings
+from .store import StoreError
 
 
 def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Master:
@@ -57,7 +57,9 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
 def _readiness(sealgate: Sealgate, certs: Path):
     def why_not() -> str | None:
         try:
-            store = sealgate._store()
+            store = sealgate.store
+            if store is None:
+                return "sealgate_data_dir is not set"
             store.key  # noqa: B018 - the key must be loadable
             store.secrets_signature("")  # and the store readable
         except StoreError as e:
@@ -95,7 +97,7 @@ def start_dashboard(settings: Settings, workdir: Path) -> tuple[subprocess.Popen
                         "web_open_browser": False, "server": False, "sealgate_mirror_socket": socket_path,
                         # the comment says who (principal, runchat) and, for a blocked flow, why
                         "web_columns": ["tls", "icon", "path", "method", "status", "size", "time", "comment"]}, f)
-    cmd = [sys.executable, "-m", "addons.dashboard_web", str(workdir)]
+    cmd = [sys.executable, "-m", "sealgate.dashboard_web", str(workdir)]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL), socket_path, password
 
 
@@ -109,7 +111,7 @@ async def serve(settings: Settings) -> None:
         if settings.web_port is not None:
             dashboard, socket_path, password = start_dashboard(settings, Path(workdir))
             sealgate = m.addons.get("sealgate")
-            m.addons.add(Mirror(socket_path, lambda: sealgate.log_scrubber))
+            m.addons.add(Mirror(socket_path, lambda: sealgate.scrubbers.logs))
             watcher = asyncio.get_running_loop().create_task(_watch(dashboard))
         try:
             await _run(m, settings, password if dashboard else None)

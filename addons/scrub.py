@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from addons.streams import StreamRewriter
+from .streams import StreamRewriter
 
 
 class Scrubber:

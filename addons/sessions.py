@@ -14,8 +14,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from addons import placeholders, validate
-from addons.store import SecretStore, SessionRecord
+from . import placeholders, validate
+from .store import SecretStore, SessionRecord
 
 ACCESS_MODES = ("signed-in", "api", "app-view")
 

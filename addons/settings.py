@@ -1,7 +1,10 @@
-"""Settings: config/sealgate.yaml, overridden by SEALGATE_* variables, then by flags.
+"""Settings: `DEFAULTS`, then a config file, then SEALGATE_* variables, then flags.
 
-Parsed and validated once, apart from the mechanism; a bad value raises ConfigError
-naming where it came from (file and key, variable or flag) and what is wrong.
+The defaults live here and nowhere else. The config file is the one SEALGATE_CONFIG names,
+else `config/sealgate.yaml` under the working directory when there is one; relative paths in
+it are relative to its folder, and relative default paths to the working directory (never
+to where the package is installed). Parsed and validated once, apart from the mechanism; a
+bad value raises ConfigError naming where it came from (file and key, variable or flag).
 """
 
 from __future__ import annotations
@@ -13,11 +16,23 @@ from typing import Any
 
 import yaml
 
-from addons.egress import parse_cidrs
-from addons.origins import is_port_text
+from .egress import parse_cidrs
+from .origins import is_port_text
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = PROJECT_DIR / "config" / "sealgate.yaml"
+DEFAULT_CONFIG = Path("config") / "sealgate.yaml"  # under the working directory, if it exists
+
+DEFAULTS: dict[str, Any] = {
+    "listen_host": "127.0.0.1",
+    "listen_port": 8080,
+    "web_port": 8081,  # the dashboard; `run --no-web` turns it off
+    "web_password": None,  # generated and printed by `run` when unset
+    "data_dir": "data",  # the SQLite store and the master key
+    "certs_dir": "certs",  # the proxy's CA, made on first use
+    "upstream_ca": None,  # a PEM file of extra CAs trusted for upstream TLS
+    "allow_private": "",  # CIDRs reachable although loopback or private
+    "session_ttl": 3600,  # seconds a session's proxy credential and placeholders live
+    "metrics": "127.0.0.1:9090",  # /healthz, /readyz, /metrics; `run --no-metrics` turns them off
+}
 
 
 class ConfigError(Exception):
@@ -88,15 +103,16 @@ _PATHS = ("data_dir", "certs_dir", "upstream_ca")
 def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ) if env is None else env
     config_path = Path(env.get("SEALGATE_CONFIG") or DEFAULT_CONFIG)
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {key: _parse(key, raw, f"default {key}") for key, raw in DEFAULTS.items()
+                              if raw is not None}
+    values.update({key: Path(values[key]).absolute() for key in _PATHS if key in values})
     for key, raw in _read_yaml(config_path).items():
         if key not in _KEYS:
             raise ConfigError(f"{config_path}: unknown key {key!r} (known: {', '.join(_KEYS)})")
         if raw is not None:
             values[key] = _parse(key, raw, f"{config_path}: key {key!r}")
-            if key in _PATHS:  # relative to the project folder for config/sealgate.yaml, else to the file
-                base = PROJECT_DIR if config_path == DEFAULT_CONFIG else config_path.parent
-                values[key] = base / values[key]
+            if key in _PATHS:  # relative to the config file's folder
+                values[key] = config_path.parent.absolute() / values[key]
     flags = dict(flags or {})
     no_web = bool(flags.pop("no_web", False))
     no_metrics = bool(flags.pop("no_metrics", False))
@@ -108,16 +124,16 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
             if key in _PATHS:  # relative to where the command runs
                 values[key] = Path(values[key]).absolute()
     return Settings(
-        listen_host=values.get("listen_host", "127.0.0.1"),
-        listen_port=values.get("listen_port", 8080),
-        web_port=None if no_web else values.get("web_port", 8081),
+        listen_host=values["listen_host"],
+        listen_port=values["listen_port"],
+        web_port=None if no_web else values["web_port"],
         web_password=values.get("web_password"),
-        data_dir=Path(values.get("data_dir", PROJECT_DIR / "data")),
-        certs_dir=Path(values.get("certs_dir", PROJECT_DIR / "certs")),
+        data_dir=Path(values["data_dir"]),
+        certs_dir=Path(values["certs_dir"]),
         upstream_ca=Path(values["upstream_ca"]) if values.get("upstream_ca") else None,
-        allow_private=values.get("allow_private", ""),
-        session_ttl=values.get("session_ttl", 3600),
-        metrics=None if no_metrics else values.get("metrics", ("127.0.0.1", 9090)),
+        allow_private=values["allow_private"],
+        session_ttl=values["session_ttl"],
+        metrics=None if no_metrics else values["metrics"],
     )
 
 

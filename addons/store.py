@@ -18,12 +18,44 @@ from pathlib import Path
 
 import sqlite_utils
 
-from addons import crypto
-from addons.origins import Origin
-from addons.origins import parse as parse_origin
+from . import crypto
+from .origins import Origin
+from .origins import parse as parse_origin
 
 DB_NAME = "sealgate.db"
 KEY_NAME = "master.key"
+
+
+def _v1_tables(db: sqlite_utils.Database) -> None:
+    """secrets, audit and sessions, as the first release made them (before versions were kept)."""
+    db["secrets"].create(
+        {"owner": str, "name": str, "key_id": str, "nonce": bytes, "ciphertext": bytes,
+         "origins": str, "created_at": float, "updated_at": float},
+        pk=("owner", "name"), if_not_exists=True,
+    )
+    db["audit"].create(
+        {"id": int, "at": float, "session": str, "runchat": str, "instance": str, "principal": str,
+         "secrets": str, "method": str, "origin": str, "path": str, "decision": str, "code": str,
+         "status": int},
+        pk="id", if_not_exists=True,
+    )
+    db["audit"].create_index(["principal", "at"], if_not_exists=True)
+    db["audit"].create_index(["runchat", "at"], if_not_exists=True)
+    db["sessions"].create(
+        {"id": str, "credential_hash": str, "mac_key": bytes, "access": str, "runchat": str,
+         "instance": str, "principal": str, "created_at": float, "expires_at": float},
+        pk="id", if_not_exists=True,
+    )
+
+
+def _v2_audit_client(db: sqlite_utils.Database) -> None:
+    """audit.client: the worker's address, for refusals that have no session (a bad credential)."""
+    if "client" not in db["audit"].columns_dict:
+        db["audit"].add_column("client", str)
+
+
+# Schema migrations, in order: the store's version (PRAGMA user_version) is how many have run.
+MIGRATIONS = (_v1_tables, _v2_audit_client)
 
 
 class StoreError(Exception):
@@ -59,10 +91,11 @@ class AuditRecord:
     """One decision: never a value, never a query string, never a credential."""
 
     at: float
-    session: str
+    session: str  # "" for a refusal before any session was known (407)
     runchat: str
     instance: str
     principal: str
+    client: str  # the worker's address
     secrets: tuple[str, ...]
     method: str
     origin: str
@@ -128,36 +161,26 @@ class SecretStore:
             conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a crash of the process, fsyncs less
             conn.execute("PRAGMA busy_timeout=5000")
             self.db = sqlite_utils.Database(conn)
-            self._ensure_schema()
+            self._migrate()
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"store {self.data_dir / DB_NAME} cannot be opened: {e}") from None
 
-    def _ensure_schema(self) -> None:
-        if "secrets" not in self.db.table_names():
-            self.db["secrets"].create(
-                {
-                    "owner": str, "name": str, "key_id": str, "nonce": bytes, "ciphertext": bytes,
-                    "origins": str, "created_at": float, "updated_at": float,
-                },
-                pk=("owner", "name"),
-            )
-        if "audit" not in self.db.table_names():
-            self.db["audit"].create(
-                {"id": int, "at": float, "session": str, "runchat": str, "instance": str, "principal": str,
-                 "secrets": str, "method": str, "origin": str, "path": str, "decision": str, "code": str,
-                 "status": int},
-                pk="id",
-            )
-            self.db["audit"].create_index(["principal", "at"])
-            self.db["audit"].create_index(["runchat", "at"])
-        if "sessions" not in self.db.table_names():
-            self.db["sessions"].create(
-                {
-                    "id": str, "credential_hash": str, "mac_key": bytes, "access": str, "runchat": str,
-                    "instance": str, "principal": str, "created_at": float, "expires_at": float,
-                },
-                pk="id",
-            )
+    def _migrate(self) -> None:
+        """Bring the schema up to date, one versioned migration at a time, each in a transaction."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(f"store {self.data_dir / DB_NAME} has schema version {version}, newer than this "
+                             f"sealgate knows ({len(MIGRATIONS)}); upgrade sealgate")
+        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.db.conn:
+                self.db.execute("BEGIN IMMEDIATE")
+                if self.db.execute("PRAGMA user_version").fetchone()[0] >= number:
+                    continue  # another process ran it meanwhile
+                migration(self.db)
+                self.db.execute(f"PRAGMA user_version = {number}")
+
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     @property
     def key(self) -> bytes:
@@ -247,10 +270,8 @@ class SecretStore:
         return StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e.__class__.__name__}: {e}")
 
     def _query(self, sql: str, params: list) -> list[dict]:
-        """Rows as dicts; unlike sqlite-utils' rows_where, a missing table is an error, not no rows."""
-        cursor = self.db.execute(sql, params)
-        cols = [c[0] for c in cursor.description]
-        return [dict(zip(cols, row, strict=True)) for row in cursor.fetchall()]
+        """Rows as dicts (sqlite-utils' query: unlike rows_where, a missing table is an error, not no rows)."""
+        return list(self.db.query(sql, params))
 
     @staticmethod
     def _info(row: dict) -> SecretInfo:

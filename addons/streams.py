@@ -44,3 +44,29 @@ class StreamRewriter:
             out += (buf[pos:start], replacement)
             pos = end
         return b"".join(out), pos
+
+
+class StreamFilter:
+    """A stream callable (as mitmproxy takes one) around a StreamRewriter.
+
+    `is_end(chunk)` tells the end of the message from an empty chunk in the middle of it. An
+    exception stops the stream: `on_error` is told (nothing more goes out), or without one it
+    propagates and the connection is closed."""
+
+    def __init__(self, rewriter: StreamRewriter, is_end: Callable[[bytes], bool],
+                 on_error: Callable[[Exception], None] | None = None) -> None:
+        self.rewriter, self.is_end, self.on_error = rewriter, is_end, on_error
+        self.stopped = False
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        if self.stopped:
+            return []
+        try:
+            out = self.rewriter.finish() if self.is_end(chunk) else self.rewriter.feed(chunk)
+        except Exception as e:
+            self.stopped = True
+            if self.on_error is None:
+                raise
+            self.on_error(e)
+            return []
+        return [out] if out else []  # b"" would end the body early

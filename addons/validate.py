@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from addons.placeholders import NAME_PATTERN
+from .placeholders import NAME_PATTERN
 
 GLOBAL_NAMES = ("RUNCHAT_ID", "INSTANCE_ID", "USER_ID")
 VALUE_MIN = 8

@@ -115,7 +115,7 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
                           "--set", f"confdir={tmp / 'certs'}", "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem}"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(mds_port),
-                          "-s", str(ROOT / "addons" / "script.py"), "--set", f"sealgate_data_dir={tmp / 'data'}",
+                          "-s", str(ROOT / "scripts" / "mitmdump_addon.py"), "--set", f"sealgate_data_dir={tmp / 'data'}",
                           "--set", f"confdir={tmp / 'certs'}", "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem}",
                           "--set", "sealgate_allow_private=127.0.0.1/32"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),

@@ -193,66 +193,6 @@ def test_unresolvable_destination_is_refused(proxy, user):
     assert out.startswith(b"HTTP/1.1 502") and b"destination_unresolved" in out
 
 
-# --- a failing hook blocks, it does not pass ------------------------------------------------------
-
-def test_exception_in_decision_blocks_the_request(monkeypatch, tmp_path, pki, make_upstream, user, value):
-    """An unexpected error while deciding must answer the request, never forward it."""
-    import asyncio
-
-    from mitmproxy.test import taddons, tflow
-
-    from addons import addon as addon_module
-    from addons import decision, origins, sessions
-    from addons.addon import Sealgate
-    from addons.store import SecretStore
-
-    api = make_upstream("127.0.0.1")
-    store = SecretStore(tmp_path)
-    store.add_secret(user, "K", value, [origins.parse(api.origin)])
-    issued = sessions.issue(store, access="signed-in", runchat="r", instance="i", user=user, author=None,
-                            ttl_seconds=600)
-    addon = Sealgate()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, sealgate_data_dir=str(tmp_path), sealgate_allow_private="127.0.0.1/32")
-        flow = tflow.tflow()
-        flow.request.host, flow.request.port = api.host, api.port
-        flow.request.headers["X-Key"] = issued.env["K"]
-        addon.flows[flow] = addon_module._FlowState(issued.session, addon._scrubber(issued.session))
-
-        def boom(*args):
-            raise RuntimeError("boom")
-        monkeypatch.setattr(decision, "decide", boom)
-        asyncio.run(addon.request(flow))
-    assert flow.response.status_code == 500
-    assert flow.response.headers["X-Sealgate-Error"] == "internal_error"
-    assert flow.request.headers["X-Key"] == issued.env["K"]
-    assert api.received == []
-
-
-def test_scrubber_survives_session_pruning(monkeypatch, tmp_path):
-    """A slow response of an expired session is still scrubbed after another session prunes it."""
-    from mitmproxy.test import tflow
-
-    from addons import addon as addon_module
-    from addons import sessions
-    from addons.store import SecretStore, SessionRecord
-
-    a = addon_module.Sealgate()
-    a.store = SecretStore(tmp_path)
-    now = time.time()
-    old = sessions.Session(SessionRecord("a" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now - 100, now - 50))
-    new = sessions.Session(SessionRecord("b" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now, now + 600))
-    flow = tflow.tflow(resp=True)
-    a.flows[flow] = addon_module._FlowState(old, a._scrubber(old))
-    a.flows[flow].scrubber.add([(b"sk-the-old-value", b"PLACEHOLDER")])
-    monkeypatch.setattr(addon_module.time, "time", lambda: now + addon_module.SCRUBBER_GRACE + 10)
-    a._scrubber(new)
-    assert old.id not in a.scrubbers  # pruned from the session table...
-    flow.response.content = b"late echo: sk-the-old-value"
-    a.response(flow)
-    assert flow.response.content == b"late echo: PLACEHOLDER"  # ...but the flow kept its scrubber
-
-
 def test_dns_is_resolved_once_and_the_checked_address_dialled(monkeypatch):
     """DNS rebinding: whatever a second lookup would say, the dial goes to the address that was checked."""
     import asyncio
@@ -261,8 +201,8 @@ def test_dns_is_resolved_once_and_the_checked_address_dialled(monkeypatch):
     from mitmproxy import connection
     from mitmproxy.proxy import server_hooks
 
-    from addons.addon import Sealgate
-    from addons.egress import EgressPolicy
+    from sealgate.dial import Dialer
+    from sealgate.egress import EgressPolicy
 
     answers = [["93.184.215.14"], ["127.0.0.1"]]  # a public address first, loopback on any later lookup
     calls = []
@@ -273,18 +213,17 @@ def test_dns_is_resolved_once_and_the_checked_address_dialled(monkeypatch):
 
     async def run():
         asyncio.get_running_loop().getaddrinfo = getaddrinfo
-        addon = Sealgate()
-        addon.policy = EgressPolicy()
+        dialer = Dialer(EgressPolicy())
         server = connection.Server(address=("rebind.example", 443))
         data = server_hooks.ServerConnectionHookData(server=server, client=connection.Client(
             peername=("127.0.0.1", 5555), sockname=("127.0.0.1", 8080)))
-        await addon.server_connect(data)
-        return addon, server, data
+        await dialer.server_connect(data)
+        return dialer, server, data
 
-    addon, server, data = asyncio.run(run())
+    dialer, server, data = asyncio.run(run())
     assert calls == ["rebind.example"]  # one lookup
     assert server.address == ("93.184.215.14", 443) and server.error is None  # dialled: what was checked
-    addon.server_connected(data)
+    dialer.dialled(data.server)
     assert server.address == ("rebind.example", 443)  # and named again for mitmproxy's bookkeeping
 
 
@@ -295,16 +234,15 @@ def test_rebinding_to_a_blocked_address_is_refused():
     from mitmproxy import connection
     from mitmproxy.proxy import server_hooks
 
-    from addons.addon import Sealgate
+    from sealgate.dial import Dialer
 
     async def getaddrinfo(host, port, **kw):
         return [(_socket.AF_INET, _socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
 
     async def run():
         asyncio.get_running_loop().getaddrinfo = getaddrinfo
-        addon = Sealgate()
         server = connection.Server(address=("metadata.example", 80))
-        await addon.server_connect(server_hooks.ServerConnectionHookData(server=server, client=connection.Client(
+        await Dialer().server_connect(server_hooks.ServerConnectionHookData(server=server, client=connection.Client(
             peername=("127.0.0.1", 5555), sockname=("127.0.0.1", 8080))))
         return server
     server = asyncio.run(run())

@@ -7,7 +7,7 @@ import brotli
 import pytest
 from hypothesis import given, strategies as st
 
-from addons import bodies
+from sealgate import bodies
 
 try:
     from compression import zstd

@@ -248,7 +248,7 @@ def test_non_utf8_value_is_refused(p, user):
                                     "--set=stream_large_bodies=1m", "--mode=upstream:http://127.0.0.1:9"])
 def test_stock_mitmdump_refuses_options_that_act_after_sealgate(p, option):
     from conftest import ROOT
-    r = subprocess.run([str(ROOT / ".venv" / "bin" / "mitmdump"), "-s", str(ROOT / "addons" / "script.py"),
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "mitmdump"), "-s", str(ROOT / "scripts" / "mitmdump_addon.py"),
                         "--set", f"sealgate_data_dir={p.data_dir}", "-p", "0", option],
                        capture_output=True, text=True, env=p.env, timeout=30)
     assert r.returncode != 0

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from addons import crypto, decision, origins, placeholders, sessions
-from addons.decision import Allow, Block, Destination, LookupFailed, RequestFacts
-from addons.egress import EgressPolicy, parse_cidrs
-from addons.store import SecretStore, StoreError
+from sealgate import crypto, decision, origins, placeholders, sessions
+from sealgate.decision import Allow, Block, Destination, LookupFailed, RequestFacts
+from sealgate.egress import EgressPolicy, parse_cidrs
+from sealgate.store import SecretStore, StoreError
 
 
 # --- crypto ---------------------------------------------------------------------------------

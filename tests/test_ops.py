@@ -31,6 +31,7 @@ def test_audit_records_every_injection_and_block(proxy, api, evil, user, value):
     records = json.loads(out)
     assert [r["decision"] for r in records] == ["block", "allow"]  # newest first; plain requests are not decisions
     block, allow = records
+    assert allow.pop("client").startswith("127.0.0.1:")
     assert allow | {"at": None} == {
         "at": None, "session": s["session_id"], "runchat": "rc-audit", "instance": "in-audit", "principal": user,
         "secrets": ["K"], "method": "GET", "origin": api.origin, "path": "/v1/things", "decision": "allow",

@@ -3,8 +3,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from addons import origins
-from addons.origins import Origin, OriginError
+from sealgate import origins
+from sealgate.origins import Origin, OriginError
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -8,9 +8,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from hypothesis import assume, given, strategies as st
 
-from addons import inject, placeholders
-from addons.inject import Context
-from addons.scrub import Scrubber
+from sealgate import inject, placeholders
+from sealgate.inject import Context
+from sealgate.scrub import Scrubber
 
 KEY = os.urandom(32)
 SID = "abcdefghijklmnop"

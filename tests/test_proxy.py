@@ -407,7 +407,7 @@ def test_fail_closed_under_the_wrong_master_key(tmp_path, pki, make_upstream, us
 # --- the same addon in a stock mitmdump ------------------------------------------------------
 
 def test_stock_mitmdump_script_keeps_values_out_of_flow_files_and_output(tmp_path, pki, make_upstream, user, value):
-    """`mitmdump -s addons/script.py` with flow saving and full flow detail: the value reaches
+    """`mitmdump -s scripts/mitmdump_addon.py` with flow saving and full flow detail: the value reaches
     the upstream, and neither the flow file nor mitmdump's output holds it."""
     import subprocess
     import time
@@ -420,7 +420,7 @@ def test_stock_mitmdump_script_keeps_values_out_of_flow_files_and_output(tmp_pat
     s = p.issue(user=user)
     port = free_port()
     flows, out = tmp_path / "flows.mitm", tmp_path / "mitmdump.out"
-    cmd = [str(ROOT / ".venv" / "bin" / "mitmdump"), "-s", str(ROOT / "addons" / "script.py"),
+    cmd = [str(ROOT / ".venv" / "bin" / "mitmdump"), "-s", str(ROOT / "scripts" / "mitmdump_addon.py"),
            "--listen-host", "127.0.0.1", "-p", str(port), "-w", str(flows), "--flow-detail", "4",
            "--set", f"sealgate_data_dir={p.data_dir}", "--set", f"confdir={p.ca_cert.parent}",
            "--set", f"ssl_verify_upstream_trusted_ca={pki.ca_pem}",

@@ -12,10 +12,10 @@ import time
 
 from hypothesis import assume, given, settings, strategies as st
 
-from addons import inject, placeholders
-from addons.inject import Context
-from addons.scrub import Scrubber
-from addons.streams import StreamRewriter
+from sealgate import inject, placeholders
+from sealgate.inject import Context
+from sealgate.scrub import Scrubber
+from sealgate.streams import StreamRewriter
 from upstream import RawUpstream, header, raw_response
 from wire import read_all, tunnel
 

@@ -1,0 +1,54 @@
+"""Proxy authentication: which session a request belongs to, or why none.
+
+The session credential comes in `Proxy-Authorization` (Basic, `session id:credential`): once
+per CONNECT tunnel, or on every plain-http request. The header is removed either way, so a
+credential is never forwarded upstream nor kept in a flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mitmproxy import http
+
+from . import inject, sessions
+from .errors import Refusal
+from .flowstate import FlowStates
+from .store import SecretStore, StoreError
+
+HINT = "use the proxy_url of `sealgate session issue`"
+
+
+class Authenticator:
+    def __init__(self, store: Callable[[], SecretStore], states: FlowStates) -> None:
+        self.store, self.states = store, states
+
+    def tunnel(self, flow: http.HTTPFlow) -> sessions.Session | Refusal:
+        """A CONNECT: the session its credentials name, remembered for the whole tunnel."""
+        found = self._from_header(flow)
+        if isinstance(found, sessions.Session):
+            self.states.tunnels[flow.client_conn] = found
+        return found
+
+    def request(self, flow: http.HTTPFlow) -> sessions.Session | Refusal:
+        """A request: in a tunnel, the tunnel's session while it lives; else its own credentials."""
+        session = self.states.tunnels.get(flow.client_conn)
+        if session is None:
+            return self._from_header(flow)
+        flow.request.headers.pop("Proxy-Authorization", None)  # never forward a credential
+        if session.expired():
+            return Refusal("proxy_auth_required", f"this session has expired; {HINT}")
+        return session
+
+    def _from_header(self, flow: http.HTTPFlow) -> sessions.Session | Refusal:
+        header = flow.request.headers.pop("Proxy-Authorization", "")
+        decoded = inject.decode_basic(header) or b""
+        session_id, _, credential = decoded.decode("utf-8", "replace").partition(":")
+        try:
+            session = sessions.authenticate(self.store(), session_id, credential)
+        except StoreError as e:
+            return Refusal("store_unavailable", f"cannot check the proxy credentials: {e}")
+        if session is None:
+            why = "no proxy credentials were sent" if not header else "the proxy credentials are invalid or expired"
+            return Refusal("proxy_auth_required", f"{why}; {HINT}")
+        return session

@@ -1,0 +1,135 @@
+"""Every place sealgate reaches into mitmproxy's private parts, and a start-up self-test.
+
+Checked against mitmproxy 12.0 to 12.3 (pyproject pins 12.x). Each touch exists because no
+public hook does the job; each is named below with why. `problems()` checks that every
+one of them is still there, and `sealgate run` refuses to start when one is not: a missing
+internal must never turn into a silent pass-through.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+CHECKED_VERSIONS = "12.0-12.3"
+
+
+class InternalsMissing(RuntimeError):
+    """A private part of mitmproxy sealgate relies on is not there (another mitmproxy version)."""
+
+
+def problems() -> list[str]:
+    """What is missing from the installed mitmproxy, as sentences (empty: all present)."""
+    from mitmproxy import connection, version
+    from mitmproxy.addons import proxyserver
+    from mitmproxy.proxy import server
+    from mitmproxy.proxy.layers import http as http_layer
+    from mitmproxy.proxy.layers import websocket as ws_layer
+
+    found: list[str] = []
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            found.append(what)
+
+    stream = getattr(http_layer, "HttpStream", None)
+    for name in ("state_stream_request_body", "state_stream_response_body"):
+        method = getattr(stream, name, None)
+        need(method is not None and "event" in inspect.signature(method).parameters,
+             f"mitmproxy.proxy.layers.http.HttpStream.{name}(event) (end of a streamed message)")
+    need("address" in getattr(connection.Server, "__dataclass_fields__", {}),
+         "mitmproxy.connection.Server.address (the dialled address)")
+    need(callable(getattr(getattr(ws_layer, "WebsocketConnection", None), "send2", None)),
+         "mitmproxy.proxy.layers.websocket.WebsocketConnection.send2 (WebSocket control frames)")
+    need("connections" in inspect.getsource(proxyserver.Proxyserver.__init__),
+         "mitmproxy.addons.proxyserver.Proxyserver.connections (cutting an upstream connection)")
+    handler = getattr(server, "ConnectionHandler", None)
+    need(handler is not None and callable(getattr(handler, "close_connection", None))
+         and "self.transports" in inspect.getsource(handler.__init__),
+         "mitmproxy.proxy.server.ConnectionHandler.transports and close_connection")
+    if found:
+        found.append(f"(sealgate was checked against mitmproxy {CHECKED_VERSIONS}; this is {version.VERSION})")
+    return found
+
+
+def require() -> None:
+    """Raise InternalsMissing naming what is missing, or return."""
+    if missing := problems():
+        raise InternalsMissing("this mitmproxy lacks what sealgate needs: " + "; ".join(missing))
+
+
+def end_of_message(chunk: bytes) -> bool:
+    """Whether mitmproxy called a stream callable for the end of the message; call it straight
+    from that callable (`streams.StreamFilter`), which mitmproxy called.
+
+    mitmproxy calls it with b"" at the end, and also for an empty HTTP/2 DATA frame in the
+    middle; only the `event` its caller handles tells them apart. Flushing early would let a
+    value split by an empty frame through, so without that event: refuse."""
+    if chunk:
+        return False
+    event = sys._getframe(2).f_locals.get("event")  # 0: here, 1: the stream callable, 2: mitmproxy
+    if event is None:
+        raise InternalsMissing("cannot tell the end of a streamed message from an empty frame")
+    return type(event).__name__.endswith("EndOfMessage")
+
+
+def set_dialled_address(server: Any, address: tuple[str, int]) -> None:
+    """Give a server connection its name back after the dial to the checked address.
+
+    mitmproxy matches connections to requests by name; its guard forbids changing the
+    address of an open connection, which this only undoes, hence object.__setattr__."""
+    object.__setattr__(server, "address", address)
+
+
+def wrap_websocket_send(rewrite: Callable[[Any, Any], Any]) -> None:
+    """Route every WebSocket frame mitmproxy sends through rewrite(connection, event).
+
+    mitmproxy relays control frames (ping, pong, close) without a hook; the one place they
+    all pass is its WebSocket connection's send method, wrapped here once per process."""
+    from mitmproxy.proxy.layers import websocket as ws_layer
+
+    cls = ws_layer.WebsocketConnection
+    original = getattr(cls.send2, "__wrapped__", cls.send2)
+
+    @functools.wraps(original)
+    def send2(self, event):
+        return original(self, rewrite(self.conn, event))
+
+    cls.send2 = send2
+
+
+def cut_server_connection(master: Any, client: Any, server: Any) -> None:
+    """Close an upstream connection at once, so nothing queued after this is written.
+
+    Used when a refused placeholder is found in a request body that is already streaming:
+    the upstream must never see a complete request."""
+    proxy = master.addons.get("proxyserver")
+    handler = proxy.connections.get(client.id) if proxy else None
+    if handler is None or server not in handler.transports:
+        raise InternalsMissing("cannot cut the upstream connection")
+    handler.transports[server].writer.close()
+    handler.close_connection(server)
+
+
+def keep_only_addons(master: Any, allowed: Iterable[str]) -> list[str]:
+    """Remove every addon whose class is not allowed, with its commands, before any ran.
+
+    The names of the removed classes are returned (for the dashboard's start-up line)."""
+    allowed = set(allowed)
+    removed = [a for a in master.addons.chain if type(a).__name__ not in allowed]
+    master.addons.chain = [a for a in master.addons.chain if a not in removed]
+    for name in [n for n, a in master.addons.lookup.items() if a in removed]:
+        del master.addons.lookup[name]
+    for name, command in list(master.commands.commands.items()):
+        if getattr(command.func, "__self__", None) in removed:
+            del master.commands.commands[name]
+    return [type(a).__name__ for a in removed]
+
+
+def put_addon_first(master: Any, addon: Any) -> None:
+    """Add addon at the head of the chain, so it sees every event (and refuses options) first."""
+    master.addons.add(addon)
+    master.addons.chain.insert(0, master.addons.chain.pop())

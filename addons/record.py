@@ -1,0 +1,115 @@
+"""The one exit: every decision is answered, logged, counted and audited here.
+
+A refusal leaves by `Recorder.refuse`, whatever found it (proxy authentication, the egress
+check at CONNECT, the decision, an unreadable body, an internal error): the worker gets
+sealgate's own answer (a problem+json response, or a closed connection where the head has
+gone), and the log line, `sealgate_blocks_total{code}` and the audit row follow in the same
+call. Everything written is built from the flow's `Summary`, taken before anything was
+filled, never from a filled request.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+from mitmproxy import ctx, http
+
+from . import internals, sessions
+from .errors import Refusal
+from .flowstate import FlowStates, Summary
+from .metrics import Metrics
+from .store import AuditRecord, SecretStore, StoreError
+
+log = logging.getLogger("sealgate")
+
+
+class Answer(enum.Enum):
+    """How a refused flow is answered."""
+
+    RESPOND = "respond"  # a problem+json response; nothing was sent upstream
+    CUT = "cut"  # part of a streamed body has gone: cut the upstream connection, close the worker's
+    CLOSE_WEBSOCKET = "close_websocket"  # a refusal message, then close code 1008
+    KILL = "kill"  # close the connection
+
+
+class Recorder:
+    def __init__(self, store: Callable[[], SecretStore], metrics: Metrics, states: FlowStates) -> None:
+        self.store, self.metrics, self.states = store, metrics, states
+
+    def refuse(self, flow: http.HTTPFlow, refusal: Refusal, answer: Answer = Answer.RESPOND) -> None:
+        """Answer the flow with the refusal, then log, count and audit it."""
+        flow.metadata["sealgate.refusal"] = str(refusal)
+        status = refusal.status
+        if answer is Answer.RESPOND:
+            flow.response = http.Response.make(refusal.status, refusal.problem_json(), refusal.headers())
+        else:
+            status = 0
+            if answer is Answer.CUT:
+                internals.cut_server_connection(ctx.master, flow.client_conn, flow.server_conn)
+            elif answer is Answer.CLOSE_WEBSOCKET and flow.websocket is not None:
+                ctx.master.commands.call("inject.websocket", flow, True, refusal.problem_json(), True)
+                flow.websocket.close_code, flow.websocket.close_reason = 1008, refusal.code
+            if flow.killable:
+                flow.kill()
+        self.metrics.blocks.labels(refusal.code).inc()
+        self._write(flow, refusal, (), status)
+
+    def allowed(self, flow: http.HTTPFlow, names: tuple[str, ...]) -> None:
+        """A request may go, filled: log, count and audit it (its status comes later)."""
+        if names:
+            self.metrics.injections.inc()
+        row_id = self._write(flow, None, names, None)
+        if (state := self.states.get(flow)) is not None and row_id is not None:
+            state.audit_id = row_id
+
+    def answered(self, flow: http.HTTPFlow, status: int) -> None:
+        """The status the worker got for an allowed request (0: the connection was closed)."""
+        state = self.states.get(flow)
+        if state is None or state.audit_id is None:
+            return
+        row_id, state.audit_id = state.audit_id, None
+        try:
+            self.store().set_audit_status(row_id, status)
+        except StoreError as e:
+            self._audit_failed(e)
+
+    def _write(self, flow: http.HTTPFlow, refusal: Refusal | None, names: tuple[str, ...],
+               status: int | None) -> int | None:
+        state = self.states.get(flow)
+        session = self.states.session_of(flow)
+        # no state: refused before the flow was taken on (407, CONNECT), so nothing was filled
+        summary = state.summary if state else Summary.of(flow.request)
+        record = AuditRecord(
+            at=time.time(), **_who(session), client=_client(flow), secrets=names, method=summary.method,
+            origin=summary.origin, path=summary.path, decision="block" if refusal else "allow",
+            code=refusal.code if refusal else None, status=status,
+        )
+        log.info(
+            "sealgate decision=%s code=%s session=%s principal=%s runchat=%s secrets=%s method=%s origin=%s path=%s",
+            record.decision, record.code or "-", record.session or "-", record.principal or "-",
+            record.runchat or "-", ",".join(names) or "-", record.method, record.origin, record.path,
+        )
+        try:
+            return self.store().add_audit(record)
+        except StoreError as e:
+            self._audit_failed(e)
+            return None
+
+    def _audit_failed(self, e: StoreError) -> None:
+        self.metrics.audit_failures.inc()
+        log.error("sealgate: %s", e)
+
+
+def _who(session: sessions.Session | None) -> dict[str, str]:
+    if session is None:
+        return {"session": "", "runchat": "", "instance": "", "principal": ""}
+    r = session.record
+    return {"session": r.id, "runchat": r.runchat, "instance": r.instance, "principal": r.principal}
+
+
+def _client(flow: http.HTTPFlow) -> str:
+    peer = flow.client_conn.peername
+    return f"{peer[0]}:{peer[1]}" if peer else ""

@@ -1,0 +1,224 @@
+"""Release: find the placeholders of a request, ask `decision.decide`, and fill the request.
+
+The only caller of `decide`, for every place a placeholder can travel: URL, headers, Basic
+auth and a buffered body; a streamed body chunk by chunk; trailers; WebSocket messages.
+A refusal is returned (or, inside a stream, raised as `Refused`) for the one exit in
+`record` to apply; what it fills is learnt by the session's scrubber first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mitmproxy import http, websocket
+
+from . import bodies, decision, inject, origins, placeholders
+from .errors import Refusal
+from .flowstate import Fields, FlowState, Sent
+from .inject import Context
+from .placeholders import Found
+from .scrubbing import Scrubbers
+from .store import SecretStore, StoreError
+from .streams import StreamRewriter
+
+REQUEST_BODY_LIMIT = 64 * 1024 * 1024  # decoded bytes scanned for placeholders
+
+
+class Refused(Exception):
+    """A refusal found where it cannot be returned (inside a stream callable)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
+
+
+class Releaser:
+    def __init__(self, store: Callable[[], SecretStore], scrubbers: Scrubbers,
+                 allowed: Callable[[http.HTTPFlow, tuple[str, ...]], None]) -> None:
+        self.store, self.scrubbers, self.allowed = store, scrubbers, allowed
+
+    def request(self, flow: http.HTTPFlow, state: FlowState, *, with_body: bool) -> Refusal | None:
+        """URL, headers, trailers and (with_body) the buffered body: fill them all, or refuse."""
+        try:
+            scan = Scan.of(flow.request, with_body=with_body)
+        except bodies.BodyError as e:
+            return Refusal("unreadable_body", str(e))
+        if not scan.found:
+            return None
+        result = self._decide(flow, state, scan.placeholders)
+        if isinstance(result, Refusal):
+            return result
+        req = flow.request
+        state.sent = Sent(req.data.path, req.headers.fields, req.raw_content)
+        self.scrubbers.learn(state, result, scan.apply(req, result.values))
+        return None
+
+    def stream_body(self, flow: http.HTTPFlow, state: FlowState) -> StreamRewriter:
+        """A rewriter that fills a streamed body as it flows; it raises Refused for a refused placeholder."""
+        content_type = flow.request.headers.get("content-type", "")
+        filled: dict[str, bytes] = {}
+        context: list[Context] = []  # decided by the first bytes that are not white space
+
+        def find(buf: bytes):
+            if not context and buf.strip():
+                context.append(inject.body_context(content_type, buf.lstrip()))
+            for f in placeholders.find(buf):
+                text = f.placeholder.text
+                if text not in filled:
+                    result = self._decide(flow, state, (f.placeholder,))
+                    if isinstance(result, Refusal):
+                        raise Refused(result)
+                    self.scrubbers.learn(state, result, [])
+                    filled[text] = inject.escape(result.values[text], context[0])
+                yield f.start, f.end, filled[text]
+
+        return StreamRewriter(find, lambda: placeholders.MAX_LEN)
+
+    def trailers(self, flow: http.HTTPFlow, state: FlowState) -> Refusal | None:
+        """Trailers of a streamed request go out after the request hook: fill or refuse them."""
+        trailers = flow.request.trailers
+        found = find_in_fields(trailers.fields) if trailers else {}
+        if not found:
+            return None
+        result = self._decide(flow, state, distinct([f for fs in found.values() for f in fs]))
+        if isinstance(result, Refusal):
+            return result
+        self.scrubbers.learn(state, result, [])
+        trailers.fields = fill_fields(trailers.fields, found, result.values)
+        return None
+
+    def websocket_message(self, flow: http.HTTPFlow, state: FlowState, message: websocket.WebSocketMessage,
+                          ) -> Refusal | None:
+        found = placeholders.find(message.content)
+        if not found:
+            return None
+        result = self._decide(flow, state, distinct(found))
+        if isinstance(result, Refusal):
+            return result
+        self.scrubbers.learn(state, result, [])
+        message.content = inject.substitute(message.content, found, result.values,
+                                            inject.body_context("", message.content))
+        return None
+
+    def _decide(self, flow: http.HTTPFlow, state: FlowState, found: tuple[placeholders.Placeholder, ...],
+                ) -> decision.Allow | Refusal:
+        session = state.session
+        if session.expired():
+            return Refusal("proxy_auth_required", "this session has expired; nothing more is filled")
+        result = decision.decide(facts(flow, found), session, self._lookup(session.principal))
+        if isinstance(result, decision.Block):
+            return result.refusal
+        self.allowed(flow, result.secret_names)
+        return result
+
+    def _lookup(self, principal: str) -> decision.SecretLookup:
+        def lookup(names: set[str]):
+            try:
+                return self.store().secrets_for(principal, names)
+            except StoreError as e:
+                raise decision.LookupFailed(str(e)) from None
+        return lookup
+
+
+@dataclass
+class Scan:
+    """Where placeholders sit in a request: URL, header values, Basic auth, trailers, body."""
+
+    path: list[Found]
+    headers: dict[int, list[Found]]
+    basic: dict[int, tuple[bytes, list[Found]]]
+    trailers: dict[int, list[Found]]
+    body: bytes | None
+    body_found: list[Found]
+
+    @classmethod
+    def of(cls, req: http.Request, *, with_body: bool) -> Scan:
+        headers = find_in_fields(req.headers.fields)
+        basic = {
+            i: b for i, (name, value) in enumerate(req.headers.fields)
+            if i not in headers and name.lower() == b"authorization"
+            and (b := inject.find_in_basic(value.decode("latin-1"))) is not None
+        }
+        body: bytes | None = None
+        body_found: list[Found] = []
+        if with_body and req.raw_content:
+            body = bodies.decode(req.raw_content, req.headers.get("content-encoding", ""), REQUEST_BODY_LIMIT)
+            body_found = placeholders.find(body)
+        trailers = find_in_fields(req.trailers.fields) if req.trailers else {}
+        return cls(placeholders.find(req.data.path), headers, basic, trailers, body, body_found)
+
+    @property
+    def found(self) -> list[Found]:
+        out = self.path + self.body_found
+        for f in [*self.headers.values(), *self.trailers.values()]:
+            out += f
+        for _, f in self.basic.values():
+            out += f
+        return out
+
+    @property
+    def placeholders(self) -> tuple[placeholders.Placeholder, ...]:
+        return distinct(self.found)
+
+    def apply(self, req: http.Request, values: dict[str, str]) -> list[tuple[bytes, bytes]]:
+        """Fill the request; return the forms this produced that only exist because of it."""
+        produced: list[tuple[bytes, bytes]] = []
+        if self.path:
+            req.data.path = inject.substitute(req.data.path, self.path, values, Context.URL)
+        if self.trailers and req.trailers:
+            req.trailers.fields = fill_fields(req.trailers.fields, self.trailers, values)
+        if self.headers or self.basic:
+            fields = list(fill_fields(req.headers.fields, self.headers, values))
+            for i, (decoded, found) in self.basic.items():
+                filled = inject.encode_basic(inject.substitute(decoded, found, values, Context.RAW)).encode()
+                produced.append((filled[6:], fields[i][1].split(b" ", 1)[-1].strip()))
+                fields[i] = (fields[i][0], filled)
+            req.headers.fields = tuple(fields)
+        if self.body_found and self.body is not None:
+            ctx_ = inject.body_context(req.headers.get("content-type", ""), self.body)
+            # Forward the filled body decoded: a compressed copy would be one more derived form of the value.
+            req.headers.pop("content-encoding", None)
+            req.content = inject.substitute(self.body, self.body_found, values, ctx_)
+        return produced
+
+
+def distinct(found: list[Found]) -> tuple[placeholders.Placeholder, ...]:
+    return tuple(dict.fromkeys(f.placeholder for f in found))
+
+
+def find_in_fields(fields: Fields) -> dict[int, list[Found]]:
+    """Placeholders in header (or trailer) values, by field index."""
+    return {i: f for i, (_, value) in enumerate(fields) if (f := placeholders.find(value))}
+
+
+def fill_fields(fields: Fields, found: dict[int, list[Found]], values: dict[str, str]) -> Fields:
+    out = list(fields)
+    for i, f in found.items():
+        out[i] = (out[i][0], inject.substitute(out[i][1], f, values, Context.HEADER))
+    return tuple(out)
+
+
+def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...]) -> decision.RequestFacts:
+    """What `decide` needs to know about a flow: the destination as dialled and what the client claimed."""
+    req = flow.request
+    try:
+        host = origins.normalise_host(req.host)
+    except origins.OriginError:
+        host = req.host.lower()
+    hosts = tuple(req.headers.get_all("host"))
+    if req.authority:
+        hosts += (req.authority,)
+    server = flow.server_conn
+    tls_error = None
+    if req.scheme == "https":
+        if server.error:
+            tls_error = server.error
+        elif server.connected and not server.tls_established:
+            tls_error = "the TLS handshake did not complete"
+    return decision.RequestFacts(
+        destination=decision.Destination(req.scheme, host, req.port),
+        host_headers=hosts,
+        sni=flow.client_conn.sni if flow.client_conn.tls else None,
+        upstream_tls_error=tls_error,
+        placeholders=found,
+    )

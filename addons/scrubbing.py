@@ -1,0 +1,179 @@
+"""The response side: every byte an upstream sends back is scrubbed before the worker sees it.
+
+`Scrubbers` keeps one `Scrubber` per session, knowing every value of its principal (a value
+stored at an allowed origin by one run comes back scrubbed in any other, and after a
+restart) and every form sealgate derived from one; it reloads when the principal's secrets
+change, never forgetting an old value. The functions below apply it to response heads,
+buffered and streamed bodies, trailers, WebSocket messages and control frames, and raw TCP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mitmproxy import connection, http
+
+from . import bodies, decision, inject, internals, placeholders, sessions
+from .errors import Refusal
+from .flowstate import Fields, FlowState
+from .scrub import Scrubber
+from .store import SecretStore
+from .streams import StreamFilter
+
+RESPONSE_BODY_LIMIT = 256 * 1024 * 1024  # decoded bytes scrubbed of values
+STREAM_OVER = 1024 * 1024  # identity bodies larger than this (or of unknown length) stream through
+SCRUBBER_GRACE = 3600  # seconds a session's scrubber outlives the session, for slow responses
+
+
+@dataclass
+class _Entry:
+    expires_at: float
+    scrubber: Scrubber
+    signature: tuple = ()  # of the principal's secrets when last loaded
+    data_version: int | None = None  # of the store when the signature was last checked
+
+
+class Scrubbers:
+    def __init__(self, store: Callable[[], SecretStore]) -> None:
+        self.store = store
+        self.sessions: dict[str, _Entry] = {}  # by session id
+        self.logs = Scrubber()  # every value ever loaded, kept out of every log line
+
+    def for_session(self, session: sessions.Session) -> Scrubber:
+        """The session's scrubber, up to date with its principal's secrets. StoreError if unreadable.
+
+        Flows hold their own reference, so pruning an expired session never strands one."""
+        store = self.store()
+        entry = self.sessions.get(session.id)
+        if entry is None:
+            now = time.time()
+            for sid in [sid for sid, e in self.sessions.items() if e.expires_at + SCRUBBER_GRACE < now]:
+                del self.sessions[sid]
+            entry = self.sessions[session.id] = _Entry(session.record.expires_at, Scrubber())
+        version = store.data_version()
+        if entry.data_version == version:
+            return entry.scrubber  # nothing was written to the store since the last look
+        signature = store.secrets_signature(session.principal)
+        if entry.signature != signature:
+            self._add(entry.scrubber, [
+                pair
+                for name, secret in store.secrets_for(session.principal).items()
+                for pair in inject.derived_forms(secret.value, session.placeholder(name))
+            ])
+            entry.signature = signature
+        entry.data_version = version  # only once loaded: a failure is tried again, and refused again
+        return entry.scrubber
+
+    def learn(self, state: FlowState, result: decision.Allow, produced: list[tuple[bytes, bytes]]) -> None:
+        """Scrub every form of values just filled into a flow: what the session's scrubber does not know
+        yet (a secret added since it loaded, a Basic header this request produced)."""
+        state.injected = state.injected or bool(result.secret_names)
+        scrubber = state.scrubber
+        self._add(scrubber, produced + [
+            pair
+            for text, value in result.values.items()
+            if value.encode() not in scrubber and placeholders.find(text.encode())[0].placeholder.name in result.secret_names
+            for pair in inject.derived_forms(value, text)
+        ])
+
+    def for_connection(self, client: connection.Connection, tunnels) -> Scrubber | None:
+        """The scrubber of the session a client connection belongs to, if any."""
+        session = tunnels.get(client) if isinstance(client, connection.Client) else None
+        entry = self.sessions.get(session.id) if session else None
+        return entry.scrubber if entry else None
+
+    def log_filter(self, record: logging.LogRecord) -> bool:
+        """Whatever any addon logs, no known value reaches the log."""
+        if self.logs:
+            record.msg, record.args = self.logs.scrub_text(record.getMessage()), None
+            if record.exc_info:
+                record.exc_text = self.logs.scrub_text(logging.Formatter().formatException(record.exc_info))
+                record.exc_info = None
+        return True
+
+    def _add(self, scrubber: Scrubber, pairs: list[tuple[bytes, bytes]]) -> None:
+        if pairs:
+            scrubber.add(pairs)
+            self.logs.add(pairs)
+
+
+def response_head(flow: http.HTTPFlow, state: FlowState) -> None:
+    """Before the head goes out: scrub it now if the body is to stream (SSE, chunked, large)."""
+    resp = flow.response
+    assert resp is not None
+    has_body = flow.request.method != "HEAD" and resp.status_code >= 200 and resp.status_code not in (204, 304)
+    if has_body and streams(resp.headers, unknown_length=True):
+        scrub_head(state.scrubber, resp)
+        resp.stream = StreamFilter(state.scrubber.stream(), internals.end_of_message)
+        reframe(resp, chunked=flow.request.http_version.startswith("HTTP/1"))
+    elif resp.stream:
+        resp.stream = False  # someone asked to stream an encoded body: buffer it, so it can be scrubbed
+
+
+def response(flow: http.HTTPFlow, state: FlowState) -> Refusal | None:
+    """The whole response: head, trailers and a buffered body, decoded to be checked."""
+    resp = flow.response
+    assert resp is not None
+    scrubber = state.scrubber
+    if not scrubber:
+        return None
+    scrub_head(scrubber, resp)
+    if resp.trailers:
+        resp.trailers.fields = scrub_fields(scrubber, resp.trailers.fields)
+    if resp.raw_content and not resp.stream:
+        try:
+            body = bodies.decode(resp.raw_content, resp.headers.get("content-encoding", ""), RESPONSE_BODY_LIMIT)
+        except bodies.BodyError as e:
+            return Refusal("unscrubbable_response", f"the upstream response cannot be checked: {e}")
+        scrubbed = scrubber.scrub(body)
+        if scrubbed != body:
+            resp.headers.pop("content-encoding", None)  # send it decoded: no re-encoded copy to reason about
+            resp.content = scrubbed
+    return None
+
+
+def websocket_control_frame(scrubber: Scrubber | None, event):
+    """A ping/pong payload or close reason on its way to a worker, scrubbed (within the frame's limits)."""
+    from wsproto.events import CloseConnection, Ping, Pong
+
+    if scrubber and isinstance(event, (Ping, Pong)):
+        payload = scrubber.scrub(bytes(event.payload))
+        return type(event)(payload=payload if len(payload) <= 125 else b"")
+    if scrubber and isinstance(event, CloseConnection) and event.reason:
+        reason = scrubber.scrub_text(event.reason)
+        return CloseConnection(code=event.code, reason=reason if len(reason.encode()) <= 123 else "")
+    return event
+
+
+def scrub_head(scrubber: Scrubber, resp: http.Response) -> None:
+    resp.headers.fields = scrub_fields(scrubber, resp.headers.fields)
+    resp.reason = scrubber.scrub_text(resp.reason)
+
+
+def scrub_fields(scrubber: Scrubber, fields: Fields) -> Fields:
+    return tuple((scrubber.scrub(k), scrubber.scrub(v)) for k, v in fields)
+
+
+def streams(headers: http.Headers, *, unknown_length: bool) -> bool:
+    """True for an identity body that is large, or of unknown length (chunked, SSE, until close).
+
+    unknown_length says whether a message without Content-Length has a body of unknown
+    length (a response) or, unless chunked, none at all (an HTTP/1 request).
+    """
+    if bodies.codings(headers.get("content-encoding", "")) not in ([], ["identity"]):
+        return False
+    length = headers.get("content-length")
+    if length is None:
+        return unknown_length or "chunked" in headers.get("transfer-encoding", "").lower()
+    return not length.isdigit() or int(length) > STREAM_OVER
+
+
+def reframe(message: http.Message, chunked: bool) -> None:
+    """A body that is filled or scrubbed as it streams changes length: frame it by chunks (HTTP/1)."""
+    if "content-length" in message.headers:
+        del message.headers["content-length"]
+    if chunked and "chunked" not in message.headers.get("transfer-encoding", "").lower():
+        message.headers["transfer-encoding"] = "chunked"
