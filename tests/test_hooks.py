@@ -1,0 +1,258 @@
+"""The addon's hooks in-process (mitmproxy's taddons and tflow): no sockets, no processes.
+
+Each test drives the hooks in the order mitmproxy calls them and checks what the flow
+carries afterwards (what would go upstream, what the worker would get), what the audit
+trail and the metrics say, and that no value is in any of them where it must not be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow
+
+from sealgate import decision, origins, release, sessions
+from sealgate.addon import Sealgate
+from sealgate.errors import Refusal
+from sealgate.scrubbing import SCRUBBER_GRACE, Scrubbers
+from sealgate.store import SecretStore, SessionRecord
+
+
+@pytest.fixture
+def world(tmp_path, user, value):
+    """A store with K (allowed to https://api.example) for user, a session of theirs, and the addon."""
+    store = SecretStore(tmp_path)
+    store.add_secret(user, "K", value, [origins.parse("https://api.example")])
+    issued = sessions.issue(store, access="signed-in", runchat="rc", instance="in", user=user, author=None,
+                            ttl_seconds=600)
+    addon = Sealgate()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, sealgate_data_dir=str(tmp_path))
+        yield addon, store, issued
+
+
+def credential(issued: sessions.Issued) -> str:
+    return "Basic " + base64.b64encode(f"{issued.session.id}:{issued.credential}".encode()).decode()
+
+
+def flow_to(url: str, issued: sessions.Issued | None, *, method: str = "GET", headers: dict | None = None,
+            content: bytes = b"") -> http.HTTPFlow:
+    f = tflow.tflow()
+    f.request = http.Request.make(method, url, content, headers or {})
+    if issued is not None:
+        f.request.headers["Proxy-Authorization"] = credential(issued)
+    return f
+
+
+def through_request(addon: Sealgate, f: http.HTTPFlow) -> http.HTTPFlow:
+    """requestheaders, then request (if still live): what mitmproxy would send upstream is f.request."""
+    async def go():
+        await addon.requestheaders(f)
+        if f.response is None and not f.request.stream:
+            await addon.request(f)
+    asyncio.run(go())
+    return f
+
+
+def blocks(addon: Sealgate, code: str) -> float:
+    for line in addon.metrics.render().splitlines():
+        if line.startswith(f'sealgate_blocks_total{{code="{code}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def assert_refused(f: http.HTTPFlow, code: str) -> dict:
+    assert f.response is not None and f.response.headers["X-Sealgate-Error"] == code
+    problem = json.loads(f.response.content)
+    assert problem["code"] == code
+    return problem
+
+
+# --- the request path ----------------------------------------------------------------------------
+
+def test_header_is_filled_for_the_allowed_origin_and_audited_in_placeholder_form(world, value):
+    addon, store, issued = world
+    ph = issued.env["K"]
+    f = through_request(addon, flow_to(f"https://api.example/v1/{ph}?q={ph}", issued, headers={"X-Key": ph}))
+    assert f.response is None
+    assert f.request.headers["X-Key"] == value and value in f.request.path  # what goes upstream
+    assert "Proxy-Authorization" not in f.request.headers
+    [row] = store.audit(user=issued.session.principal)
+    assert (row.decision, row.secrets, row.path) == ("allow", ("K",), f"/v1/{ph}")  # placeholder form, no query
+    f.response = http.Response.make(200, f"echo {value}".encode(), {"X-Echo": value})
+    addon.responseheaders(f)
+    addon.response(f)
+    assert f.request.headers["X-Key"] == ph  # the flow keeps the placeholder form once the request has gone
+    assert f.response.content == f"echo {ph}".encode() and f.response.headers["X-Echo"] == ph
+    assert store.audit(user=issued.session.principal)[0].status == 200
+
+
+def test_placeholder_to_another_origin_is_refused_and_recorded(world, value):
+    addon, store, issued = world
+    f = through_request(addon, flow_to("https://evil.example/", issued, headers={"X-Key": issued.env["K"]}))
+    problem = assert_refused(f, "origin_not_allowed")
+    assert "K may not go to https://evil.example" in problem["detail"]
+    assert value not in f.request.headers["X-Key"]
+    [row] = store.audit(user=issued.session.principal)
+    assert (row.decision, row.code, row.status) == ("block", "origin_not_allowed", 403)
+    assert blocks(addon, "origin_not_allowed") == 1
+
+
+def test_streamed_body_with_placeholder_in_the_path_is_audited_in_placeholder_form(world, value):
+    """The audit row of a request whose head is filled before the body streams holds no value."""
+    addon, store, issued = world
+    ph = issued.env["K"]
+    f = flow_to(f"https://api.example/bot{ph}/send", issued, method="POST",
+                headers={"Transfer-Encoding": "chunked"})
+    through_request(addon, f)
+    assert callable(f.request.stream) and value in f.request.path
+    f.request.stream(f"k={ph}".encode())
+    rows = store.audit(user=issued.session.principal)
+    assert rows and all(value not in json.dumps(r.__dict__) for r in rows)
+    assert {r.path for r in rows} == {f"/bot{ph}/send"}
+
+
+# --- every refusal leaves by one exit: answered, logged, counted, audited ------------------------
+
+def test_a_407_is_audited_and_counted(world):
+    addon, store, issued = world
+    f = through_request(addon, flow_to("https://api.example/", None))
+    assert f.response.status_code == 407 and f.response.headers["Proxy-Authenticate"]
+    assert blocks(addon, "proxy_auth_required") == 1
+    [row] = store.audit()
+    assert (row.decision, row.code, row.session, row.status) == ("block", "proxy_auth_required", "", 407)
+    assert row.client == "127.0.0.1:22"
+
+
+def test_a_bad_credential_at_connect_is_audited_and_counted(world):
+    addon, store, issued = world
+    f = tflow.tflow()
+    f.request = http.Request.make("CONNECT", "https://api.example:443/")
+    f.request.headers["Proxy-Authorization"] = "Basic " + base64.b64encode(b"nosuchsession:guess").decode()
+    addon.http_connect(f)
+    assert_refused(f, "proxy_auth_required")
+    assert "guess" not in f.response.text
+    assert [r.code for r in store.audit()] == ["proxy_auth_required"]
+    assert blocks(addon, "proxy_auth_required") == 1
+
+
+def test_a_connect_to_a_blocked_address_is_audited_and_counted(world):
+    addon, store, issued = world
+    f = tflow.tflow()
+    f.request = http.Request.make("CONNECT", "https://127.0.0.3:443/")
+    f.request.headers["Proxy-Authorization"] = credential(issued)
+    addon.http_connect(f)
+    assert f.response is None
+    from mitmproxy.proxy import server_hooks
+    f.server_conn.address = ("127.0.0.3", 443)
+    f.server_conn.error = None
+    f.server_conn.state = f.server_conn.state.__class__.CLOSED
+    asyncio.run(addon.server_connect(server_hooks.ServerConnectionHookData(f.server_conn, f.client_conn)))
+    assert f.server_conn.error.startswith("destination_blocked")
+    addon.http_connect_error(f)
+    assert_refused(f, "destination_blocked")
+    [row] = store.audit(user=issued.session.principal)
+    assert (row.code, row.session, row.origin) == ("destination_blocked", issued.session.id, "https://127.0.0.3")
+    assert blocks(addon, "destination_blocked") == 1
+
+
+def test_a_refused_body_is_audited_and_counted(world):
+    addon, store, issued = world
+    f = flow_to("https://api.example/", issued, method="POST", headers={"Content-Encoding": "gzip"})
+    f.request.raw_content = b"not gzip"
+    through_request(addon, f)
+    assert_refused(f, "unreadable_body")
+    assert [r.code for r in store.audit()] == ["unreadable_body"]
+    assert blocks(addon, "unreadable_body") == 1
+
+
+def test_an_exception_while_deciding_blocks_the_request_and_is_recorded(world, monkeypatch, value):
+    addon, store, issued = world
+    ph = issued.env["K"]
+
+    def boom(*args):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(decision, "decide", boom)
+    f = through_request(addon, flow_to("https://api.example/", issued, headers={"X-Key": ph}))
+    assert f.response.status_code == 500 and f.response.headers["X-Sealgate-Error"] == "internal_error"
+    assert f.request.headers["X-Key"] == ph  # nothing filled, nothing sent
+    assert [r.code for r in store.audit()] == ["internal_error"]
+    assert blocks(addon, "internal_error") == 1
+
+
+def test_websocket_message_after_the_session_expired_is_not_filled(world, value):
+    addon, store, issued = world
+    f = tflow.twebsocketflow()
+    f.request = http.Request.make("GET", "https://api.example/ws")
+    f.request.headers["Proxy-Authorization"] = credential(issued)
+    asyncio.run(addon.requestheaders(f))
+    state = addon.states.get(f)
+    expired = sessions.Session(SessionRecord(**{**issued.session.record.__dict__, "expires_at": time.time() - 1}))
+    state.session = expired
+    f.websocket.messages.append(tflow.websocket.WebSocketMessage(1, True, issued.env["K"].encode()))
+    addon.websocket_message(f)  # (closing with a message needs a live connection: the flow is killed instead)
+    assert value.encode() not in f.websocket.messages[-1].content
+    assert f.error is not None and store.audit()[0].decision == "block"
+
+
+# --- collaborators -------------------------------------------------------------------------------
+
+def test_scrubber_survives_session_pruning(monkeypatch, tmp_path):
+    """A slow response of an expired session is still scrubbed after another session prunes it."""
+    from sealgate import scrubbing
+
+    store = SecretStore(tmp_path)
+    scrubbers = Scrubbers(lambda: store)
+    now = time.time()
+    old = sessions.Session(SessionRecord("a" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now - 100, now - 50))
+    new = sessions.Session(SessionRecord("b" * 16, "", b"k" * 32, "signed-in", "r", "i", "u", now, now + 600))
+    kept = scrubbers.for_session(old)
+    kept.add([(b"sk-the-old-value", b"PLACEHOLDER")])
+    monkeypatch.setattr(scrubbing.time, "time", lambda: now + SCRUBBER_GRACE + 10)
+    scrubbers.for_session(new)
+    assert old.id not in scrubbers.sessions  # pruned from the table, but the flow's reference still scrubs
+    assert kept.scrub(b"late echo: sk-the-old-value") == b"late echo: PLACEHOLDER"
+
+
+def test_plain_http_is_resolved_once(monkeypatch):
+    """The address checked in the request hook is the one dialled: no second lookup."""
+    import socket
+
+    from mitmproxy import connection
+    from mitmproxy.proxy import server_hooks
+
+    from sealgate.dial import Dialer
+    from sealgate.egress import EgressPolicy
+
+    calls = []
+
+    async def getaddrinfo(host, port, **kw):
+        calls.append(host)
+        ip = "93.184.215.14" if len(calls) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+
+    async def go():
+        asyncio.get_running_loop().getaddrinfo = getaddrinfo
+        dialer = Dialer(EgressPolicy())
+        client = connection.Client(peername=("127.0.0.1", 5555), sockname=("127.0.0.1", 8080))
+        assert await dialer.check_ahead(client, "plain.example", 80) is None
+        server = connection.Server(address=("plain.example", 80))
+        await dialer.server_connect(server_hooks.ServerConnectionHookData(server=server, client=client))
+        return server
+    server = asyncio.run(go())
+    assert calls == ["plain.example"] and server.address == ("93.184.215.14", 80)
+
+
+def test_decide_is_called_from_release_only():
+    import pathlib
+
+    import sealgate
+    callers = [p.name for p in pathlib.Path(sealgate.__file__).parent.glob("*.py")
+               if "decision.decide(" in p.read_text()]
+    assert callers == ["release.py"]
+    assert release.Releaser and Refusal
