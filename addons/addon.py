@@ -27,11 +27,12 @@ from . import internals, origins, scrubbing
 from .auth import Authenticator
 from .dial import Dialer
 from .egress import EgressPolicy, parse_cidrs
-from .errors import Refusal
+from .errors import Refusal, error_page
 from .flowstate import FlowStates
 from .metrics import Metrics
 from .record import Answer, Recorder
 from .release import Refused, Releaser
+from .scrub import Scrubber
 from .scrubbing import Scrubbers
 from .sessions import Session
 from .store import SecretStore, StoreError
@@ -116,8 +117,10 @@ class Sealgate:
         for handler in logging.getLogger().handlers:
             handler.addFilter(self.scrubbers.log_filter)
         internals.wrap_websocket_send(
-            lambda conn, event: scrubbing.websocket_control_frame(
-                self.scrubbers.for_connection(conn, self.states.tunnels), event))
+            lambda conn, event: scrubbing.websocket_control_frame(self._connection_scrubber(conn), event))
+        internals.replace_error_pages(lambda status: (error_page(status).problem_json(), error_page(status).headers()))
+        internals.skip_informational_responses()
+        internals.drop_http1_trailers()
 
     def done(self) -> None:
         for handler in logging.getLogger().handlers:
@@ -164,6 +167,9 @@ class Sealgate:
             return self.recorder.refuse(flow, Refusal("store_unavailable", f"cannot read this session's secrets: {e}"))
         state = self.states.start(flow, found, scrubber)
         flow.metadata["sealgate"] = _who(found)
+        if scrubber:  # slices of a stored value, each too short to scrub, could be joined again
+            flow.request.headers.pop("Range", None)
+            flow.request.headers.pop("If-Range", None)
         if scrubbing.streams(flow.request.headers, unknown_length=False):
             # The head goes out when this hook returns: check URL and headers now, the body as it flows.
             if await self._release(flow, with_body=False):
@@ -226,20 +232,21 @@ class Sealgate:
             self.recorder.refuse(flow, refusal)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        """A failed flow: the worker gets sealgate's error page (internals.replace_error_pages), and
+        the error text, which may quote what the upstream sent, is replaced for logs and the dashboard."""
         self.states.restore_request(flow)
         state = self.states.get(flow)
         if state is None:
             return
         self.recorder.answered(flow, 0)
-        message = flow.error.msg if flow.error else ""
-        # mitmproxy answers a failed flow with an error page quoting what went wrong, which
-        # may quote what the upstream sent back: after an injection, send nothing at all.
-        if flow.killable and (state.injected or state.scrubber.scrub_text(message) != message):
-            log.warning("sealgate: closed %s after an upstream error; the error text is withheld",
-                        origins.serialise(flow.request.scheme, flow.request.host, flow.request.port))
-            flow.kill()
+        if flow.error is not None and flow.error.msg != flow.error.KILLED_MESSAGE:
+            flow.error.msg = "the upstream failed or sent something that is not valid HTTP (details withheld)"
 
     # after an upgrade -----------------------------------------------------------------------
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        if (state := self.states.get(flow)) is not None:
+            self.states.websockets[flow.client_conn] = state.session  # control frames find it, ws:// too
 
     @_fail_closed
     def websocket_message(self, flow: http.HTTPFlow) -> None:
@@ -247,20 +254,25 @@ class Sealgate:
         if state is None or flow.websocket is None:
             return
         message = flow.websocket.messages[-1]
-        if not message.from_client:
-            message.content = state.scrubber.scrub(message.content)
+        if not message.from_client:  # with the principal's values as they are now, not when it opened
+            message.content = self.scrubbers.for_session(state.session).scrub(message.content)
         elif (refusal := self.releaser.websocket_message(flow, state, message)) is not None:
             message.drop()
             self.recorder.refuse(flow, refusal, Answer.CLOSE_WEBSOCKET)
 
     @_fail_closed
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
-        scrubber = self.scrubbers.for_connection(flow.client_conn, self.states.tunnels)
+        scrubber = self._connection_scrubber(flow.client_conn)
         message = flow.messages[-1]
         if scrubber and not message.from_client:
             message.content = scrubber.scrub(message.content)
 
     # ------------------------------------------------------------------------------------------
+
+    def _connection_scrubber(self, conn) -> Scrubber | None:
+        """The current scrubber of the session a client connection (a WebSocket's, a tunnel's) belongs to."""
+        session = self.states.websockets.get(conn) or self.states.tunnels.get(conn)
+        return self.scrubbers.for_session(session) if session else None
 
     def _store(self) -> SecretStore:
         if self.store is None:

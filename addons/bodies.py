@@ -28,6 +28,12 @@ def codings(content_encoding: str) -> list[str]:
     return [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
 
 
+def transfer_codings(transfer_encoding: str) -> str:
+    """Transfer codings other than chunked (which mitmproxy undoes), or '': sealgate decodes none of
+    them, so a message that has one cannot be checked."""
+    return ", ".join(c for c in codings(transfer_encoding) if c != "chunked")
+
+
 def decode(raw: bytes, content_encoding: str, limit: int) -> bytes:
     """raw with every listed coding undone (last applied, first undone), at most limit bytes."""
     data = raw
@@ -46,6 +52,8 @@ def decode(raw: bytes, content_encoding: str, limit: int) -> bytes:
 
 
 def _zlib(data: bytes, limit: int, wbits: int) -> bytes:
+    """Every member (gzip allows several); bytes after the end are an error, never passed over:
+    what is checked must be all that is forwarded."""
     out = bytearray()
     while data:
         d = zlib.decompressobj(wbits)
@@ -56,9 +64,9 @@ def _zlib(data: bytes, limit: int, wbits: int) -> bytes:
             raise BodyError(f"the decoded body is larger than {limit} bytes")
         if not d.eof:
             raise BodyError("the compressed body is truncated")
-        data = d.unused_data  # gzip allows several members
-        if wbits != 16 + zlib.MAX_WBITS:
-            break
+        data = d.unused_data
+        if data and wbits != 16 + zlib.MAX_WBITS:
+            raise BodyError(f"{len(data)} bytes follow the end of the compressed body")
     return bytes(out)
 
 
@@ -80,17 +88,21 @@ def _brotli(data: bytes, limit: int) -> bytes:
         raise BodyError(
             f"the decoded body is larger than {limit} bytes" if len(out) > limit else "the compressed body is truncated"
         )
-    return out
+    return out  # brotli refuses bytes after the end itself
 
 
 def _zstd(data: bytes, limit: int) -> bytes:
-    d = zstd.ZstdDecompressor()
-    out = d.decompress(data, max_length=limit + 1)
-    if len(out) > limit:
-        raise BodyError(f"the decoded body is larger than {limit} bytes")
-    if not d.eof:
-        raise BodyError("the compressed body is truncated")
-    return out
+    """Every frame: a second frame is content too."""
+    out = bytearray()
+    while data:
+        d = zstd.ZstdDecompressor()
+        out += d.decompress(data, max_length=limit + 1 - len(out))
+        if len(out) > limit:
+            raise BodyError(f"the decoded body is larger than {limit} bytes")
+        if not d.eof:
+            raise BodyError("the compressed body is truncated")
+        data = d.unused_data
+    return bytes(out)
 
 
 _DECODERS = {

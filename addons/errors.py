@@ -26,7 +26,20 @@ CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "sealgate could not check this request"),
     "unscrubbable_response": (502, "Response cannot be checked for secret values"),
     "store_unavailable": (503, "Secret store unavailable"),
+    "bad_request": (400, "The request could not be read"),
+    "upstream_failed": (502, "The upstream failed; what it sent is not shown"),
+    "upstream_timeout": (504, "The upstream did not answer in time"),
 }
+
+
+def error_page(status: int) -> Refusal:
+    """sealgate's answer where mitmproxy would send its own error page, which may quote what the
+    upstream sent (a malformed status line, say): this quotes nothing."""
+    if status < 500:
+        return Refusal("bad_request", "the request could not be read as HTTP")
+    if status == 504:
+        return Refusal("upstream_timeout", "the upstream did not answer in time")
+    return Refusal("upstream_failed", "the upstream connection failed or sent something that is not valid HTTP")
 
 
 @dataclass(frozen=True)

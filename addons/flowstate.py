@@ -52,11 +52,12 @@ class FlowState:
 
 
 class FlowStates:
-    """sealgate's state per flow and per client connection (a CONNECT tunnel's session)."""
+    """sealgate's state per flow and per client connection (a CONNECT tunnel's or a WebSocket's session)."""
 
     def __init__(self) -> None:
         self.flows: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()
         self.tunnels: weakref.WeakKeyDictionary[connection.Client, sessions.Session] = weakref.WeakKeyDictionary()
+        self.websockets: weakref.WeakKeyDictionary[connection.Client, sessions.Session] = weakref.WeakKeyDictionary()
 
     def get(self, flow: http.HTTPFlow) -> FlowState | None:
         return self.flows.get(flow)

@@ -50,6 +50,14 @@ def problems() -> list[str]:
     need(handler is not None and callable(getattr(handler, "close_connection", None))
          and "self.transports" in inspect.getsource(handler.__init__),
          "mitmproxy.proxy.server.ConnectionHandler.transports and close_connection")
+    from mitmproxy.proxy.layers.http import _http1, _http2
+
+    need(callable(getattr(_http1, "make_error_response", None)) and callable(getattr(_http2, "format_error", None)),
+         "mitmproxy.proxy.layers.http._http1.make_error_response and _http2.format_error (error pages)")
+    need(callable(getattr(getattr(_http1, "Http1Client", None), "read_headers", None)),
+         "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers (informational responses)")
+    need(callable(getattr(_http1, "make_body_reader", None)),
+         "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 trailers)")
     if found:
         found.append(f"(sealgate was checked against mitmproxy {CHECKED_VERSIONS}; this is {version.VERSION})")
     return found
@@ -133,3 +141,76 @@ def put_addon_first(master: Any, addon: Any) -> None:
     """Add addon at the head of the chain, so it sees every event (and refuses options) first."""
     master.addons.add(addon)
     master.addons.chain.insert(0, master.addons.chain.pop())
+
+
+def replace_error_pages(page: Callable[[int], tuple[bytes, dict[str, str]]]) -> None:
+    """Answer with page(status) (body, headers) wherever mitmproxy would send its own error page.
+
+    mitmproxy's page quotes the error, which can quote what the upstream sent (a malformed
+    status line, Python- and HTML-escaped: a value inside is recoverable). HTTP/2 keeps
+    mitmproxy's content type (text/html); the body is page's all the same."""
+    from mitmproxy import http
+    from mitmproxy.net.http import http1
+    from mitmproxy.proxy.layers.http import _http1, _http2
+
+    def make_error_response(status_code: int, message: str = "") -> bytes:
+        body, headers = page(status_code)
+        return http1.assemble_response(http.Response.make(status_code, body, {**headers, "Connection": "close"}))
+
+    _http1.make_error_response = make_error_response
+    _http2.format_error = lambda status_code, message: page(status_code)[0]
+
+
+def skip_informational_responses() -> None:
+    """Drop 1xx responses (other than 101) an HTTP/1 upstream sends before its final one.
+
+    mitmproxy 12 takes a `103 Early Hints` for the final response and the client then waits
+    for a body that never comes; dropping them delivers the final response (HTTP allows a
+    proxy to drop informational responses)."""
+    from mitmproxy.proxy import events
+    from mitmproxy.proxy.layers.http import _http1
+
+    cls = _http1.Http1Client
+    original = getattr(cls.read_headers, "__wrapped__", cls.read_headers)
+
+    @functools.wraps(original)
+    def read_headers(self, event):
+        if isinstance(event, events.DataReceived):
+            while _starts_with_informational_head(bytes(self.buf)):
+                self.buf.maybe_extract_lines()
+        return (yield from original(self, event))
+
+    cls.read_headers = read_headers
+
+
+def _starts_with_informational_head(data: bytes) -> bool:
+    return (data.startswith(b"HTTP/1.") and data[9:10] == b"1" and data[9:12] != b"101"
+            and b"\r\n\r\n" in data)
+
+
+def drop_http1_trailers() -> None:
+    """Drop the trailers of HTTP/1 chunked bodies, in either direction.
+
+    mitmproxy 12 raises NotImplementedError on them, which closes the connection; HTTP lets a
+    proxy drop trailers, and nothing of them then goes anywhere, unchecked or unscrubbed."""
+    import h11
+    from mitmproxy.proxy.layers.http import _http1
+
+    original = getattr(_http1.make_body_reader, "__wrapped__", _http1.make_body_reader)
+
+    class WithoutTrailers:
+        def __init__(self, reader) -> None:
+            self.reader = reader
+
+        def __call__(self, buf):
+            event = self.reader(buf)
+            return h11.EndOfMessage() if isinstance(event, h11.EndOfMessage) and event.headers else event
+
+        def read_eof(self):
+            return self.reader.read_eof()
+
+    @functools.wraps(original)
+    def make_body_reader(expected_size):
+        return WithoutTrailers(original(expected_size))
+
+    _http1.make_body_reader = make_body_reader

@@ -39,6 +39,8 @@ class Releaser:
 
     def request(self, flow: http.HTTPFlow, state: FlowState, *, with_body: bool) -> Refusal | None:
         """URL, headers, trailers and (with_body) the buffered body: fill them all, or refuse."""
+        if other := bodies.transfer_codings(flow.request.headers.get("transfer-encoding", "")):
+            return Refusal("unreadable_body", f"Transfer-Encoding {other!r} is not supported (use chunked)")
         try:
             scan = Scan.of(flow.request, with_body=with_body)
         except bodies.BodyError as e:

@@ -79,12 +79,6 @@ class Scrubbers:
             for pair in inject.derived_forms(value, text)
         ])
 
-    def for_connection(self, client: connection.Connection, tunnels) -> Scrubber | None:
-        """The scrubber of the session a client connection belongs to, if any."""
-        session = tunnels.get(client) if isinstance(client, connection.Client) else None
-        entry = self.sessions.get(session.id) if session else None
-        return entry.scrubber if entry else None
-
     def log_filter(self, record: logging.LogRecord) -> bool:
         """Whatever any addon logs, no known value reaches the log."""
         if self.logs:
@@ -105,7 +99,9 @@ def response_head(flow: http.HTTPFlow, state: FlowState) -> None:
     resp = flow.response
     assert resp is not None
     has_body = flow.request.method != "HEAD" and resp.status_code >= 200 and resp.status_code not in (204, 304)
-    if has_body and streams(resp.headers, unknown_length=True):
+    if bodies.transfer_codings(resp.headers.get("transfer-encoding", "")):
+        resp.stream = False  # buffered, to be refused whole in `response`: nothing of it goes out
+    elif has_body and streams(resp.headers, unknown_length=True):
         scrub_head(state.scrubber, resp)
         resp.stream = StreamFilter(state.scrubber.stream(), internals.end_of_message)
         reframe(resp, chunked=flow.request.http_version.startswith("HTTP/1"))
@@ -123,16 +119,23 @@ def response(flow: http.HTTPFlow, state: FlowState) -> Refusal | None:
     scrub_head(scrubber, resp)
     if resp.trailers:
         resp.trailers.fields = scrub_fields(scrubber, resp.trailers.fields)
+    if other := bodies.transfer_codings(resp.headers.get("transfer-encoding", "")):
+        return Refusal("unscrubbable_response", f"the upstream used Transfer-Encoding {other!r}, which sealgate "
+                                                "does not decode")
     if resp.raw_content and not resp.stream:
+        encoding = resp.headers.get("content-encoding", "")
         try:
-            body = bodies.decode(resp.raw_content, resp.headers.get("content-encoding", ""), RESPONSE_BODY_LIMIT)
+            body = bodies.decode(resp.raw_content, encoding, RESPONSE_BODY_LIMIT)
         except bodies.BodyError as e:
             return Refusal("unscrubbable_response", f"the upstream response cannot be checked: {e}")
         scrubbed = scrubber.scrub(body)
-        if scrubbed != body:
-            resp.headers.pop("content-encoding", None)  # send it decoded: no re-encoded copy to reason about
+        if scrubbed != body or bodies.codings(encoding) not in ([], ["identity"]):
+            # forward exactly what was checked: decoded (an encoded copy can hide bytes, like a gzip file
+            # name, that decoding drops) and scrubbed; no re-encoded copy to reason about
+            resp.headers.pop("content-encoding", None)
             resp.content = scrubbed
     return None
+
 
 
 def websocket_control_frame(scrubber: Scrubber | None, event):

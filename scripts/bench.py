@@ -6,7 +6,10 @@ sealgate, (7) stock mitmdump carrying the sealgate addon.
 
 Rounds interleave the setups so that the machine's noise hits them alike; the report
 gives the median rate, the proxy's CPU per request, and ratios against plain mitmdump.
-Only loopback addresses are used. Usage: scripts/bench [--requests N] [--rounds R]
+With --baseline DIR (another checkout with its own .venv, e.g. a `git worktree` of an earlier
+commit), that checkout's `sealgate run` is measured beside this one's, for before/after ratios
+of a change to the request path. Only loopback addresses are used.
+Usage: scripts/bench [--requests N] [--rounds R] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", help="comma-separated words: measure only the setups whose name has one (and mitmdump)")
+    ap.add_argument("--baseline", type=Path, help="another checkout whose .venv/bin/sealgate to measure beside this one")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="sealgate-bench-") as d:  # holds a store, a key and a CA: removed after
@@ -97,7 +102,7 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
     url = up.url("/bench")
     value = f"sk-bench-{secrets.token_urlsafe(24)}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEALGATE_") and "PROXY" not in k.upper()}
-    sg_port, md_port, mds_port, web_sg_port, chain_port = (free_port() for _ in range(5))
+    sg_port, md_port, mds_port, web_sg_port, chain_port, base_port = (free_port() for _ in range(6))
     env.update(SEALGATE_DATA_DIR=str(tmp / "data"), SEALGATE_CERTS_DIR=str(tmp / "certs"),
                SEALGATE_LISTEN_PORT=str(sg_port), SEALGATE_UPSTREAM_CA=str(pki.ca_pem),
                SEALGATE_ALLOW_PRIVATE="127.0.0.1/32", SEALGATE_METRICS_PORT=str(free_port()))
@@ -129,8 +134,15 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
                           "--set", f"confdir={tmp / 'front-certs'}", "--set", f"ssl_verify_upstream_trusted_ca={ca}"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
+    ports = [sg_port, md_port, mds_port, web_sg_port, chain_port]
+    if args.baseline:
+        procs.append(subprocess.Popen(
+            [str(args.baseline / ".venv" / "bin" / "sealgate"), "run", "--no-web"], cwd=args.baseline,
+            env={**env, "SEALGATE_LISTEN_PORT": str(base_port), "SEALGATE_METRICS_PORT": str(free_port())},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        ports.append(base_port)
     try:
-        for port, proc in zip((sg_port, md_port, mds_port, web_sg_port, chain_port), procs, strict=True):
+        for port, proc in zip(ports, procs, strict=True):
             wait_listening(port, proc)
         front_ca = str(tmp / "front-certs" / "mitmproxy-ca-cert.pem")
         inject = {"Authorization": f"Bearer {ph}"}
@@ -148,6 +160,13 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
             Setup("mitmdump -s sealgate, injecting", f"http://{cred}@127.0.0.1:{mds_port}", ca, inject,
                   (procs[2].pid,)),
         ]
+        if args.baseline:
+            base_url = session["proxy_url"].rsplit(":", 1)[0] + f":{base_port}"
+            setups += [Setup("baseline sealgate run, no placeholder", base_url, ca, {}, (procs[5].pid,)),
+                       Setup("baseline sealgate run, injecting", base_url, ca, inject, (procs[5].pid,))]
+        if args.only:
+            words = [w.strip() for w in args.only.split(",") if w.strip()]
+            setups = [s for s in setups if s.name.startswith("mitmdump -q") or any(w in s.name for w in words)]
         rates: dict[str, list[float]] = {s.name: [] for s in setups}
         cpus: dict[str, list[float]] = {s.name: [] for s in setups}
         for r in range(args.rounds):
