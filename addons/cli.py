@@ -15,7 +15,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 
-from . import ca, origins, sessions, settings, validate
+from . import ca, logfmt, origins, sessions, settings, validate
 from .store import SecretStore, StoreError
 
 
@@ -140,8 +140,9 @@ def cmd_audit(args: argparse.Namespace) -> None:
         return
     for r in records:
         status = "-" if r.status is None else str(r.status)
-        print(f"{_iso(r.at)}\t{r.decision}\t{r.code or '-'}\t{status}\t{r.principal}\t{r.runchat}\t{r.instance}\t"
-              f"{','.join(r.secrets) or '-'}\t{r.method} {r.origin}{r.path}")
+        fields = (_iso(r.at), r.decision, r.code or "-", status, r.principal or "-", r.runchat or "-",
+                  r.instance or "-", ",".join(r.secrets) or "-", f"{r.method} {r.origin}{r.path}")
+        print("\t".join(logfmt.text(f) for f in fields))
 
 
 def _since(text: str) -> float:
@@ -161,9 +162,12 @@ def _iso(ts: float) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line like every other sealgate error."""
+    """argparse, with its errors as one line like every other sealgate error, and never echoing
+    an argument it did not expect: that is where a value pasted on the command line would be."""
 
     def error(self, message: str):  # type: ignore[override]
+        if message.startswith("unrecognized arguments"):
+            message = "unexpected arguments (not shown; a secret value is read from stdin, never from argv)"
         self.exit(2, f"sealgate: error: {message} (see `{self.prog} --help`)\n")
 
 

@@ -8,8 +8,10 @@ The key id is stored beside the ciphertext so keys can rotate.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -53,3 +55,15 @@ def open_envelope(keys: dict[str, bytes], owner: str, name: str, env: Envelope) 
         raise EnvelopeError(
             f"secret {name} of user {owner} failed authentication: its ciphertext was tampered with or moved"
         ) from None
+
+
+def row_seal(key: bytes, kind: str, fields: Sequence[object]) -> str:
+    """A MAC over the fields of a stored row that decide where, how or for whom a value may go
+    (a secret's owner, name and origins; a session's principal, expiry and placeholder key),
+    under a key derived from the master key: an edit made without the key does not verify."""
+    derived = hmac.new(key, b"sealgate-row-seal-v1", hashlib.sha256).digest()
+    return hmac.new(derived, json.dumps([kind, *fields]).encode(), hashlib.sha256).hexdigest()
+
+
+def seal_matches(key: bytes, kind: str, fields: Sequence[object], seal: str | None) -> bool:
+    return seal is not None and hmac.compare_digest(row_seal(key, kind, fields), seal)

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import idna
 
 DEFAULT_PORTS = {"https": 443, "http": 80}
-_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
-_DIGITS_OR_HEX = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
-_PORT = re.compile(r"^[0-9]{1,5}$")
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")  # each used with fullmatch
+_DIGITS_OR_HEX = re.compile(r"0x[0-9a-f]*|[0-9]+")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def is_port_text(text: str) -> bool:
     """ASCII digits naming a TCP port (str.isdigit would accept '²', which int() refuses)."""
-    return bool(_PORT.match(text)) and 0 < int(text) < 65536
+    return bool(_PORT.fullmatch(text)) and 0 < int(text) < 65536
 
 
 class OriginError(ValueError):
@@ -92,16 +92,16 @@ def normalise_host(host: str) -> str:
             raise OriginError(f"{host!r} is not a valid internationalised host name: {e}") from None
     h = h.lower()
     labels = h.split(".")
-    if all(_DIGITS_OR_HEX.match(label) for label in labels):
+    if all(_DIGITS_OR_HEX.fullmatch(label) for label in labels):
         try:
             return str(ipaddress.IPv4Address(h))
         except ValueError:
             raise OriginError(
                 f"{host!r} looks like an IPv4 address in a non-standard form; write it as a dotted quad"
             ) from None
-    if _DIGITS_OR_HEX.match(labels[-1]):
+    if _DIGITS_OR_HEX.fullmatch(labels[-1]):
         raise OriginError(f"{host!r} ends in a numeric label and is not a valid host name")
-    if len(h) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(h) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise OriginError(f"{host!r} is not a valid host name")
     for label in labels:
         if label.startswith("xn--"):

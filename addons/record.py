@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from mitmproxy import ctx, http
 
-from . import internals, sessions
+from . import internals, logfmt, sessions
 from .errors import Refusal
 from .flowstate import FlowStates, Summary
 from .metrics import Metrics
@@ -87,11 +87,11 @@ class Recorder:
             origin=summary.origin, path=summary.path, decision="block" if refusal else "allow",
             code=refusal.code if refusal else None, status=status,
         )
-        log.info(
-            "sealgate decision=%s code=%s session=%s principal=%s runchat=%s secrets=%s method=%s origin=%s path=%s",
-            record.decision, record.code or "-", record.session or "-", record.principal or "-",
-            record.runchat or "-", ",".join(names) or "-", record.method, record.origin, record.path,
-        )
+        log.info("sealgate " + " ".join(f"{k}={logfmt.field(v)}" for k, v in (
+            ("decision", record.decision), ("code", record.code or "-"), ("session", record.session or "-"),
+            ("principal", record.principal or "-"), ("runchat", record.runchat or "-"),
+            ("secrets", ",".join(names) or "-"), ("method", record.method), ("origin", record.origin),
+            ("path", record.path))))
         try:
             return self.store().add_audit(record)
         except StoreError as e:

@@ -60,8 +60,8 @@ def _readiness(sealgate: Sealgate, certs: Path):
             store = sealgate.store
             if store is None:
                 return "sealgate_data_dir is not set"
-            store.key  # noqa: B018 - the key must be loadable
-            store.secrets_signature("")  # and the store readable
+            store.check()  # the file is the one opened, and the key opens it
+            store.secrets_signature("")  # and its tables are readable
         except StoreError as e:
             return str(e)
         if not (certs / ca.CA_CERT).exists():

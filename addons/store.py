@@ -8,6 +8,7 @@ file (mode 0600) beside the database; it is created on first use.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import json
 import os
 import sqlite3
@@ -24,9 +25,10 @@ from .origins import parse as parse_origin
 
 DB_NAME = "sealgate.db"
 KEY_NAME = "master.key"
+KeyLoader = Callable[[], bytes]
 
 
-def _v1_tables(db: sqlite_utils.Database) -> None:
+def _v1_tables(db: sqlite_utils.Database, key: KeyLoader) -> None:
     """secrets, audit and sessions, as the first release made them (before versions were kept)."""
     db["secrets"].create(
         {"owner": str, "name": str, "key_id": str, "nonce": bytes, "ciphertext": bytes,
@@ -48,14 +50,65 @@ def _v1_tables(db: sqlite_utils.Database) -> None:
     )
 
 
-def _v2_audit_client(db: sqlite_utils.Database) -> None:
+def _v2_audit_client(db: sqlite_utils.Database, key: KeyLoader) -> None:
     """audit.client: the worker's address, for refusals that have no session (a bad credential)."""
     if "client" not in db["audit"].columns_dict:
         db["audit"].add_column("client", str)
 
 
+def _v3_row_seals(db: sqlite_utils.Database, key: KeyLoader) -> None:
+    """Seal every row's deciding fields under the master key, and keep a key check (the canary).
+
+    Rows written before this version are sealed here, once, after the key is shown to open
+    every secret: an old store needs its key to upgrade."""
+    for table in ("secrets", "sessions"):
+        if "seal" not in db[table].columns_dict:
+            db[table].add_column("seal", str)
+    db["meta"].create({"name": str, "key_id": str, "nonce": bytes, "ciphertext": bytes}, pk="name",
+                      if_not_exists=True)
+    secrets_rows = list(db.query("select * from secrets"))
+    session_rows = list(db.query("select * from sessions"))
+    if not secrets_rows and not session_rows:
+        return  # an empty store: the canary is written with the key, when it is made
+    k = key()
+    for row in secrets_rows:
+        crypto.open_envelope({crypto.key_id(k): k}, row["owner"], row["name"],
+                             crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
+        db.execute("update secrets set seal = ? where owner = ? and name = ?",
+                   [_secret_seal(k, row), row["owner"], row["name"]])
+    for row in session_rows:
+        db.execute("update sessions set seal = ? where id = ?", [_session_seal(k, row), row["id"]])
+    _write_canary(db, k)
+
+
 # Schema migrations, in order: the store's version (PRAGMA user_version) is how many have run.
-MIGRATIONS = (_v1_tables, _v2_audit_client)
+MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals)
+CANARY = ("sealgate", "canary")  # the owner and name the key check is sealed under
+
+
+def _secret_fields(row: dict) -> list:
+    """What decides where a secret's value may go (and each field a later version adds)."""
+    return [row["owner"], row["name"], row["origins"], row["key_id"]]
+
+
+def _session_fields(row: dict) -> list:
+    """What decides for whom a session's placeholders resolve, and until when."""
+    return [row["id"], row["credential_hash"], bytes(row["mac_key"]).hex(), row["access"], row["runchat"],
+            row["instance"], row["principal"], row["created_at"], row["expires_at"]]
+
+
+def _secret_seal(key: bytes, row: dict) -> str:
+    return crypto.row_seal(key, "secret", _secret_fields(row))
+
+
+def _session_seal(key: bytes, row: dict) -> str:
+    return crypto.row_seal(key, "session", _session_fields(row))
+
+
+def _write_canary(db: sqlite_utils.Database, key: bytes) -> None:
+    env = crypto.seal(key, *CANARY, os.urandom(16).hex())
+    db["meta"].upsert({"name": "canary", "key_id": env.key_id, "nonce": env.nonce, "ciphertext": env.ciphertext},
+                      pk="name")
 
 
 class StoreError(Exception):
@@ -128,25 +181,35 @@ def _origins(stored: str) -> tuple[Origin, ...]:
     return tuple(parse_origin(o, allow_http=True) for o in json.loads(stored))
 
 
-def load_or_create_key(data_dir: Path) -> bytes:
-    """The master key, created (0600) on first use; refuses a key file others can read."""
-    path = data_dir / KEY_NAME
+def read_key(path: Path) -> bytes | None:
+    """The master key in path, or None if there is no such file; refuses a key others can read."""
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(crypto.KEY_BYTES).hex().encode() + b"\n")
         mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise StoreError(f"master key {path} is readable by others (mode {oct(mode & 0o777)}); run chmod 600 on it")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreError(f"master key {path} cannot be read: {e.__class__.__name__}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise StoreError(f"master key {path} is readable by others (mode {oct(mode & 0o777)}); run chmod 600 on it")
+    try:
         key = bytes.fromhex(path.read_text().strip())
-    except StoreError:
-        raise
     except (OSError, ValueError) as e:
         raise StoreError(f"master key {path} cannot be read: {e.__class__.__name__}") from None
     if len(key) != crypto.KEY_BYTES:
         raise StoreError(f"master key {path} is not a {crypto.KEY_BYTES}-byte key")
+    return key
+
+
+def create_key(path: Path) -> bytes:
+    """A new master key in path (0600); never over an existing file."""
+    key = os.urandom(crypto.KEY_BYTES)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.hex().encode() + b"\n")
+    except OSError as e:
+        raise StoreError(f"master key {path} cannot be created: {e.__class__.__name__}") from None
     return key
 
 
@@ -160,6 +223,7 @@ class SecretStore:
             db_path = self.data_dir / DB_NAME
             if not db_path.exists():
                 os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm its mode
+            self._inode = db_path.stat().st_ino  # a file replaced under a running proxy is noticed
             conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a crash of the process, fsyncs less
@@ -180,7 +244,7 @@ class SecretStore:
                 self.db.execute("BEGIN IMMEDIATE")
                 if self.db.execute("PRAGMA user_version").fetchone()[0] >= number:
                     continue  # another process ran it meanwhile
-                migration(self.db)
+                migration(self.db, self._existing_key)
                 self.db.execute(f"PRAGMA user_version = {number}")
 
     def schema_version(self) -> int:
@@ -188,9 +252,62 @@ class SecretStore:
 
     @property
     def key(self) -> bytes:
+        """The master key, shown to open this store; made only for a store that holds nothing sealed."""
         if self._key is None:
-            self._key = load_or_create_key(self.data_dir)
+            self._key = self._load_key()
         return self._key
+
+    def _existing_key(self) -> bytes:
+        """The key file's key; a store with sealed rows and no key is refused, never given a new one."""
+        path = self.data_dir / KEY_NAME
+        key = read_key(path)
+        if key is None:
+            raise StoreError(f"master key {path} is missing, and the store {self.data_dir / DB_NAME} holds sealed "
+                             "rows: restore the key file (a new key would leave them unreadable for good)")
+        return key
+
+    def _load_key(self) -> bytes:
+        canary = self.db.execute("select key_id, nonce, ciphertext from meta where name = 'canary'").fetchone()
+        sealed = self.db.execute("select (select count(*) from secrets) + (select count(*) from sessions)").fetchone()[0]
+        path = self.data_dir / KEY_NAME
+        if canary is None and not sealed and not path.exists():
+            key = create_key(path)  # an empty store: its first key
+        else:
+            key = self._existing_key()
+        if canary is None:
+            if self.db.execute("select count(*) from secrets").fetchone()[0]:
+                raise StoreError(f"store {self.data_dir / DB_NAME} has secrets but no key check: it was edited")
+            _write_canary(self.db, key)
+        else:
+            self._open_canary(key, canary)
+        return key
+
+    def _open_canary(self, key: bytes, canary: tuple) -> None:
+        try:
+            crypto.open_envelope({crypto.key_id(key): key}, *CANARY, crypto.Envelope(*canary))
+        except crypto.EnvelopeError:
+            raise StoreError(f"master key {self.data_dir / KEY_NAME} does not open the store "
+                             f"{self.data_dir / DB_NAME}: it is another store's key, or the store was edited") from None
+
+    def check(self) -> None:
+        """Raise StoreError unless the store file is the one opened and the key opens it (for /readyz)."""
+        self._check_file()
+        try:
+            canary = self.db.execute("select key_id, nonce, ciphertext from meta where name = 'canary'").fetchone()
+        except sqlite3.Error as e:
+            raise self._unreadable(e) from None
+        if canary is None:
+            raise StoreError(f"store {self.data_dir / DB_NAME} has no key check: it was edited or replaced")
+        self._open_canary(self.key, canary)
+
+    def _check_file(self) -> None:
+        path = self.data_dir / DB_NAME
+        try:
+            same = os.stat(path).st_ino == self._inode
+        except OSError:
+            same = False
+        if not same:
+            raise StoreError(f"store {path} was replaced or removed while sealgate ran; restart it")
 
     # secrets ------------------------------------------------------------------------
 
@@ -200,21 +317,21 @@ class SecretStore:
             raise StoreError(f"secret {name} of user {owner} exists already; use --replace to change its value")
         env = crypto.seal(self.key, owner, name, value)
         now = time.time()
-        self.db["secrets"].upsert(
-            {
-                "owner": owner, "name": name, "key_id": env.key_id, "nonce": env.nonce,
-                "ciphertext": env.ciphertext, "origins": json.dumps([str(o) for o in origins]),
-                "created_at": existing["created_at"] if existing else now, "updated_at": now,
-            },
-            pk=("owner", "name"),
-        )
+        row = {
+            "owner": owner, "name": name, "key_id": env.key_id, "nonce": env.nonce,
+            "ciphertext": env.ciphertext, "origins": json.dumps([str(o) for o in origins]),
+            "created_at": existing["created_at"] if existing else now, "updated_at": now,
+        }
+        self.db["secrets"].upsert({**row, "seal": _secret_seal(self.key, row)}, pk=("owner", "name"))
 
     def set_origins(self, owner: str, name: str, origins: list[Origin]) -> None:
-        if not self._row(owner, name):
+        row = self._row(owner, name)
+        if not row:
             raise StoreError(f"user {owner} has no secret named {name}")
-        self.db["secrets"].update(
-            (owner, name), {"origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
-        )
+        self._verified(row)
+        row = {**row, "origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
+        self.db["secrets"].update((owner, name), {"origins": row["origins"], "updated_at": row["updated_at"],
+                                                  "seal": _secret_seal(self.key, row)})
 
     def remove_secret(self, owner: str, name: str) -> None:
         if not self._row(owner, name):
@@ -226,7 +343,7 @@ class SecretStore:
             rows = self._query("select * from secrets where owner = ? order by name", [owner])
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
-        return [self._info(r) for r in rows]
+        return [self._info(self._verified(r)) for r in rows]
 
     def secrets_for(self, owner: str, names: set[str] | None = None) -> dict[str, Secret]:
         """Decrypt the named secrets of owner (all of them for None); a missing name is simply absent."""
@@ -242,7 +359,7 @@ class SecretStore:
             keys = {crypto.key_id(self.key): self.key}
             return {
                 r["name"]: Secret(
-                    self._info(r),
+                    self._info(self._verified(r)),
                     crypto.open_envelope(keys, owner, r["name"], crypto.Envelope(r["key_id"], r["nonce"], r["ciphertext"])),
                 )
                 for r in rows
@@ -253,7 +370,9 @@ class SecretStore:
             raise self._unreadable(e) from None
 
     def data_version(self) -> int:
-        """Changes when another connection (the CLI, another sidecar) commits: nearly free to read."""
+        """Changes when another connection (the CLI, another sidecar) commits: nearly free to read.
+        Also checks that the store file is still the one opened."""
+        self._check_file()
         try:
             return self.db.execute("PRAGMA data_version").fetchone()[0]
         except sqlite3.Error as e:
@@ -266,6 +385,13 @@ class SecretStore:
                 "select count(*), max(updated_at), total(rowid) from secrets where owner = ?", [owner]).fetchone())
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
+
+    def _verified(self, row: dict) -> dict:
+        """row, if its deciding fields carry the seal the master key gives them; else StoreError."""
+        if not crypto.seal_matches(self.key, "secret", _secret_fields(row), row.get("seal")):
+            raise StoreError(f"secret {row['name']} of user {row['owner']} was changed without the master key "
+                             "(its owner, name or origins do not match their seal); it is refused")
+        return row
 
     def _row(self, owner: str, name: str) -> dict | None:
         return next(iter(self._query("select * from secrets where owner = ? and name = ?", [owner, name])), None)
@@ -319,11 +445,16 @@ class SecretStore:
     # sessions -----------------------------------------------------------------------
 
     def add_session(self, record: SessionRecord) -> None:
-        self.db["sessions"].insert(record.__dict__)
+        self.db["sessions"].insert({**record.__dict__, "seal": _session_seal(self.key, record.__dict__)})
 
     def session(self, session_id: str) -> SessionRecord | None:
         try:
             row = next(iter(self._query("select * from sessions where id = ?", [session_id])), None)
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
-        return SessionRecord(**row) if row else None
+        if row is None:
+            return None
+        if not crypto.seal_matches(self.key, "session", _session_fields(row), row.get("seal")):
+            raise StoreError(f"session {session_id} was changed without the master key (its principal, expiry or "
+                             "placeholder key do not match their seal); it is refused")
+        return SessionRecord(**{k: v for k, v in row.items() if k != "seal"})

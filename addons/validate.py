@@ -1,4 +1,5 @@
-"""Checks on what users add: user ids, secret names and values (pure).
+"""Checks on what users add: user ids, secret names and values (pure). Patterns match in full
+(`fullmatch`: `$` would let a trailing newline through).
 
 Each check raises ValueError with a sentence that says what is wrong, never echoing a
 value.
@@ -14,25 +15,25 @@ from .placeholders import NAME_PATTERN
 GLOBAL_NAMES = ("RUNCHAT_ID", "INSTANCE_ID", "USER_ID")
 VALUE_MIN = 8
 VALUE_MAX = 16384
-_NAME = re.compile(rf"^{NAME_PATTERN}$")
-_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_NAME = re.compile(NAME_PATTERN)
+_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def user_id(text: str, what: str = "user id") -> str:
-    if not _USER.match(text):
+    if not _USER.fullmatch(text):
         raise ValueError(f"{what} {text!r} is invalid: use 1-128 of letters, digits and . _ @ + -")
     return text
 
 
 def run_id(text: str, what: str) -> str:
-    if not _RUN_ID.match(text):
+    if not _RUN_ID.fullmatch(text):
         raise ValueError(f"{what} {text!r} is invalid: use 1-128 of letters, digits and . _ : -")
     return text
 
 
 def secret_name(text: str) -> str:
-    if not _NAME.match(text):
+    if not _NAME.fullmatch(text):
         raise ValueError(
             f"secret name {text!r} is invalid: it must match [A-Za-z_][A-Za-z0-9_]* and be at most 64 characters"
         )

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from sealgate import crypto, decision, origins, placeholders, sessions
+from sealgate import crypto, decision, origins, placeholders, sessions, validate
 from sealgate.decision import Allow, Block, Destination, LookupFailed, RequestFacts
 from sealgate.egress import EgressPolicy, parse_cidrs
 from sealgate.store import SecretStore, StoreError
@@ -204,3 +204,46 @@ def test_idna_destination_matches_its_punycode_origin(session):
     assert isinstance(decide(session, f, secrets), Allow)
     f = facts(session, ["K"], dest="https://xn--bcher-kva.example.evil.test")
     assert decide(session, f, secrets).refusal.code == "origin_not_allowed"
+
+
+# --- ids match in full; what reaches a log line or a terminal is quoted and escaped ------------------
+
+@pytest.mark.parametrize("check, text", [
+    (lambda t: validate.user_id(t), "alice\n"),
+    (lambda t: validate.run_id(t, "runchat id"), "rc1\n"),
+    (lambda t: validate.secret_name(t), "RUNCHAT_ID\n"),
+    (lambda t: validate.secret_name(t), "KEY\n"),
+])
+def test_ids_with_a_trailing_newline_are_refused(check, text):
+    with pytest.raises(ValueError):
+        check(text)
+
+
+def test_port_text_matches_in_full():
+    from sealgate import origins
+    assert origins.is_port_text("443") and not origins.is_port_text("443\n")
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("/v1/things", "/v1/things"),
+    ("/a b decision=allow principal=bob", '"/a b decision=allow principal=bob"'),
+    ("/x\x1b]52;c;ZXZpbA==\x07", '"/x\\x1b]52;c;ZXZpbA\\=\\=\\x07"'.replace("\\=", "=")),
+    ('/q"uote\\', '"/q\\"uote\\\\"'),
+    ("", '""'),
+])
+def test_log_fields_are_quoted_and_escaped(raw, shown):
+    from sealgate import logfmt
+    assert logfmt.field(raw) == shown
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7f for c in logfmt.field(raw))
+    assert not any(ord(c) < 0x20 for c in logfmt.text(raw))
+
+
+def test_an_unexpected_argument_is_never_echoed(capsys, tmp_path, value):
+    from sealgate import cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["secret", "add", "--user", "u", "--name", "K", "--origins", "https://a.example", value],
+                 env={"SEALGATE_DATA_DIR": str(tmp_path)})
+    out = capsys.readouterr()
+    leaked = value in out.out + out.err
+    assert exit_.value.code == 2 and not leaked
+    assert out.err.startswith("sealgate: error: unexpected arguments (not shown")

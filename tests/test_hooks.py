@@ -256,3 +256,16 @@ def test_decide_is_called_from_release_only():
                if "decision.decide(" in p.read_text()]
     assert callers == ["release.py"]
     assert release.Releaser and Refusal
+
+
+def test_a_row_edited_without_the_key_fails_closed_at_the_proxy(world, tmp_path, value):
+    import sqlite3
+    addon, store, issued = world
+    con = sqlite3.connect(tmp_path / "sealgate.db")
+    con.execute("update secrets set origins = ?", [json.dumps(["https://evil.example"])])
+    con.commit()
+    con.close()
+    f = through_request(addon, flow_to("https://evil.example/", issued, headers={"X-Key": issued.env["K"]}))
+    problem = assert_refused(f, "store_unavailable")
+    assert "secret K" in problem["detail"] and "changed without the master key" in problem["detail"]
+    assert value not in f.request.headers["X-Key"]

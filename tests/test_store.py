@@ -63,3 +63,89 @@ def test_a_store_from_a_newer_sealgate_is_refused(tmp_path):
     con.close()
     with pytest.raises(StoreError, match="newer than this sealgate knows"):
         SecretStore(tmp_path)
+
+
+# --- a store that cannot be edited around the key, a key never silently replaced -------------------
+
+def _sql(data_dir, statement: str, params=()) -> None:
+    con = sqlite3.connect(data_dir / store.DB_NAME)
+    con.execute(statement, params)
+    con.commit()
+    con.close()
+
+
+@pytest.fixture
+def filled(tmp_path, user, value):
+    from sealgate import origins
+    s = SecretStore(tmp_path)
+    s.add_secret(user, "K", value, [origins.parse("https://api.example")])
+    return s
+
+
+def test_widening_origins_without_the_key_is_refused(filled, tmp_path, user):
+    _sql(tmp_path, "update secrets set origins = ?", [json.dumps(["https://evil.example"])])
+    fresh = SecretStore(tmp_path)
+    for read in (lambda: fresh.secrets_for(user), lambda: fresh.list_secrets(user)):
+        with pytest.raises(StoreError, match=f"secret K of user {user} was changed without the master key"):
+            read()
+
+
+def test_moving_a_secret_to_another_owner_without_the_key_is_refused(filled, tmp_path, user):
+    _sql(tmp_path, "update secrets set owner = 'mallory'")
+    with pytest.raises(StoreError, match="changed without the master key"):
+        SecretStore(tmp_path).secrets_for("mallory")
+
+
+def test_set_origins_reseals(filled, tmp_path, user, value):
+    from sealgate import origins
+    filled.set_origins(user, "K", [origins.parse("https://b.example")])
+    got = SecretStore(tmp_path).secrets_for(user)["K"]
+    assert got.value == value and [str(o) for o in got.origins] == ["https://b.example"]
+
+
+@pytest.mark.parametrize("column, new", [("principal", "mallory"), ("expires_at", 9e12), ("mac_key", b"k" * 32)])
+def test_editing_a_session_without_the_key_is_refused(filled, tmp_path, user, column, new):
+    from sealgate import sessions
+    issued = sessions.issue(filled, access="signed-in", runchat="r", instance="i", user=user, author=None,
+                            ttl_seconds=600)
+    _sql(tmp_path, f"update sessions set {column} = ?", [new])
+    with pytest.raises(StoreError, match=f"session {issued.session.id} was changed without the master key"):
+        SecretStore(tmp_path).session(issued.session.id)
+
+
+def test_a_missing_key_is_never_replaced_when_the_store_holds_secrets(filled, tmp_path):
+    (tmp_path / store.KEY_NAME).unlink()
+    with pytest.raises(StoreError, match="is missing, and the store .* holds sealed rows: restore the key"):
+        SecretStore(tmp_path).key  # noqa: B018
+    assert not (tmp_path / store.KEY_NAME).exists()
+
+
+def test_a_wrong_key_is_refused(filled, tmp_path):
+    (tmp_path / store.KEY_NAME).write_text(bytes(32).hex() + "\n")
+    with pytest.raises(StoreError, match="does not open the store"):
+        SecretStore(tmp_path).key  # noqa: B018
+
+
+def test_a_store_file_replaced_under_a_running_store_fails_closed(filled, tmp_path, user):
+    other = tmp_path / "other"
+    SecretStore(other)
+    filled.check()
+    (other / store.DB_NAME).replace(tmp_path / store.DB_NAME)
+    for call in (filled.check, filled.data_version):
+        with pytest.raises(StoreError, match="was replaced or removed while sealgate ran"):
+            call()
+
+
+def test_readiness_says_when_the_key_does_not_open_the_store(filled, tmp_path):
+    """/readyz checks that the key opens the store, not only that a key loads."""
+    from sealgate.runner import _readiness
+
+    class Addon:
+        store = SecretStore(tmp_path)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "mitmproxy-ca-cert.pem").write_text("x")
+    assert _readiness(Addon, certs)() is None
+    (tmp_path / store.KEY_NAME).write_text(bytes(32).hex() + "\n")
+    Addon.store = SecretStore(tmp_path)
+    assert "does not open the store" in _readiness(Addon, certs)()
