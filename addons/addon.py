@@ -31,7 +31,7 @@ from .errors import Refusal, error_page
 from .flowstate import FlowStates
 from .metrics import Metrics
 from .record import Answer, Recorder
-from .release import Refused, Releaser
+from .release import Refused, Releaser, encoded_body_refusal
 from .scrub import Scrubber
 from .scrubbing import Scrubbers
 from .sessions import Session
@@ -167,6 +167,8 @@ class Sealgate:
             return self.recorder.refuse(flow, Refusal("store_unavailable", f"cannot read this session's secrets: {e}"))
         state = self.states.start(flow, found, scrubber)
         flow.metadata["sealgate"] = _who(found)
+        if (refusal := encoded_body_refusal(flow.request.headers)) is not None:
+            return self.recorder.refuse(flow, refusal)
         if scrubber:  # slices of a stored value, each too short to scrub, could be joined again
             flow.request.headers.pop("Range", None)
             flow.request.headers.pop("If-Range", None)
@@ -268,6 +270,12 @@ class Sealgate:
             message.content = scrubber.scrub(message.content)
 
     # ------------------------------------------------------------------------------------------
+
+    def flow_scrubber(self, flow: http.HTTPFlow) -> Scrubber:
+        """The scrubber of the flow's own session (for the dashboard's copy): one principal's values,
+        so another principal's many values cost this flow nothing. A flow without a session carried none."""
+        state = self.states.get(flow)
+        return state.scrubber if state else Scrubber()
 
     def _connection_scrubber(self, conn) -> Scrubber | None:
         """The current scrubber of the session a client connection (a WebSocket's, a tunnel's) belongs to."""

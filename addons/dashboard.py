@@ -18,6 +18,7 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.io import tnetstring
 
+from . import bodies
 from .scrub import Scrubber
 
 log = logging.getLogger("sealgate")
@@ -30,8 +31,9 @@ def redacted(flow: http.HTTPFlow, scrub: Scrubber) -> http.HTTPFlow:
     """A copy of a finished flow fit for operators: placeholder form, scrubbed, no credentials.
 
     By the time a flow finishes, sealgate has put its request back in placeholder form and
-    scrubbed its response; this scrubs every field once more with every value the process
-    knows (WebSocket messages from the worker, for one, carry filled values)."""
+    scrubbed its response; this scrubs every field once more with the scrubber of the flow's
+    session (WebSocket messages from the worker, for one, carry filled values), and decodes
+    bodies here, within BODY_MAX, so the dashboard process never decodes anything."""
     f = http.HTTPFlow.from_state(flow.get_state())  # shares the bodies until they are replaced
     f.metadata = {k: v for k, v in f.metadata.items() if k in ("sealgate", "sealgate.refusal")}
     who = f.metadata.get("sealgate", {})
@@ -45,11 +47,16 @@ def redacted(flow: http.HTTPFlow, scrub: Scrubber) -> http.HTTPFlow:
         message.headers.fields = tuple((scrub.scrub(k), scrub.scrub(v)) for k, v in message.headers.fields)
         if message.trailers:
             message.trailers.fields = tuple((scrub.scrub(k), scrub.scrub(v)) for k, v in message.trailers.fields)
-        if message.raw_content and len(message.raw_content) > BODY_MAX:
-            message.headers.pop("content-encoding", None)
-            message.raw_content = f"[a body of {len(message.raw_content)} bytes, not mirrored]".encode()
-        elif message.raw_content:
-            message.raw_content = scrub.scrub(message.raw_content)
+        if message.raw_content:
+            # decoded here, within the bound, so the dashboard never decodes anything (a bomb included)
+            encoding = message.headers.pop("content-encoding", "")
+            try:
+                body = bodies.decode(message.raw_content, encoding, BODY_MAX)
+                if len(body) > BODY_MAX:
+                    raise bodies.BodyError("too large")
+            except bodies.BodyError:
+                body = f"[a body of {len(message.raw_content)} bytes ({encoding or 'identity'}), not mirrored]".encode()
+            message.raw_content = scrub.scrub(body)
     f.request.data.path = scrub.scrub(f.request.data.path)
     if f.response is not None:
         f.response.reason = scrub.scrub_text(f.response.reason)
@@ -70,7 +77,7 @@ def frame(flow: http.HTTPFlow) -> bytes:
 class Mirror:
     """Sends a redacted copy of every finished flow to the dashboard's socket."""
 
-    def __init__(self, socket_path: str, scrubber: Callable[[], Scrubber]) -> None:
+    def __init__(self, socket_path: str, scrubber: Callable[[http.HTTPFlow], Scrubber]) -> None:
         self.socket_path = socket_path
         self.scrubber = scrubber
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -99,7 +106,7 @@ class Mirror:
         if self.queued_bytes > QUEUE_BYTES:  # the dashboard is behind or gone: drop, before any work
             self.dropped += 1
             return
-        data = frame(redacted(flow, self.scrubber()))
+        data = frame(redacted(flow, self.scrubber(flow)))
         self.queued_bytes += len(data)
         self.queue.put_nowait(data)
 

@@ -31,8 +31,10 @@ log = logging.getLogger("sealgate.dashboard")
 # with its commands before it ever runs: whatever loads code, touches files or connects
 KEPT = ("TermLog", "Core", "Comment", "Proxyserver", "WebAddon", "WebAuth", "Intercept", "View", "EventStore",
         "ErrorCheck")
-# commands of the kept addons that read or write files
-REMOVED_COMMANDS = ("options.load", "options.save", "view.flows.load")
+# the commands the dashboard's API may run: viewing and marking flows; every other (options.reset,
+# options.load/save, inject.*, view.flows.load, ...) is removed, so nothing is applied before a check
+KEPT_COMMAND_PREFIXES = ("view.", "flow.", "eventstore.")  # and `set`, whose options the guard checks
+REFUSED_COMMANDS = ("view.flows.load",)
 # the only options the dashboard's API may change once it runs
 VIEWING = ("view_filter", "view_order", "view_order_reversed", "intercept", "intercept_active", "web_columns",
            "showhost", "content_view_lines_cutoff")
@@ -81,14 +83,20 @@ class MirrorReceiver:
             writer.close()
 
 
+def restrict(m) -> None:
+    """Keep only the allowlisted addons and commands, before any ran; the guard goes first."""
+    internals.keep_only_addons(m, KEPT)
+    for name in list(m.commands.commands):
+        if name in REFUSED_COMMANDS or not (name == "set" or name.startswith(KEPT_COMMAND_PREFIXES)):
+            del m.commands.commands[name]
+    internals.put_addon_first(m, MirrorReceiver())  # a refused option reaches no other addon
+
+
 async def serve(confdir: Path) -> None:
     from mitmproxy.tools.web.master import WebMaster
 
     m = WebMaster(options.Options(), with_termlog=True)
-    internals.keep_only_addons(m, KEPT)  # before they ever ran: nothing to end
-    for name in REMOVED_COMMANDS:
-        m.commands.commands.pop(name, None)
-    internals.put_addon_first(m, MirrorReceiver())  # a refused option reaches no other addon
+    restrict(m)
     config = yaml.safe_load((confdir / "config.yaml").read_text())
     m.options.update(confdir=str(confdir), **config)
     loop = asyncio.get_running_loop()

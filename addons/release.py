@@ -23,6 +23,7 @@ from .store import SecretStore, StoreError
 from .streams import StreamRewriter
 
 REQUEST_BODY_LIMIT = 64 * 1024 * 1024  # decoded bytes scanned for placeholders
+ENCODED_REQUEST_LIMIT = 16 * 1024 * 1024  # compressed bytes a request may bring (they are held whole to decode)
 
 
 class Refused(Exception):
@@ -120,6 +121,19 @@ class Releaser:
             except StoreError as e:
                 raise decision.LookupFailed(str(e)) from None
         return lookup
+
+
+def encoded_body_refusal(headers: http.Headers) -> Refusal | None:
+    """A compressed request body is held whole before it can be decoded: refuse a large one, or one of
+    unknown length, before any of it is read."""
+    if bodies.codings(headers.get("content-encoding", "")) in ([], ["identity"]):
+        return None
+    length = headers.get("content-length")
+    if length is None:
+        return Refusal("unreadable_body", "a compressed request body needs a Content-Length")
+    if not length.isdigit() or int(length) > ENCODED_REQUEST_LIMIT:
+        return Refusal("unreadable_body", f"a compressed request body may be at most {ENCODED_REQUEST_LIMIT} bytes")
+    return None
 
 
 @dataclass

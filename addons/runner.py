@@ -111,7 +111,7 @@ async def serve(settings: Settings) -> None:
         if settings.web_port is not None:
             dashboard, socket_path, password = start_dashboard(settings, Path(workdir))
             sealgate = m.addons.get("sealgate")
-            m.addons.add(Mirror(socket_path, lambda: sealgate.scrubbers.logs))
+            m.addons.add(Mirror(socket_path, sealgate.flow_scrubber))
             watcher = asyncio.get_running_loop().create_task(_watch(dashboard))
         try:
             await _run(m, settings, password if dashboard else None)

@@ -269,3 +269,49 @@ def test_a_row_edited_without_the_key_fails_closed_at_the_proxy(world, tmp_path,
     problem = assert_refused(f, "store_unavailable")
     assert "secret K" in problem["detail"] and "changed without the master key" in problem["detail"]
     assert value not in f.request.headers["X-Key"]
+
+
+@pytest.mark.parametrize("length", [str(200 * 1024 * 1024), None])
+def test_a_large_or_unbounded_compressed_body_is_refused_before_it_is_read(world, length):
+    addon, store, issued = world
+    headers = {"Content-Encoding": "gzip", **({"Content-Length": length} if length else {"Transfer-Encoding": "chunked"})}
+    f = flow_to("https://api.example/", issued, method="POST", headers=headers)
+    f.request.headers.pop("content-length", None)
+    if length is not None:
+        f.request.headers["content-length"] = length
+    asyncio.run(addon.requestheaders(f))  # the head only: nothing of the body has been read
+    assert_refused(f, "unreadable_body")
+
+
+# --- the dashboard's copy and what its API may run --------------------------------------------------
+
+def test_the_dashboard_copy_is_decoded_here_within_a_bound_and_scrubbed_with_the_flows_own_scrubber(value):
+    import gzip
+
+    from sealgate.dashboard import BODY_MAX, redacted
+    from sealgate.scrub import Scrubber
+
+    f = tflow.tflow(resp=True)
+    f.response.headers["Content-Encoding"] = "gzip"
+    f.response.raw_content = gzip.compress(b"\0" * (BODY_MAX * 4))  # a bomb: small, decodes past the bound
+    f.request.headers["Content-Encoding"] = "gzip"
+    f.request.raw_content = gzip.compress(f"k={value}".encode())
+    copy = redacted(f, Scrubber([(value.encode(), b"PLACEHOLDER")]))
+    assert "content-encoding" not in copy.response.headers and b"not mirrored" in copy.response.raw_content
+    assert copy.request.raw_content == b"k=PLACEHOLDER" and "content-encoding" not in copy.request.headers
+
+
+def test_the_dashboard_keeps_only_viewing_commands():
+    from sealgate import dashboard_web
+
+    async def go():
+        from mitmproxy.tools.web.master import WebMaster
+        m = WebMaster(__import__("mitmproxy.options").options.Options(), with_termlog=False)
+        dashboard_web.restrict(m)
+        return m
+    m = asyncio.run(go())
+    names = set(m.commands.commands)
+    assert {"options.reset", "options.reset.one", "options.load", "options.save", "view.flows.load", "script.run",
+            "replay.client", "inject.websocket", "save.file", "export.file"}.isdisjoint(names)
+    assert {"set", "view.clear", "flow.mark"} <= names
+    assert type(m.addons.chain[0]).__name__ == "MirrorReceiver"
