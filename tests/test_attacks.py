@@ -107,6 +107,7 @@ def test_unsupported_request_encoding_is_refused(coding, proxy, echo_raw, user, 
     assert echo_raw.received == []
 
 
+@pytest.mark.e2e  # the memory of the proxy process
 def test_decompression_bomb_is_refused_with_flat_memory(proxy, echo_raw, user):
     s = proxy.issue(user=user)
     target = f"127.0.0.1:{echo_raw.port}"

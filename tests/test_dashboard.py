@@ -17,6 +17,8 @@ import requests
 from conftest import curl, make_proxy
 from upstream import RawUpstream, header, raw_response
 
+pytestmark = pytest.mark.e2e  # the dashboard is a process of its own, started by `sealgate run`
+
 
 def slow_echo(head: bytes, body: bytes, sock) -> bytes:
     time.sleep(1.5)

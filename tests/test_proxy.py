@@ -395,17 +395,18 @@ def test_fail_closed_under_the_wrong_master_key(tmp_path, pki, make_upstream, us
     p.add_secret(user, "K", value, api.origin)
     s = p.issue(user=user)
     (p.data_dir / "master.key").write_text("ab" * 32 + "\n")  # a valid key, but not the one used
-    p.start()
-    try:
-        r = curl(s, api.url("/x"), "-H", f"X-Key: {s['env']['K']}")
-        assert_problem(r, 503, "store_unavailable", "K", "not loaded")
-        assert api.received == []
-    finally:
-        p.stop()
+    with pytest.raises(AssertionError, match="sealgate run exited"):
+        p.start()  # refused before it listens: nothing can be forwarded
+    p.stop()
+    assert "does not open the store" in p.log.read_text()
+    assert api.received == []
+    r = p.cli("secret", "add", "--user", user, "--name", "L", "--origins", api.origin, input=value + "-2", check=False)
+    assert r.returncode == 1 and "does not open the store" in r.stderr  # nor written under the wrong key
 
 
 # --- the same addon in a stock mitmdump ------------------------------------------------------
 
+@pytest.mark.e2e  # a stock mitmdump process
 def test_stock_mitmdump_script_keeps_values_out_of_flow_files_and_output(tmp_path, pki, make_upstream, user, value):
     """`mitmdump -s scripts/mitmdump_addon.py` with flow saving and full flow detail: the value reaches
     the upstream, and neither the flow file nor mitmdump's output holds it."""
@@ -492,15 +493,26 @@ def test_ipv6_origin(proxy, make_upstream, user, value):
     assert_clean(proxy, value, r.seen())
 
 
-def test_expired_session_gets_407(proxy, api, user, value):
+def test_expired_session_gets_407(proxy, api, user, value, monkeypatch):
     import time as _time
+
+    from sealgate import sessions
+    proxy.add_secret(user, "K", value, api.origin)
+    s = proxy.issue(user=user, ttl="60")
+    later = _time.time() + 61
+    monkeypatch.setattr(sessions.time, "time", lambda: later)  # the proxy runs in this process
+    r = curl(s, api.url("/x"), "-H", f"X-Key: {s['env']['K']}")
+    assert r.status == 407
+    assert not any(value.encode() in x.dump() for x in api.received)
+
+
+def test_a_session_whose_expiry_was_edited_without_the_key_is_refused(proxy, api, user, value):
     proxy.add_secret(user, "K", value, api.origin)
     s = proxy.issue(user=user, ttl="60")
     db = sqlite3.connect(proxy.data_dir / "sealgate.db")
-    sid = s["proxy_url"].split("//")[1].split(":")[0]
-    db.execute("update sessions set expires_at = ? where id = ?", (_time.time() - 1, sid))
+    db.execute("update sessions set expires_at = expires_at + 86400 where id = ?", (s["session_id"],))
     db.commit()
     db.close()
     r = curl(s, api.url("/x"), "-H", f"X-Key: {s['env']['K']}")
-    assert r.status == 407
+    assert r.status == 503 and r.headers["x-sealgate-error"] == "store_unavailable"
     assert not any(value.encode() in x.dump() for x in api.received)

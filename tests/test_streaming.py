@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from sealgate import inject, placeholders
@@ -108,6 +109,7 @@ def _rss_kib(pid: int) -> int:
     return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1])
 
 
+@pytest.mark.e2e  # the memory of the proxy process
 def test_one_gib_upload_streams_with_flat_memory(proxy, pki, user, value):
     up = RawUpstream(pki, lambda head, body, sock: raw_response(b"ok"), keep_bodies=False)
     proxy.add_secret(user, "K", value, up.origin)

@@ -1,0 +1,497 @@
+"""scrub: a value is found in any mixture of per-character encodings, in base64 at any
+alignment and in hex; nothing else is touched; streaming gives what scrubbing the whole does.
+
+Values are made by random.Random(seed) (hypothesis shows the seed, never a value), and
+asserts test precomputed booleans, so that no value reaches the test output.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import html.entities
+import json
+import os
+import random
+import re
+import secrets
+import string
+import unicodedata
+from urllib.parse import quote, quote_plus
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sealgate import placeholders
+from sealgate.scrub import LONG_VALUE, Scrubber
+
+KEY = os.urandom(32)
+SID = "abcdefghijklmnop"
+PH = placeholders.mint(KEY, SID, "API_KEY").encode()
+PH2 = placeholders.mint(KEY, SID, "OTHER").encode()
+SPECIAL = "\"\\/&<>'+ %=#;:?@!$*(),[]{}|^`~é€ß中😀𝔄"
+SEEDS = st.integers(0, 2**64)  # values come from random.Random(seed): a failure shows the seed only
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def new_value(n: int = 24, rng: random.Random | None = None) -> str:
+    """A fresh value full of characters that need escaping somewhere."""
+    rng = rng or secrets.SystemRandom()
+    return "sk-" + "".join(rng.choice(string.ascii_letters + string.digits + SPECIAL) for _ in range(n)) + "Z"
+
+
+def scrubber(*values: str) -> Scrubber:
+    s = Scrubber()
+    s.add_values((v, ph) for v, ph in zip(values, (PH, PH2, *(PH2,) * len(values))))
+    return s
+
+
+def reference(s: Scrubber, data: bytes) -> list[tuple[int, int, bytes]]:
+    """What `matches` must give: a scan of the whole with the one regex, no anchors."""
+    m = s._matcher
+    return [(x.start(), x.end(), s._replacements[x.lastindex]) for x in m.regex.finditer(data)] if m else []
+
+
+def run_stream(s: Scrubber, data: bytes, cuts: list[int]) -> bytes:
+    rewriter, out, pos = s.stream(), [], 0
+    for cut in sorted(c % (len(data) + 1) for c in cuts) + [len(data)]:
+        out.append(rewriter.feed(data[pos:cut]))
+        pos = cut
+    return b"".join(out) + rewriter.finish()
+
+
+# -- encoders ------------------------------------------------------------------------------
+
+
+def lower_hex(text: str) -> str:
+    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), text)
+
+
+def utf16(c: str) -> list[int]:
+    cp = ord(c)
+    return [cp] if cp < 0x10000 else [0xD800 + ((cp - 0x10000) >> 10), 0xDC00 + ((cp - 0x10000) & 0x3FF)]
+
+
+def json_u(v: str, upper: bool = False) -> str:
+    return "".join(("\\u%04X" if upper else "\\u%04x") % u for c in v for u in utf16(c))
+
+
+def html_dec(v: str, zeros: int = 0, semi: bool = True) -> str:
+    return "".join("&#" + "0" * zeros + str(ord(c)) + (";" if semi else "") for c in v)
+
+
+def html_hex(v: str, x: str = "x", zeros: int = 0, upper: bool = False) -> str:
+    return "".join("&#" + x + "0" * zeros + (f"{ord(c):X}" if upper else f"{ord(c):x}") + ";" for c in v)
+
+
+def go_json(v: str) -> str:  # Go's encoding/json: <, > and & as \u003c \u003e \u0026, non-ASCII raw
+    return json.dumps(v, ensure_ascii=False)[1:-1].replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def php_json(v: str) -> str:  # PHP's json_encode: \/ and \uXXXX
+    return json.dumps(v)[1:-1].replace("/", "\\/")
+
+
+def mixture(v: str) -> str:
+    """Each character in the next of several encodings, round and round."""
+    forms = [lambda c: c, lambda c: json_u(c), lambda c: quote(c, safe=""), lambda c: html_dec(c, 2),
+             lambda c: html_hex(c, "X", 0, True), lambda c: lower_hex(quote(c, safe="")), lambda c: html.escape(c)]
+    return "".join(forms[i % len(forms)](c) for i, c in enumerate(v))
+
+
+IN_JSON = [
+    ("raw", lambda v: json.dumps(v, ensure_ascii=False)[1:-1]),
+    ("json_ascii", lambda v: json.dumps(v)[1:-1]),
+    ("json_every_char_u_lower", json_u),
+    ("json_every_char_u_upper", lambda v: json_u(v, upper=True)),
+    ("go_u0026_style", go_json),
+    ("php_escaped_slash", php_json),
+    ("mixture", mixture),
+]
+IN_URL = [
+    ("percent", lambda v: quote(v, safe="")),
+    ("percent_slash_unescaped", lambda v: quote(v, safe="/")),
+    ("percent_lower_hex", lambda v: lower_hex(quote(v, safe=""))),
+    ("percent_lower_hex_slash_unescaped", lambda v: lower_hex(quote(v, safe="/:@"))),
+    ("form_plus_for_space", lambda v: quote_plus(v, safe="")),
+    ("javascript_escape_u", lambda v: "".join(c if c.isascii() and c.isalnum() else "".join(f"%u{u:04X}" for u in utf16(c)) for c in v)),
+]
+IN_HTML = [
+    ("html_escape", lambda v: html.escape(v, quote=True)),
+    ("html_decimal", html_dec),
+    ("html_decimal_leading_zeros_no_semicolon", lambda v: html_dec(v, zeros=7, semi=False)),
+    ("html_hex_lower", html_hex),
+    ("html_hex_upper_X_zeros", lambda v: html_hex(v, "X", 3, upper=True)),
+    ("html_named_where_any", lambda v: "".join(
+        "&" + min((n for n, t in html.entities.html5.items() if t == c), key=len, default="#" + str(ord(c)) + ";")
+        if c in "&<>\"'/=+" else c for c in v)),
+]
+
+
+@pytest.mark.parametrize("name,encode", IN_JSON, ids=[n for n, _ in IN_JSON])
+def test_value_in_a_json_string(name, encode):
+    v = new_value()
+    before, after = b'{"data": {"echo": "', b'", "n": 1}}'
+    out = scrubber(v).scrub(before + encode(v).encode() + after)
+    exact = out == before + PH + after
+    assert exact, "not replaced by the placeholder exactly"
+
+
+@pytest.mark.parametrize("name,encode", IN_URL, ids=[n for n, _ in IN_URL])
+def test_value_in_a_url(name, encode):
+    v = new_value()
+    before, after = b"https://api.example.com/v1/cb?state=xyz&token=", b"&next=%2Fhome"
+    out = scrubber(v).scrub(before + encode(v).encode() + after)
+    exact = out == before + PH + after
+    assert exact, "not replaced by the placeholder exactly"
+
+
+@pytest.mark.parametrize("name,encode", IN_HTML, ids=[n for n, _ in IN_HTML])
+def test_value_in_html(name, encode):
+    v = new_value()
+    before, after = b'<div class="x"><input value="', b'"></div>'
+    out = scrubber(v).scrub(before + encode(v).encode() + after)
+    exact = out == before + PH + after
+    assert exact, "not replaced by the placeholder exactly"
+
+
+def test_location_header_with_slash_unescaped_and_lower_case_hex():
+    v = new_value()
+    location = ("https://app.example/oauth/return?code=abc&token=" + lower_hex(quote(v, safe="/"))).encode()
+    s = scrubber(v)
+    fields = s.scrub(b"location"), s.scrub(location)
+    exact = fields == (b"location", b"https://app.example/oauth/return?code=abc&token=" + PH)
+    assert exact, "location not scrubbed exactly"
+
+
+def b64(data: bytes, url: bool, pad: bool) -> bytes:
+    out = base64.urlsafe_b64encode(data) if url else base64.b64encode(data)
+    return out if pad else out.rstrip(b"=")
+
+
+def value_part(encoded: bytes, k: int, n: int) -> bytes:
+    """The base64 characters that depend only on the n value bytes after k others."""
+    return encoded[-(-8 * k // 6): 8 * (k + n) // 6]
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+@pytest.mark.parametrize("url", [False, True], ids=["standard", "urlsafe"])
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("tail", [b"", b"+ more bytes after it"], ids=["at_end", "inside"])
+def test_base64_inside_longer_base64(k, url, pad, tail):
+    v = new_value(40)
+    raw = v.encode()
+    text = b64(os.urandom(30 + k) + raw + tail, url, pad)  # 30 + k bytes before it: alignment k
+    out = scrubber(v).scrub(b'{"blob": "' + text + b'"}')
+    gone = value_part(text, 30 + k, len(raw)) not in out
+    assert gone and PH in out, "base64 of the value survived"
+
+
+def test_base64_in_php_json_with_escaped_slashes():
+    v = new_value(40)
+    raw = v.encode()
+    for k in range(3):
+        text = base64.b64encode(bytes(k) + raw * 2)
+        out = scrubber(v).scrub(b'{"b":"' + text.replace(b"/", b"\\/") + b'"}')
+        gone = all(value_part(text, at, len(raw)).replace(b"/", b"\\/") not in out for at in (k, k + len(raw)))
+        assert gone and out.count(PH) == 2, "base64 with escaped slashes survived"
+
+
+def test_basic_header_of_any_user():
+    v = new_value()
+    s = scrubber(v)
+    for user in ("anyuser", "me", "x", "someone-else@example.com", ""):
+        header = b"Basic " + base64.b64encode(f"{user}:{v}".encode())
+        out = s.scrub(header)
+        gone = value_part(header[6:], len(user.encode()) + 1, len(v.encode())) not in out
+        assert gone and out.startswith(b"Basic ") and PH in out, "the value survived in a Basic header"
+
+
+@pytest.mark.parametrize("case", [str.lower, str.upper], ids=["lower", "upper"])
+def test_hex(case):
+    v = new_value()
+    hexed = case(v.encode().hex()).encode()
+    out = scrubber(v).scrub(b"id=0x" + hexed + b";")
+    exact = out == b"id=0x" + PH + b";"
+    assert exact, "hex survived"
+
+
+def test_a_value_several_times_in_several_forms():
+    v, w = new_value(), new_value(30)
+    s = scrubber(v, w)
+    body = json.dumps({"a": v, "b": [quote(w), html.escape(v)], "c": base64.b64encode(w.encode()).decode(),
+                       "d": v.encode().hex()}).encode() + b"\n" + json_u(w).encode()
+    out = s.scrub(body)
+    survived = v.encode() in out or w.encode() in out
+    assert not survived and out.count(PH) == 3 and out.count(PH2) == 3, "a form survived"
+
+
+# -- no false positives --------------------------------------------------------------------
+
+
+def ordinary_texts(rng: random.Random) -> list[bytes]:
+    words = "the quick brown fox jumps over lazy dogs while api keys tokens and secrets stay home".split()
+    records = [{"id": f"{rng.getrandbits(128):032x}", "name": " ".join(rng.choices(words, k=3)), "n": rng.random(),
+                "tags": rng.choices(words, k=4), "note": "café & <b>bold</b> \"quoted\" 'single' / 100% ü€😀"}
+               for _ in range(40)]
+    blob = rng.randbytes(3000)
+    return [
+        json.dumps(records).encode(),
+        json.dumps(records, ensure_ascii=False).encode(),
+        php_json(json.dumps(records)).encode(),
+        html.escape(json.dumps(records, ensure_ascii=False)).encode(),
+        quote(json.dumps(records), safe="/").encode(),
+        base64.b64encode(blob), base64.urlsafe_b64encode(blob).rstrip(b"="),
+        blob.hex().encode(), blob.hex().upper().encode(), blob,
+        html_dec(" ".join(words)).encode(), json_u(" ".join(words)).encode(),
+    ]
+
+
+def test_ordinary_text_is_left_alone():
+    values = [new_value(n) for n in (8, 16, 40, 100, 300)]
+    s = scrubber(*values)
+    for text in ordinary_texts(random.Random(1)):
+        unchanged = s.scrub(text) == text
+        assert unchanged, "text without a value was changed"
+
+
+@PROPERTY
+@given(SEEDS)
+def test_random_text_without_the_value_is_left_alone(seed):
+    rng = random.Random(seed)
+    values = [new_value(rng.randint(5, 30), rng) for _ in range(3)]
+    s = scrubber(*values)
+    text = b"".join(rng.choice(ordinary_texts(rng))[rng.randrange(100):][: rng.randrange(2000)] for _ in range(3))
+    unchanged = s.scrub(text) == text
+    assert unchanged, "text without a value was changed"
+
+
+def test_near_misses_are_left_alone():
+    v = new_value(30)
+    s = scrubber(v)
+    for near in (v[:-1], v[1:], v[:10] + "\x00" + v[11:]):
+        for text in (near.encode(), json_u(near).encode(), quote(near).encode(), near.encode().hex().encode()):
+            unchanged = s.scrub(b"[" + text + b"]") == b"[" + text + b"]"
+            assert unchanged, "a near miss was changed"
+
+
+# -- property: any mixture, any alignment --------------------------------------------------
+
+_POOL = [chr(c) for c in (*range(0x20, 0x7F), *range(0xA0, 0x180), *range(0x391, 0x3CA), *range(0x4E00, 0x4E40),
+                          *range(0x1F600, 0x1F620), *range(0x1D504, 0x1D520), 0x2212, 0x20AC, 0x2026)]
+_POOL = [c for c in _POOL if unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")]
+_NAMES: dict[str, list[str]] = {}
+for _name, _text in html.entities.html5.items():
+    if len(_text) == 1:
+        _NAMES.setdefault(_text, []).append(_name)
+
+
+def random_value(rng: random.Random, lo: int = 8, hi: int = 40) -> str:
+    pool = rng.choice([_POOL, SPECIAL + "ab1", string.ascii_letters + SPECIAL])
+    v = "".join(rng.choice(pool) for _ in range(rng.randint(lo, hi))).strip()
+    return v if len(v) >= lo else v + "x" * (lo - len(v))
+
+
+def encode_char(c: str, rng: random.Random) -> bytes:
+    """c in a random one of the forms that apply to it."""
+    raw, cp = c.encode(), ord(c)
+    hexcase = rng.choice(["%02X", "%02x"])
+    forms = [
+        lambda: raw,
+        lambda: "".join("%" + hexcase % b for b in raw).encode(),
+        lambda: "".join("\\x" + hexcase % b for b in raw).encode(),
+        lambda: raw[:1] + b"".join(rng.choice([bytes([b]), b"%%%02X" % b, b"\\x%02x" % b]) for b in raw[1:]),
+        lambda: json_u(c, rng.random() < .5).encode(),
+        lambda: "".join("%u" + "%04X" % u for u in utf16(c)).encode(),
+        lambda: html_dec(c, rng.randint(0, 7), rng.random() < .7).encode(),
+        lambda: html_hex(c, rng.choice("xX"), rng.randint(0, 7), rng.random() < .5).encode(),
+    ]
+    if c == " ":
+        forms.append(lambda: b"+")
+    if 0x80 <= cp <= 0xFF:
+        forms += [lambda: b"%%%02X" % cp, lambda: b"\\x%02x" % cp]
+    if c in "\"\\/'":
+        forms.append(lambda: b"\\" + raw)
+    if c in _NAMES:
+        forms.append(lambda: b"&" + rng.choice(_NAMES[c]).encode())
+    if cp > 0xFFFF:
+        forms.append(lambda: b"\\U%08x" % cp)
+    return rng.choice(forms)()
+
+
+def encode(v: str, rng: random.Random) -> bytes:
+    return b"".join(encode_char(c, rng) for c in v)
+
+
+@PROPERTY
+@given(SEEDS)
+def test_any_mixture_of_encodings_is_scrubbed(seed):
+    rng = random.Random(seed)
+    v = random_value(rng)
+    s = scrubber(v)
+    encoded = encode(v, rng)
+    before, after = rng.choice([(b"", b""), (b'{"k": "', b'"}'), (b"<p>", b"</p>"), (b"?t=", b"&x=1"), (b"\x00", b"\x00")])
+    out = s.scrub(before + encoded + after)
+    found = s.matches(before + encoded + after)
+    clean = encoded not in out and v.encode() not in out and PH in out
+    bounded = all(end - start <= s.max_len for start, end, _ in found)
+    assert clean and bounded, "an encoded value survived"
+
+
+@PROPERTY
+@given(SEEDS)
+def test_base64_at_any_alignment_either_alphabet(seed):
+    rng = random.Random(seed)
+    v = random_value(rng)
+    raw = v.encode()
+    k, url, pad = rng.randrange(12), rng.random() < .5, rng.random() < .5
+    text = b64(rng.randbytes(k) + raw + rng.randbytes(rng.randrange(6)), url, pad)
+    out = scrubber(v).scrub(b"data:" + text + b"!")
+    gone = value_part(text, k, len(raw)) not in out and PH in out
+    assert gone, "base64 of the value survived"
+
+
+@PROPERTY
+@given(SEEDS)
+def test_basic_header_any_user_property(seed):
+    rng = random.Random(seed)
+    v = random_value(rng)
+    user = "".join(rng.choice(string.ascii_letters + "@.-_" + "é") for _ in range(rng.randrange(20)))
+    header = base64.b64encode(f"{user}:{v}".encode())
+    out = scrubber(v).scrub(b"Basic " + header)
+    gone = value_part(header, len(user.encode()) + 1, len(v.encode())) not in out and PH in out
+    assert gone, "the value survived in a Basic header"
+
+
+def noise(rng: random.Random, values: list[str]) -> bytes:
+    """Text meant to trip the anchors: escapes of the values' characters, pieces of their forms."""
+    v = rng.choice(values)
+    pieces = [
+        lambda: rng.randbytes(rng.randrange(30)),
+        lambda: encode(v[rng.randrange(len(v)):][: rng.randrange(1, 6)], rng),
+        lambda: v.encode()[: rng.randrange(len(v.encode()))],
+        lambda: base64.b64encode(rng.randbytes(rng.randrange(3)) + v.encode())[: rng.randrange(40)],
+        lambda: v.encode().hex().encode()[rng.randrange(20):],
+        lambda: rng.choice([b"%", b"\\", b"&", b"+", b"&#", b"\\u00", b"%2", b";", b"="]),
+        lambda: encode(v, rng),
+        lambda: base64.b64encode(rng.randbytes(rng.randrange(3)) + v.encode()),
+        lambda: b"Basic " + base64.b64encode(b"u:" + v.encode()),
+        lambda: v.encode().hex().upper().encode(),
+    ]
+    return b"".join(rng.choice(pieces)() for _ in range(rng.randrange(1, 12)))
+
+
+@PROPERTY
+@given(SEEDS, st.lists(st.integers(0, 10**6), max_size=12))
+def test_streamed_equals_whole_and_anchored_equals_full_scan(seed, cuts):
+    rng = random.Random(seed)
+    values = [random_value(rng) for _ in range(rng.randint(1, 3))]
+    s = scrubber(*values)
+    data = noise(rng, values)
+    whole = s.scrub(data)
+    same_matches = s.matches(data) == reference(s, data)
+    same_stream = run_stream(s, data, cuts) == whole
+    assert same_matches, "the anchors missed a match"
+    assert same_stream, "streaming differs from the whole"
+
+
+def test_streaming_in_small_chunks_finds_values_split_anywhere():
+    v = new_value(40)
+    s = scrubber(v)
+    data = b"".join([b"x" * 100, json_u(v).encode(), b"y" * 10, base64.b64encode(b"u:" + v.encode()), b"z",
+                     quote(v).encode(), v.encode().hex().encode(), b"end"])
+    for size in (1, 2, 3, 7, 64):
+        rewriter = s.stream()
+        got = b"".join(rewriter.feed(data[i:i + size]) for i in range(0, len(data), size)) + rewriter.finish()
+        same = got == s.scrub(data)
+        assert same and got.count(PH) == 4, "streamed output differs"
+
+
+def test_many_escapes_take_the_scan_everything_path():
+    v = new_value(20)
+    s = scrubber(v)
+    filler = ("%2F\\u00e9&amp;\\\"+" * 2000).encode()  # past the budget of escapes looked at one by one
+    data = filler + html_dec(v).encode() + filler + quote(v).encode() + filler
+    out = s.scrub(data)
+    same = s.matches(data) == reference(s, data)
+    assert same and out.count(PH) == 2 and out.replace(PH, b"") == filler * 3, "dense escapes broke scrubbing"
+
+
+# -- API -----------------------------------------------------------------------------------
+
+
+def test_api_contains_bool_and_exact_pairs():
+    v = new_value()
+    s = Scrubber([(b"exact-needle-1", b"[N]")])
+    assert s and b"exact-needle-1" in s and v.encode() not in s
+    s.add_value(v, PH.decode())  # a str placeholder is taken too
+    known = v.encode() in s and quote(v).encode() not in s
+    assert known, "`in` should mean: this raw value was added"
+    out = s.scrub(b"a exact-needle-1 b " + json_u(v).encode())
+    assert out == b"a [N] b " + PH
+    assert not Scrubber() and Scrubber().scrub(b"abc") == b"abc" and Scrubber().matches(b"abc") == []
+
+
+def test_add_values_updates_max_len_and_placeholder():
+    s = Scrubber()
+    v = new_value(10)
+    s.add_values([(v, PH)])
+    small = s.max_len
+    s.add_values([(new_value(60), PH2)])
+    assert s.max_len > small
+    s.add_value(v, b"[NEW]")
+    replaced = s.scrub(v.encode()) == b"[NEW]"
+    assert replaced, "a new placeholder for a known value was not used"
+
+
+def test_longest_match_at_a_position_wins():
+    short = new_value(10)
+    longer = short + "-and-more-of-it"
+    s = scrubber(short, longer)  # short -> PH, longer -> PH2
+    assert s.scrub(b"<" + longer.encode() + b">") == b"<" + PH2 + b">"
+    assert s.scrub(b"<" + quote(longer, safe="").encode() + b">") == b"<" + PH2 + b">"
+    assert s.scrub(b"<" + short.encode() + b"!>") == b"<" + PH + b"!>"
+
+
+def test_stream_sees_values_added_while_it_flows():
+    s = Scrubber([(b"needle-one", b"[1]")])
+    v = new_value()
+    rewriter = s.stream()
+    first = rewriter.feed(b"needle-one ")
+    s.add_value(v, PH)
+    rest = rewriter.feed(json_u(v).encode()) + rewriter.finish()
+    assert first + rest == b"[1] " + PH
+
+
+def test_scrub_text_keeps_undecodable_bytes():
+    v = new_value()
+    s = scrubber(v)
+    text = "caf\udce9 " + html.escape(v) + " \u20ac"
+    assert s.scrub_text(text) == "caf\udce9 " + PH.decode() + " \u20ac"
+
+
+def test_short_needles_and_values_are_found_everywhere():
+    s = Scrubber([(b"ab", b"[AB]")])
+    s.add_value("x&y", b"[XY]")  # shorter than any anchor: the regex runs over everything
+    assert s.scrub(b"ab x&amp;y %78%26%79 ab") == b"[AB] [XY] [XY] [AB]"
+
+
+def test_long_value():
+    rng = random.Random(7)
+    v = "".join(rng.choice(string.ascii_letters + string.digits + SPECIAL) for _ in range(LONG_VALUE * 4))
+    s = scrubber(v)
+    special = "".join(c if c in string.ascii_letters + string.digits + "-._~" else json_u(c) for c in v)
+    for text in (v.encode(), json.dumps(v)[1:-1].encode(), php_json(v).encode(), quote(v).encode(),
+                 lower_hex(quote(v, safe="/")).encode(), html.escape(v).encode(), special.encode(),
+                 base64.b64encode(v.encode()), v.encode().hex().encode()):
+        exact = s.scrub(b"[" + text + b"]") == b"[" + PH + b"]"
+        assert exact, "a long value survived"
+
+
+def test_max_length_value_compiles_and_scrubs():
+    v = secrets.token_urlsafe(16384)[:16384]
+    s = scrubber(v)
+    for text in (v.encode(), json.dumps(v).encode(), base64.b64encode(b"me:" + v.encode())):
+        out = s.scrub(b"<" + text + b">")
+        clean = v.encode()[100:200] not in out and PH in out
+        assert clean, "a 16384-character value survived"
