@@ -18,7 +18,12 @@ class CertError(Exception):
 
 
 def ensure_ca(certs_dir: Path) -> Path:
-    """Create the CA in certs_dir if missing (key readable by its owner only); return the cert workers trust."""
+    """Create the CA in certs_dir if missing (key readable by its owner only); return the cert workers trust.
+
+    An existing CA is not loaded here (the proxy loads and checks it when it starts): `session
+    issue` only needs its path, and loading the key costs about 50 ms."""
+    if (certs_dir / CA_CERT).is_file() and (certs_dir / f"{CONF_BASENAME}-ca.pem").is_file():
+        return certs_dir / CA_CERT
     try:
         CertStore.from_store(certs_dir, CONF_BASENAME, 2048)
     except (OSError, ValueError) as e:

@@ -109,8 +109,9 @@ def wrap_websocket_send(rewrite: Callable[[Any, Any], Any]) -> None:
     cls.send2 = send2
 
 
-def cut_server_connection(master: Any, client: Any, server: Any) -> None:
-    """Close an upstream connection at once, so nothing queued after this is written.
+def cut_connections(master: Any, client: Any, server: Any) -> None:
+    """Close an upstream connection at once, so nothing queued after this is written, and then
+    the worker's, so it learns at once that its request went nowhere.
 
     Used when a refused placeholder is found in a request body that is already streaming:
     the upstream must never see a complete request."""
@@ -120,6 +121,8 @@ def cut_server_connection(master: Any, client: Any, server: Any) -> None:
         raise InternalsMissing("cannot cut the upstream connection")
     handler.transports[server].writer.close()
     handler.close_connection(server)
+    if client in handler.transports:
+        handler.close_connection(client)
 
 
 def keep_only_addons(master: Any, allowed: Iterable[str]) -> list[str]:

@@ -45,10 +45,12 @@ class Recorder:
         status = refusal.status
         if answer is Answer.RESPOND:
             flow.response = http.Response.make(refusal.status, refusal.problem_json(), refusal.headers())
+            if flow.request.method == "CONNECT":
+                flow.response.headers["Connection"] = "close"  # a refused tunnel is of no further use
         else:
             status = 0
             if answer is Answer.CUT:
-                internals.cut_server_connection(ctx.master, flow.client_conn, flow.server_conn)
+                internals.cut_connections(ctx.master, flow.client_conn, flow.server_conn)
             elif answer is Answer.CLOSE_WEBSOCKET and flow.websocket is not None:
                 ctx.master.commands.call("inject.websocket", flow, True, refusal.problem_json(), True)
                 flow.websocket.close_code, flow.websocket.close_reason = 1008, refusal.code

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import curl
 from upstream import H2Upstream, RawUpstream, header, raw_response
-from wire import connect, credential_header, h2_request, read_all, tunnel
+from wire import connect, credential_header, h2_request, read_all, read_until, tunnel
 
 try:
     from compression import zstd
@@ -276,7 +276,7 @@ def websocket_message_to_other_host(s):
     t.sendall(f"GET /ws HTTP/1.1\r\nHost: {s.evil.target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
               f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Key: {s.ph}\r\n\r\n"
               .encode())
-    return read_all(t, 3), b"origin_not_allowed"
+    return read_until(t, b"}", 3), b"origin_not_allowed"
 
 
 # --- bend the request so the check misses it ------------------------------------------------------

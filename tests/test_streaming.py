@@ -18,7 +18,7 @@ from sealgate.inject import Context
 from sealgate.scrub import Scrubber
 from sealgate.streams import StreamRewriter
 from upstream import RawUpstream, header, raw_response
-from wire import read_all, tunnel
+from wire import read_all, read_until, tunnel
 
 KEY = os.urandom(32)
 SID = "abcdefghijklmnop"
@@ -183,7 +183,8 @@ def test_sse_events_arrive_as_they_come_and_are_scrubbed(proxy, pki, user, value
     s = proxy.issue(user=user)
     target = f"127.0.0.1:{up.port}"
     t = tunnel(s, proxy.port, target, None)
-    t.sendall(f"GET /events HTTP/1.1\r\nHost: {target}\r\nX-Key: {s['env']['K']}\r\n\r\n".encode())
+    t.sendall(f"GET /events HTTP/1.1\r\nHost: {target}\r\nX-Key: {s['env']['K']}\r\nConnection: close\r\n\r\n"
+              .encode())
     early = read_all(t, 1.2)
     assert s["env"]["K"].encode() in early and b"done" not in early  # the first event, before the stream ends
     rest = read_all(t, 4)
@@ -248,7 +249,7 @@ def test_websocket_message_to_other_origin_closes_with_reason(proxy, pki, make_u
     s = proxy.issue(user=user)
     t = _ws_open(s, proxy.port, f"127.0.0.2:{evil.port}")
     t.sendall(_ws_frame(f"key={s['env']['K']}".encode(), mask=True))
-    out = read_all(t, 3)
+    out = read_until(t, b"origin_not_allowed", 3)
     assert evil.frames == []
     assert b"origin_not_allowed" in out
     assert value.encode() not in out

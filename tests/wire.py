@@ -47,6 +47,18 @@ def read_all(sock: socket.socket, timeout: float = 5) -> bytes:
     return out
 
 
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 5) -> bytes:
+    """What arrives until marker has (or the peer closes, or goes quiet for timeout seconds)."""
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        while marker not in out and (chunk := sock.recv(65536)):
+            out += chunk
+    except (TimeoutError, ssl.SSLError, ConnectionResetError):
+        pass
+    return out
+
+
 def one_request(session: dict, proxy_port: int, target: str, sni: str | None, request: bytes) -> bytes:
     """One raw request through a tunnel (the request should say Connection: close)."""
     t = tunnel(session, proxy_port, target, sni)
