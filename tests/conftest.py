@@ -403,10 +403,32 @@ def user() -> str:
     return f"user-{secrets.token_hex(4)}"
 
 
+CREATED_VALUES: list[str] = []  # every value the `value` fixture made, searched for once the suite ends
+
+
 @pytest.fixture
 def value() -> str:
     """A fresh secret value; every test that makes one checks it never shows up where it must not."""
-    return f"sk-test-{secrets.token_urlsafe(24)}"
+    v = f"sk-test-{secrets.token_urlsafe(24)}"
+    CREATED_VALUES.append(v)
+    return v
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_value_in_any_file(tmp_path_factory):
+    """After the whole suite: no value any test made is in any file any test's sealgate wrote (every
+    data dir's store, WAL and key folder, every log, every certs dir, every flow file), in clear."""
+    yield
+    if not CREATED_VALUES:
+        return
+    needles = [v.encode() for v in CREATED_VALUES]
+    found = []
+    for f in tmp_path_factory.getbasetemp().rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            data = f.read_bytes()
+            found += [str(f) for n in needles if n in data]
+    # the paths only: printing a value would be the leak this looks for
+    assert not found, f"a secret value is in clear in {len(found)} file(s): {sorted(set(found))[:10]}"
 
 
 # --- real clients ----------------------------------------------------------------------------
