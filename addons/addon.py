@@ -43,7 +43,11 @@ log = logging.getLogger("sealgate")
 # Options of stock mitmdump's addons that rewrite or redirect a request after sealgate's
 # request hook (or stream it past sealgate): with them, a value could go elsewhere.
 _REFUSED_OPTIONS = ("map_remote", "map_local", "modify_headers", "modify_body", "server_replay",
-                    "stream_large_bodies", "proxyauth", "upstream_auth", "ignore_hosts", "allow_hosts")
+                    "stream_large_bodies", "proxyauth", "upstream_auth", "ignore_hosts", "allow_hosts",
+                    # flow files hold WebSocket messages as sent (filled), and flows in flight when it stops
+                    "save_stream_file")
+HEAD_REFUSAL_BODY_MAX = 64 * 1024  # a refused request bringing more (or of unknown length) is closed, not answered
+WEBSOCKET_HISTORY = 100  # messages a WebSocket flow keeps (mitmproxy would keep all, for the socket's life)
 
 
 def _fail_closed(hook):
@@ -101,6 +105,9 @@ class Sealgate:
             if getattr(ctx.options, name, None):
                 raise exceptions.OptionsError(
                     f"sealgate refuses {name}: it would change requests after sealgate checked them")
+        if getattr(ctx.options, "flow_detail", 0) > 2:
+            raise exceptions.OptionsError("sealgate refuses flow_detail above 2: it would print WebSocket messages as "
+                                          "sent, filled with values")
         if any(not mode.startswith("regular") for mode in getattr(ctx.options, "mode", ["regular"])):
             raise exceptions.OptionsError("sealgate runs only as a regular (forward) proxy")
         if "sealgate_data_dir" in updated:
@@ -121,6 +128,7 @@ class Sealgate:
         internals.replace_error_pages(lambda status: (error_page(status).problem_json(), error_page(status).headers()))
         internals.skip_informational_responses()
         internals.drop_http1_trailers()
+        internals.note_bodyless_requests()
 
     def done(self) -> None:
         for handler in logging.getLogger().handlers:
@@ -159,22 +167,23 @@ class Sealgate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         found = self.auth.request(flow)
         if isinstance(found, Refusal):
-            return self.recorder.refuse(flow, found)
+            return self._refuse_head(flow, found)
         self.metrics.requests.inc()
         try:
             scrubber = self.scrubbers.for_session(found)
         except StoreError as e:
-            return self.recorder.refuse(flow, Refusal("store_unavailable", f"cannot read this session's secrets: {e}"))
+            return self._refuse_head(flow, Refusal("store_unavailable", f"cannot read this session's secrets: {e}"))
         state = self.states.start(flow, found, scrubber)
         flow.metadata["sealgate"] = _who(found)
         if (refusal := encoded_body_refusal(flow.request.headers)) is not None:
-            return self.recorder.refuse(flow, refusal)
+            return self._refuse_head(flow, refusal)
         if scrubber:  # slices of a stored value, each too short to scrub, could be joined again
             flow.request.headers.pop("Range", None)
             flow.request.headers.pop("If-Range", None)
-        if scrubbing.streams(flow.request.headers, unknown_length=False):
+            flow.request.headers.pop("Request-Range", None)  # an older name some servers still honour
+        if scrubbing.streams(flow.request.headers, unknown_length=_body_of_unknown_length(flow.request)):
             # The head goes out when this hook returns: check URL and headers now, the body as it flows.
-            if await self._release(flow, with_body=False):
+            if await self._release(flow, with_body=False, refuse=self._refuse_head):
                 flow.request.stream = StreamFilter(
                     self.releaser.stream_body(flow, state), internals.end_of_message,
                     lambda e: self._refuse_streamed(flow, e))
@@ -193,17 +202,28 @@ class Sealgate:
             return
         await self._release(flow, with_body=True)
 
-    async def _release(self, flow: http.HTTPFlow, *, with_body: bool) -> bool:
-        """Check the destination of a plain-http request, then fill the request; False if refused."""
+    async def _release(self, flow: http.HTTPFlow, *, with_body: bool, refuse=None) -> bool:
+        """Check the destination of a request whose connection is not open yet (plain http, absolute-form
+        https, a re-dial), then fill the request; False if refused."""
         state = self.states.get(flow)
         assert state is not None
         refusal = None
-        if flow.request.scheme == "http" and not flow.server_conn.connected:
+        if not flow.server_conn.connected:
             refusal = await self.dialer.check_ahead(flow.client_conn, flow.request.host, flow.request.port)
         refusal = refusal or self.releaser.request(flow, state, with_body=with_body)
         if refusal is not None:
-            self.recorder.refuse(flow, refusal)
+            (refuse or self.recorder.refuse)(flow, refusal)
         return refusal is None
+
+    def _refuse_head(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+        """A refusal before the body is read: mitmproxy would still read and hold the whole body before
+        answering, so a request bringing a large body, or one of unknown length, is closed instead."""
+        req = flow.request
+        length = req.headers.get("content-length")
+        unbounded = length is None and ("chunked" in req.headers.get("transfer-encoding", "").lower()
+                                        or _body_of_unknown_length(req))
+        large = unbounded or (length is not None and (not length.isdigit() or int(length) > HEAD_REFUSAL_BODY_MAX))
+        self.recorder.refuse(flow, refusal, Answer.KILL if large else Answer.RESPOND)
 
     def _refuse_streamed(self, flow: http.HTTPFlow, e: Exception) -> None:
         """Part of the body has gone: cut the upstream connection, so it never sees a complete request."""
@@ -220,7 +240,7 @@ class Sealgate:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.states.restore_request(flow)
         if (state := self.states.get(flow)) is not None and flow.response is not None:
-            scrubbing.response_head(flow, state)
+            scrubbing.response_head(flow, lambda: self.scrubbers.for_session(state.session))
 
     @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
@@ -230,7 +250,7 @@ class Sealgate:
             return
         self.metrics.latency.observe(time.time() - flow.request.timestamp_start)
         self.recorder.answered(flow, flow.response.status_code)
-        if (refusal := scrubbing.response(flow, state)) is not None:
+        if (refusal := scrubbing.response(flow, lambda: self.scrubbers.for_session(state.session))) is not None:
             self.recorder.refuse(flow, refusal)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -255,6 +275,8 @@ class Sealgate:
         state = self.states.get(flow)
         if state is None or flow.websocket is None:
             return
+        if len(flow.websocket.messages) > WEBSOCKET_HISTORY:
+            del flow.websocket.messages[:-WEBSOCKET_HISTORY]
         message = flow.websocket.messages[-1]
         if not message.from_client:  # with the principal's values as they are now, not when it opened
             message.content = self.scrubbers.for_session(state.session).scrub(message.content)
@@ -295,6 +317,12 @@ class Sealgate:
             self.recorder.refuse(flow, refusal, Answer.RESPOND if flow.websocket is None else Answer.KILL)
         elif flow.killable:
             flow.kill()
+
+
+def _body_of_unknown_length(request: http.Request) -> bool:
+    """An HTTP/2 request without Content-Length whose head did not end the stream: a body of unknown
+    length follows (HTTP/1 marks one with chunked framing)."""
+    return request.is_http2 and "content-length" not in request.headers and not internals.has_no_body(request)
 
 
 def _egress_policy() -> EgressPolicy:

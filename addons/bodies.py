@@ -113,3 +113,63 @@ _DECODERS = {
     "br": _brotli,
     "zstd": _zstd,
 }
+
+
+class StreamDecoder:
+    """Undo one Content-Encoding chunk by chunk, with flat memory: for bodies too large, or of
+    unknown length, to hold whole. Every member and frame is decoded; bytes after the end of a
+    deflate or brotli stream, or a stream cut short, raise BodyError at `finish`."""
+
+    def __init__(self, coding: str, chunk_limit: int) -> None:
+        if coding not in _STREAMING:
+            raise BodyError(f"Content-Encoding {coding!r} cannot be decoded as it streams")
+        self.coding, self.chunk_limit = coding, chunk_limit
+        self._d = None
+        self._done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        data = chunk
+        while data:
+            if self._d is None:
+                self._d = _STREAMING[self.coding](data)
+            elif self._done:
+                if self.coding not in ("gzip", "x-gzip", "zstd"):
+                    raise BodyError(f"{len(data)} bytes follow the end of the compressed body")
+                self._d, self._done = _STREAMING[self.coding](data), False
+            try:
+                out += self._d.decompress(data) if self.coding != "br" else self._d.process(data)
+            except Exception as e:  # zlib.error, brotli.error, zstd.ZstdError, EOFError
+                raise BodyError(f"the body is not valid {self.coding}: {e.__class__.__name__}") from None
+            if len(out) > self.chunk_limit:
+                raise BodyError(f"a chunk of the body decodes to more than {self.chunk_limit} bytes")
+            data, self._done = self._rest()
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        if self._d is not None and not self._done:
+            raise BodyError("the compressed body is truncated")
+        return b""
+
+    def _rest(self) -> tuple[bytes, bool]:
+        """What the decoder did not consume, and whether its stream (member, frame) ended."""
+        if self.coding == "br":
+            return b"", self._d.is_finished()
+        ended = self._d.eof
+        return (self._d.unused_data if ended else b""), ended
+
+
+def _zlib_for(data: bytes, gzip: bool):
+    if gzip:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] * 256 + data[1]) % 31 == 0
+    return zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)  # raw deflate, as some send
+
+
+_STREAMING = {
+    "gzip": lambda data: _zlib_for(data, True),
+    "x-gzip": lambda data: _zlib_for(data, True),
+    "deflate": lambda data: _zlib_for(data, False),
+    "br": lambda data: brotli.Decompressor(),
+    "zstd": lambda data: zstd.ZstdDecompressor(),
+}

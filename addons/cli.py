@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import getpass
 import json
+import re
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -168,7 +169,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         if message.startswith("unrecognized arguments"):
             message = "unexpected arguments (not shown; a secret value is read from stdin, never from argv)"
+        message = _ECHOED.sub(r"\1 (not shown)", message)
         self.exit(2, f"sealgate: error: {message} (see `{self.prog} --help`)\n")
+
+
+# argparse's errors that quote what was typed
+_ECHOED = re.compile(r"(invalid choice|invalid \w+ value|ignored explicit argument|expected one argument|"
+                     r"not allowed with argument [^:]*):? ?'(?:[^'\\]|\\.)*'")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,8 +26,14 @@ class Summary:
 
     @classmethod
     def of(cls, request: http.Request) -> Summary:
-        return cls(request.method, origins.serialise(request.scheme, request.host, request.port),
-                   request.path.split("?", 1)[0])
+        return cls(_text(request.method), _text(origins.serialise(request.scheme, request.host, request.port)),
+                   _text(request.path.split("?", 1)[0]))
+
+
+def _text(raw: str) -> str:
+    """Valid text, whatever bytes a worker sent (mitmproxy keeps a non-UTF-8 byte as a lone surrogate,
+    which no store or log accepts): such a byte is written as \\xNN."""
+    return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Sent:
     path: bytes
     fields: Fields
     raw_content: bytes | None
+    trailers: Fields | None
 
 
 @dataclass
@@ -79,3 +86,5 @@ class FlowStates:
             flow.request.data.path = sent.path
             flow.request.headers.fields = sent.fields
             flow.request.raw_content = sent.raw_content
+            if sent.trailers is not None and flow.request.trailers is not None:
+                flow.request.trailers.fields = sent.trailers

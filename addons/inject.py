@@ -83,7 +83,10 @@ def encode_basic(credentials: bytes) -> str:
 
 
 def derived_forms(value: str, placeholder: str) -> list[tuple[bytes, bytes]]:
-    """(what sealgate may have produced from value, what to show instead) pairs."""
+    """(what sealgate may have produced from value, what to show instead) pairs: the exact byte
+    strings `substitute` writes, for `Scrubber.add`. To scrub responses, `Scrubber.add_value`
+    (value, placeholder) finds these and every other common encoding of the value (any mixture
+    of per-character escapes, base64 at any alignment, hex)."""
     pairs = {escape(value, c): placeholder.encode() for c in Context}
     pairs[json.dumps(value)[1:-1].encode()] = placeholder.encode()  # JSON with non-ASCII as \\uXXXX
     return list(pairs.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,6 +57,8 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http._http1.make_error_response and _http2.format_error (error pages)")
     need(callable(getattr(getattr(_http1, "Http1Client", None), "read_headers", None)),
          "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers (informational responses)")
+    need(callable(getattr(stream, "state_wait_for_request_headers", None)),
+         "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers (whether a request has a body)")
     need(callable(getattr(_http1, "make_body_reader", None)),
          "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 trailers)")
     if found:
@@ -217,3 +220,28 @@ def drop_http1_trailers() -> None:
         return WithoutTrailers(original(expected_size))
 
     _http1.make_body_reader = make_body_reader
+
+
+_BODYLESS: weakref.WeakSet = weakref.WeakSet()  # requests whose head ended the stream (HTTP/2 and 3)
+
+
+def note_bodyless_requests() -> None:
+    """Remember which requests came without a body. An HTTP/2 request needs no Content-Length, and
+    only the event mitmproxy handles says whether a body follows the head: see `has_no_body`."""
+    from mitmproxy.proxy.layers.http import HttpStream, RequestHeaders
+
+    original = getattr(HttpStream.state_wait_for_request_headers, "__wrapped__",
+                       HttpStream.state_wait_for_request_headers)
+
+    @functools.wraps(original)
+    def state_wait_for_request_headers(self, event):
+        if isinstance(event, RequestHeaders) and event.end_stream:
+            _BODYLESS.add(event.request)
+        return (yield from original(self, event))
+
+    HttpStream.state_wait_for_request_headers = state_wait_for_request_headers
+
+
+def has_no_body(request: Any) -> bool:
+    """True if the request's head ended its stream (no body follows), as far as mitmproxy said."""
+    return request in _BODYLESS

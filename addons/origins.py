@@ -119,7 +119,8 @@ def parse(text: str, *, allow_http: bool = False) -> Origin:
         raise OriginError("an origin is empty")
     scheme, sep, rest = raw.partition("://")
     if not sep:
-        raise OriginError(f"{raw!r} has no scheme; write it as https://host")
+        raise OriginError("an origin has no scheme (it is not shown: it may be a value pasted in the wrong place); "
+                          "write it as https://host")
     scheme = scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise OriginError(f"{raw!r} has scheme {scheme!r}; only https (and http with --allow-http) are allowed")

@@ -52,7 +52,8 @@ class Releaser:
         if isinstance(result, Refusal):
             return result
         req = flow.request
-        state.sent = Sent(req.data.path, req.headers.fields, req.raw_content)
+        state.sent = Sent(req.data.path, req.headers.fields, req.raw_content,
+                          req.trailers.fields if req.trailers else None)
         self.scrubbers.learn(state, result, scan.apply(req, result.values))
         return None
 
@@ -87,6 +88,8 @@ class Releaser:
         if isinstance(result, Refusal):
             return result
         self.scrubbers.learn(state, result, [])
+        req = flow.request
+        state.sent = Sent(req.data.path, req.headers.fields, req.raw_content, trailers.fields)
         trailers.fields = fill_fields(trailers.fields, found, result.values)
         return None
 

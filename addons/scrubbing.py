@@ -21,7 +21,7 @@ from .errors import Refusal
 from .flowstate import Fields, FlowState
 from .scrub import Scrubber
 from .store import SecretStore
-from .streams import StreamFilter
+from .streams import StreamFilter, StreamRewriter
 
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024  # decoded bytes scrubbed of values
 STREAM_OVER = 1024 * 1024  # identity bodies larger than this (or of unknown length) stream through
@@ -94,26 +94,56 @@ class Scrubbers:
             self.logs.add(pairs)
 
 
-def response_head(flow: http.HTTPFlow, state: FlowState) -> None:
-    """Before the head goes out: scrub it now if the body is to stream (SSE, chunked, large)."""
+Current = Callable[[], Scrubber]  # the session's scrubber with the principal's values as they are now
+
+
+def response_head(flow: http.HTTPFlow, current: Current) -> None:
+    """Before the head goes out: scrub it now if the body is to stream (SSE, chunked, large, or
+    compressed and large or of unknown length: decoded as it streams and forwarded decoded). A
+    streamed body is scrubbed with the values the principal has as each chunk passes."""
     resp = flow.response
     assert resp is not None
     has_body = flow.request.method != "HEAD" and resp.status_code >= 200 and resp.status_code not in (204, 304)
+    coding = bodies.codings(resp.headers.get("content-encoding", ""))
     if bodies.transfer_codings(resp.headers.get("transfer-encoding", "")):
         resp.stream = False  # buffered, to be refused whole in `response`: nothing of it goes out
-    elif has_body and streams(resp.headers, unknown_length=True):
-        scrub_head(state.scrubber, resp)
-        resp.stream = StreamFilter(state.scrubber.stream(), internals.end_of_message)
+    elif has_body and (streams(resp.headers, unknown_length=True) or _large_single_coding(resp.headers, coding)):
+        scrub_head(current(), resp)
+        rewriter = StreamRewriter(lambda buf: current().matches(buf), lambda: current().max_len)
+        if coding not in ([], ["identity"]):
+            del resp.headers["content-encoding"]  # forwarded decoded, as it was checked
+            rewriter = _Decoding(bodies.StreamDecoder(coding[0], RESPONSE_BODY_LIMIT), rewriter)
+        resp.stream = StreamFilter(rewriter, internals.end_of_message)
         reframe(resp, chunked=flow.request.http_version.startswith("HTTP/1"))
     elif resp.stream:
         resp.stream = False  # someone asked to stream an encoded body: buffer it, so it can be scrubbed
 
 
-def response(flow: http.HTTPFlow, state: FlowState) -> Refusal | None:
+def _large_single_coding(headers: http.Headers, coding: list[str]) -> bool:
+    """A compressed body too large (or of unknown length) to hold whole, in one coding that decodes as it streams."""
+    length = headers.get("content-length")
+    return (len(coding) == 1 and coding[0] in bodies.SUPPORTED and coding[0] != "identity"
+            and (length is None or not length.isdigit() or int(length) > STREAM_OVER))
+
+
+class _Decoding:
+    """A rewriter fed with what a decoder makes of each chunk."""
+
+    def __init__(self, decoder: bodies.StreamDecoder, rewriter: StreamRewriter) -> None:
+        self.decoder, self.rewriter = decoder, rewriter
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.rewriter.feed(self.decoder.feed(chunk))
+
+    def finish(self) -> bytes:
+        return self.rewriter.feed(self.decoder.finish()) + self.rewriter.finish()
+
+
+def response(flow: http.HTTPFlow, current: Current) -> Refusal | None:
     """The whole response: head, trailers and a buffered body, decoded to be checked."""
     resp = flow.response
     assert resp is not None
-    scrubber = state.scrubber
+    scrubber = current()
     if not scrubber:
         return None
     scrub_head(scrubber, resp)

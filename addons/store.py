@@ -8,6 +8,7 @@ file (mode 0600) beside the database; it is created on first use.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable
 import json
 import os
@@ -83,12 +84,15 @@ def _v3_row_seals(db: sqlite_utils.Database, key: KeyLoader) -> None:
 
 # Schema migrations, in order: the store's version (PRAGMA user_version) is how many have run.
 MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals)
+SEALING_VERSION = 3  # from this version on rows are sealed; the key file then says so
 CANARY = ("sealgate", "canary")  # the owner and name the key check is sealed under
 
 
 def _secret_fields(row: dict) -> list:
-    """What decides where a secret's value may go (and each field a later version adds)."""
-    return [row["owner"], row["name"], row["origins"], row["key_id"]]
+    """What decides where a secret's value may go (and each field a later version adds), and which
+    ciphertext it goes with (an older value cannot be put back under a newer row's seal)."""
+    sealed = hashlib.sha256(bytes(row["nonce"]) + bytes(row["ciphertext"])).hexdigest()
+    return [row["owner"], row["name"], row["origins"], row["key_id"], sealed]
 
 
 def _session_fields(row: dict) -> list:
@@ -192,7 +196,7 @@ def read_key(path: Path) -> bytes | None:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise StoreError(f"master key {path} is readable by others (mode {oct(mode & 0o777)}); run chmod 600 on it")
     try:
-        key = bytes.fromhex(path.read_text().strip())
+        key = bytes.fromhex(path.read_text().split("\n", 1)[0].strip())
     except (OSError, ValueError) as e:
         raise StoreError(f"master key {path} cannot be read: {e.__class__.__name__}") from None
     if len(key) != crypto.KEY_BYTES:
@@ -200,16 +204,32 @@ def read_key(path: Path) -> bytes | None:
     return key
 
 
-def create_key(path: Path) -> bytes:
-    """A new master key in path (0600); never over an existing file."""
-    key = os.urandom(crypto.KEY_BYTES)
+SEALED_MARK = "sealed-rows"  # second line of a key file whose store seals its rows (schema 3 and later)
+
+
+def key_marks_sealed(path: Path) -> bool:
+    """Whether the key file says its store seals rows: then a store that claims an older schema was
+    set back by someone without the key (who cannot rewrite this file and keep the key)."""
+    try:
+        return SEALED_MARK in path.read_text().split("\n")[1:]
+    except OSError:
+        return False
+
+
+def create_key(path: Path, key: bytes | None = None) -> bytes:
+    """A master key in path (0600), marked as sealing rows; never over an existing file, unless key
+    is given: then the file is rewritten atomically with that same key and the mark."""
+    key = key or os.urandom(crypto.KEY_BYTES)
+    target, path = path, (path.with_name(path.name + ".new") if key else path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(key.hex().encode() + b"\n")
+            f.write(f"{key.hex()}\n{SEALED_MARK}\n".encode())
+        if path != target:
+            path.replace(target)
     except OSError as e:
-        raise StoreError(f"master key {path} cannot be created: {e.__class__.__name__}") from None
+        raise StoreError(f"master key {target} cannot be written: {e.__class__.__name__}") from None
     return key
 
 
@@ -239,6 +259,10 @@ class SecretStore:
         if version > len(MIGRATIONS):
             raise StoreError(f"store {self.data_dir / DB_NAME} has schema version {version}, newer than this "
                              f"sealgate knows ({len(MIGRATIONS)}); upgrade sealgate")
+        key_path = self.data_dir / KEY_NAME
+        if version < SEALING_VERSION and (key_marks_sealed(key_path) or "meta" in self.db.table_names()):
+            raise StoreError(f"store {self.data_dir / DB_NAME} claims schema version {version}, but its rows were "
+                             "sealed already: the version was set back without the key; refusing it")
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.db.conn:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -246,6 +270,8 @@ class SecretStore:
                     continue  # another process ran it meanwhile
                 migration(self.db, self._existing_key)
                 self.db.execute(f"PRAGMA user_version = {number}")
+            if number == SEALING_VERSION and key_path.exists() and not key_marks_sealed(key_path):
+                create_key(key_path, self._existing_key())  # from now on a set-back version is noticed
 
     def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -290,8 +316,13 @@ class SecretStore:
                              f"{self.data_dir / DB_NAME}: it is another store's key, or the store was edited") from None
 
     def check(self) -> None:
-        """Raise StoreError unless the store file is the one opened and the key opens it (for /readyz)."""
+        """Raise StoreError unless the store file is the one opened, the key file still holds the key in
+        use, and that key opens the store (for /readyz)."""
         self._check_file()
+        path = self.data_dir / KEY_NAME
+        if self._key is not None and read_key(path) != self._key:
+            raise StoreError(f"master key {path} was removed or replaced while sealgate ran: the next start "
+                             "would be refused; put the key back")
         try:
             canary = self.db.execute("select key_id, nonce, ciphertext from meta where name = 'canary'").fetchone()
         except sqlite3.Error as e:
@@ -388,7 +419,11 @@ class SecretStore:
 
     def _verified(self, row: dict) -> dict:
         """row, if its deciding fields carry the seal the master key gives them; else StoreError."""
-        if not crypto.seal_matches(self.key, "secret", _secret_fields(row), row.get("seal")):
+        try:
+            sealed = crypto.seal_matches(self.key, "secret", _secret_fields(row), row.get("seal"))
+        except (TypeError, ValueError):  # a column of another type than sealgate writes
+            sealed = False
+        if not sealed:
             raise StoreError(f"secret {row['name']} of user {row['owner']} was changed without the master key "
                              "(its owner, name or origins do not match their seal); it is refused")
         return row
@@ -417,7 +452,7 @@ class SecretStore:
         row = {**record.__dict__, "secrets": ",".join(record.secrets)}
         try:
             return self.db.execute(_AUDIT_INSERT, [row[c] for c in _AUDIT_COLUMNS]).lastrowid
-        except sqlite3.Error as e:
+        except (sqlite3.Error, UnicodeError) as e:
             raise StoreError(f"audit trail in {self.data_dir / DB_NAME} cannot be written: {e}") from None
 
     def set_audit_status(self, row_id: int, status: int) -> None:
@@ -454,7 +489,11 @@ class SecretStore:
             raise self._unreadable(e) from None
         if row is None:
             return None
-        if not crypto.seal_matches(self.key, "session", _session_fields(row), row.get("seal")):
+        try:
+            sealed = crypto.seal_matches(self.key, "session", _session_fields(row), row.get("seal"))
+        except (TypeError, ValueError):
+            sealed = False
+        if not sealed:
             raise StoreError(f"session {session_id} was changed without the master key (its principal, expiry or "
                              "placeholder key do not match their seal); it is refused")
         return SessionRecord(**{k: v for k, v in row.items() if k != "seal"})

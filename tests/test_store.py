@@ -149,3 +149,38 @@ def test_readiness_says_when_the_key_does_not_open_the_store(filled, tmp_path):
     (tmp_path / store.KEY_NAME).write_text(bytes(32).hex() + "\n")
     Addon.store = SecretStore(tmp_path)
     assert "does not open the store" in _readiness(Addon, certs)()
+
+
+@pytest.mark.parametrize("drop_meta", [False, True])
+def test_a_schema_version_set_back_is_refused(filled, tmp_path, drop_meta):
+    """Setting the version back would make the sealing migration seal rows edited without the key."""
+    _sql(tmp_path, "update secrets set origins = ?", [json.dumps(["https://evil.example"])])
+    if drop_meta:
+        _sql(tmp_path, "drop table meta")
+    _sql(tmp_path, "PRAGMA user_version = 2")
+    with pytest.raises(StoreError, match="the version was set back without the key"):
+        SecretStore(tmp_path)
+
+
+def test_an_older_value_cannot_be_put_back_under_a_newer_seal(filled, tmp_path, user, value):
+    from sealgate import origins
+    old = sqlite3.connect(tmp_path / store.DB_NAME).execute("select nonce, ciphertext from secrets").fetchone()
+    filled.add_secret(user, "K", value + "-rotated", [origins.parse("https://api.example")], replace=True)
+    _sql(tmp_path, "update secrets set nonce = ?, ciphertext = ?", list(old))
+    with pytest.raises(StoreError, match="changed without the master key"):
+        SecretStore(tmp_path).secrets_for(user)
+
+
+@pytest.mark.parametrize("how", ["remove", "replace"])
+def test_readiness_notices_the_key_file_removed_or_replaced_under_a_running_store(filled, tmp_path, how):
+    filled.check()
+    key = tmp_path / store.KEY_NAME
+    key.unlink() if how == "remove" else key.write_text(bytes(32).hex() + "\n")
+    with pytest.raises(StoreError, match="was removed or replaced while sealgate ran"):
+        filled.check()
+
+
+def test_a_column_of_another_type_is_a_clear_refusal(filled, tmp_path, user):
+    _sql(tmp_path, "update secrets set origins = cast(origins as blob)")
+    with pytest.raises(StoreError, match="changed without the master key"):
+        SecretStore(tmp_path).list_secrets(user)
