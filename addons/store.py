@@ -67,6 +67,7 @@ def _v3_row_seals(db: sqlite_utils.Database, key: KeyLoader) -> None:
             db[table].add_column("seal", str)
     db["meta"].create({"name": str, "key_id": str, "nonce": bytes, "ciphertext": bytes}, pk="name",
                       if_not_exists=True)
+    db["owners"].create({"owner": str, "seal": str}, pk="owner", if_not_exists=True)
     secrets_rows = list(db.query("select * from secrets"))
     session_rows = list(db.query("select * from sessions"))
     if not secrets_rows and not session_rows:
@@ -79,6 +80,8 @@ def _v3_row_seals(db: sqlite_utils.Database, key: KeyLoader) -> None:
                    [_secret_seal(k, row), row["owner"], row["name"]])
     for row in session_rows:
         db.execute("update sessions set seal = ? where id = ?", [_session_seal(k, row), row["id"]])
+    for (owner,) in db.execute("select distinct owner from secrets").fetchall():
+        _reseal_owner(db, k, owner)
     _write_canary(db, k)
 
 
@@ -107,6 +110,18 @@ def _secret_seal(key: bytes, row: dict) -> str:
 
 def _session_seal(key: bytes, row: dict) -> str:
     return crypto.row_seal(key, "session", _session_fields(row))
+
+
+def _owner_pairs(db: sqlite_utils.Database, owner: str) -> list[list[str]]:
+    return sorted([name, seal] for name, seal in db.execute("select name, seal from secrets where owner = ?", [owner]))
+
+
+def _reseal_owner(db: sqlite_utils.Database, key: bytes, owner: str) -> None:
+    """Seal which rows (by name and seal) an owner has: a row put back, removed or added without the key
+    then no longer matches, though each row's own seal would."""
+    seal = crypto.row_seal(key, "owner", [owner, _owner_pairs(db, owner)])
+    db.execute("insert into owners (owner, seal) values (?, ?) on conflict(owner) do update set seal = excluded.seal",
+               [owner, seal])
 
 
 def _write_canary(db: sqlite_utils.Database, key: bytes) -> None:
@@ -354,6 +369,7 @@ class SecretStore:
             "created_at": existing["created_at"] if existing else now, "updated_at": now,
         }
         self.db["secrets"].upsert({**row, "seal": _secret_seal(self.key, row)}, pk=("owner", "name"))
+        _reseal_owner(self.db, self.key, owner)
 
     def set_origins(self, owner: str, name: str, origins: list[Origin]) -> None:
         row = self._row(owner, name)
@@ -363,14 +379,18 @@ class SecretStore:
         row = {**row, "origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
         self.db["secrets"].update((owner, name), {"origins": row["origins"], "updated_at": row["updated_at"],
                                                   "seal": _secret_seal(self.key, row)})
+        _reseal_owner(self.db, self.key, owner)
 
     def remove_secret(self, owner: str, name: str) -> None:
         if not self._row(owner, name):
             raise StoreError(f"user {owner} has no secret named {name}")
+        self._verify_owner(owner)
         self.db["secrets"].delete((owner, name))
+        _reseal_owner(self.db, self.key, owner)
 
     def list_secrets(self, owner: str) -> list[SecretInfo]:
         try:
+            self._verify_owner(owner)
             rows = self._query("select * from secrets where owner = ? order by name", [owner])
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
@@ -381,6 +401,7 @@ class SecretStore:
         if names is not None and not names:
             return {}
         try:
+            self._verify_owner(owner)
             if names is None:
                 rows = self._query("select * from secrets where owner = ?", [owner])
             else:
@@ -416,6 +437,16 @@ class SecretStore:
                 "select count(*), max(updated_at), total(rowid) from secrets where owner = ?", [owner]).fetchone())
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
+
+    def _verify_owner(self, owner: str) -> None:
+        """The owner's rows are the ones last written with the key: none put back, removed or added."""
+        pairs = _owner_pairs(self.db, owner)
+        row = self.db.execute("select seal from owners where owner = ?", [owner]).fetchone()
+        if not pairs and row is None:
+            return  # never had a secret
+        if row is None or not crypto.seal_matches(self.key, "owner", [owner, pairs], row[0]):
+            raise StoreError(f"the secrets of user {owner} are not the ones last written with the master key "
+                             "(a row was put back, removed or added without it); they are refused")
 
     def _verified(self, row: dict) -> dict:
         """row, if its deciding fields carry the seal the master key gives them; else StoreError."""

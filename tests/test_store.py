@@ -92,7 +92,7 @@ def test_widening_origins_without_the_key_is_refused(filled, tmp_path, user):
 
 def test_moving_a_secret_to_another_owner_without_the_key_is_refused(filled, tmp_path, user):
     _sql(tmp_path, "update secrets set owner = 'mallory'")
-    with pytest.raises(StoreError, match="changed without the master key"):
+    with pytest.raises(StoreError, match="changed without the master key|not the ones last written"):
         SecretStore(tmp_path).secrets_for("mallory")
 
 
@@ -183,4 +183,39 @@ def test_readiness_notices_the_key_file_removed_or_replaced_under_a_running_stor
 def test_a_column_of_another_type_is_a_clear_refusal(filled, tmp_path, user):
     _sql(tmp_path, "update secrets set origins = cast(origins as blob)")
     with pytest.raises(StoreError, match="changed without the master key"):
+        SecretStore(tmp_path).list_secrets(user)
+
+
+def _row_of(tmp_path, name: str) -> dict:
+    con = sqlite3.connect(tmp_path / store.DB_NAME)
+    con.row_factory = sqlite3.Row
+    row = dict(con.execute("select * from secrets where name = ?", [name]).fetchone())
+    con.close()
+    return row
+
+
+def _put_back(tmp_path, row: dict) -> None:
+    cols = list(row)
+    _sql(tmp_path, f"insert or replace into secrets ({', '.join(cols)}) values ({', '.join('?' * len(cols))})",
+         [row[c] for c in cols])
+
+
+def test_an_old_sealed_row_put_back_is_refused(filled, tmp_path, user):
+    """A row copied while its origins were wide, written back after they were narrowed."""
+    from sealgate import origins
+    filled.set_origins(user, "K", [origins.parse("https://api.example"), origins.parse("https://old.example")])
+    wide = _row_of(tmp_path, "K")
+    filled.set_origins(user, "K", [origins.parse("https://api.example")])
+    _put_back(tmp_path, wide)
+    with pytest.raises(StoreError, match="not the ones last written with the master key"):
+        SecretStore(tmp_path).secrets_for(user)
+
+
+def test_a_removed_secret_put_back_is_refused(filled, tmp_path, user, value):
+    from sealgate import origins
+    filled.add_secret(user, "GONE", value + "-gone", [origins.parse("https://api.example")])
+    gone = _row_of(tmp_path, "GONE")
+    filled.remove_secret(user, "GONE")
+    _put_back(tmp_path, gone)
+    with pytest.raises(StoreError, match="not the ones last written with the master key"):
         SecretStore(tmp_path).list_secrets(user)
