@@ -88,6 +88,8 @@ def _v3_row_seals(db: sqlite_utils.Database, key: KeyLoader) -> None:
 # Schema migrations, in order: the store's version (PRAGMA user_version) is how many have run.
 MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals)
 SEALING_VERSION = 3  # from this version on rows are sealed; the key file then says so
+FILE_CHECK_EVERY = 1.0  # seconds between looks at whether the store file was replaced
+OPENED_MAX = 4096  # (owner, names) lookups kept opened between writes to the store
 CANARY = ("sealgate", "canary")  # the owner and name the key check is sealed under
 
 
@@ -259,6 +261,8 @@ class SecretStore:
             if not db_path.exists():
                 os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm its mode
             self._inode = db_path.stat().st_ino  # a file replaced under a running proxy is noticed
+            self._file_checked_at = float("-inf")
+            self._opened: dict[tuple, tuple[int, dict[str, Secret]]] = {}  # secrets_for, by owner and names
             conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a crash of the process, fsyncs less
@@ -333,7 +337,7 @@ class SecretStore:
     def check(self) -> None:
         """Raise StoreError unless the store file is the one opened, the key file still holds the key in
         use, and that key opens the store (for /readyz)."""
-        self._check_file()
+        self._check_file(force=True)
         path = self.data_dir / KEY_NAME
         if self._key is not None and read_key(path) != self._key:
             raise StoreError(f"master key {path} was removed or replaced while sealgate ran: the next start "
@@ -346,13 +350,19 @@ class SecretStore:
             raise StoreError(f"store {self.data_dir / DB_NAME} has no key check: it was edited or replaced")
         self._open_canary(self.key, canary)
 
-    def _check_file(self) -> None:
+    def _check_file(self, *, force: bool = False) -> None:
+        """The store file is still the one opened (looked at most once a second: it is on every request)."""
+        now = time.monotonic()
+        if not force and now - self._file_checked_at < FILE_CHECK_EVERY:
+            return
         path = self.data_dir / DB_NAME
         try:
             same = os.stat(path).st_ino == self._inode
         except OSError:
             same = False
-        if not same:
+        if same:
+            self._file_checked_at = now
+        else:
             raise StoreError(f"store {path} was replaced or removed while sealgate ran; restart it")
 
     # secrets ------------------------------------------------------------------------
@@ -397,9 +407,23 @@ class SecretStore:
         return [self._info(self._verified(r)) for r in rows]
 
     def secrets_for(self, owner: str, names: set[str] | None = None) -> dict[str, Secret]:
-        """Decrypt the named secrets of owner (all of them for None); a missing name is simply absent."""
+        """Decrypt the named secrets of owner (all of them for None); a missing name is simply absent.
+
+        On the request path: what was verified and opened is kept until another connection (the CLI,
+        another sidecar, anyone editing the file) writes to the store, which SQLite's data_version says."""
         if names is not None and not names:
             return {}
+        version = self.data_version()
+        cache_key = (owner, None if names is None else frozenset(names))
+        if (hit := self._opened.get(cache_key)) is not None and hit[0] == version:
+            return dict(hit[1])
+        found = self._open_secrets(owner, names)
+        if len(self._opened) >= OPENED_MAX:
+            self._opened.clear()
+        self._opened[cache_key] = (version, found)
+        return dict(found)
+
+    def _open_secrets(self, owner: str, names: set[str] | None) -> dict[str, Secret]:
         try:
             self._verify_owner(owner)
             if names is None:

@@ -135,11 +135,17 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
     ports = [sg_port, md_port, mds_port, web_sg_port, chain_port]
-    if args.baseline:
-        procs.append(subprocess.Popen(
-            [str(args.baseline / ".venv" / "bin" / "sealgate"), "run", "--no-web"], cwd=args.baseline,
-            env={**env, "SEALGATE_LISTEN_PORT": str(base_port), "SEALGATE_METRICS_PORT": str(free_port())},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if args.baseline:  # its own store (an older sealgate may not read this one's) and session
+        base_bin = str(args.baseline / ".venv" / "bin" / "sealgate")
+        base_env = {**env, "SEALGATE_LISTEN_PORT": str(base_port), "SEALGATE_METRICS_PORT": str(free_port()),
+                    "SEALGATE_DATA_DIR": str(tmp / "baseline-data")}
+        subprocess.run([base_bin, "secret", "add", "--user", "bench", "--name", "K", "--origins", up.origin],
+                       input=value, text=True, env=base_env, check=True, capture_output=True, cwd=args.baseline)
+        base_session = json.loads(subprocess.run(
+            [base_bin, "session", "issue", "--access", "signed-in", "--user", "bench", "--runchat", "r",
+             "--instance", "i"], env=base_env, check=True, capture_output=True, text=True, cwd=args.baseline).stdout)
+        procs.append(subprocess.Popen([base_bin, "run", "--no-web"], cwd=args.baseline, env=base_env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         ports.append(base_port)
     try:
         for port, proc in zip(ports, procs, strict=True):
@@ -161,9 +167,10 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
                   (procs[2].pid,)),
         ]
         if args.baseline:
-            base_url = session["proxy_url"].rsplit(":", 1)[0] + f":{base_port}"
-            setups += [Setup("baseline sealgate run, no placeholder", base_url, ca, {}, (procs[5].pid,)),
-                       Setup("baseline sealgate run, injecting", base_url, ca, inject, (procs[5].pid,))]
+            base_inject = {"Authorization": f"Bearer {base_session['env']['K']}"}
+            setups += [Setup("baseline sealgate run, no placeholder", base_session["proxy_url"], ca, {}, (procs[5].pid,)),
+                       Setup("baseline sealgate run, injecting", base_session["proxy_url"], ca, base_inject,
+                             (procs[5].pid,))]
         if args.only:
             words = [w.strip() for w in args.only.split(",") if w.strip()]
             setups = [s for s in setups if s.name.startswith("mitmdump -q") or any(w in s.name for w in words)]
