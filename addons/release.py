@@ -54,7 +54,8 @@ class Releaser:
         req = flow.request
         state.sent = Sent(req.data.path, req.headers.fields, req.raw_content,
                           req.trailers.fields if req.trailers else None)
-        self.scrubbers.learn(state, result, scan.apply(req, result.values))
+        scan.apply(req, result.values)
+        self.scrubbers.learn(state, result)
         return None
 
     def stream_body(self, flow: http.HTTPFlow, state: FlowState) -> StreamRewriter:
@@ -72,7 +73,7 @@ class Releaser:
                     result = self._decide(flow, state, (f.placeholder,))
                     if isinstance(result, Refusal):
                         raise Refused(result)
-                    self.scrubbers.learn(state, result, [])
+                    self.scrubbers.learn(state, result)
                     filled[text] = inject.escape(result.values[text], context[0])
                 yield f.start, f.end, filled[text]
 
@@ -87,7 +88,7 @@ class Releaser:
         result = self._decide(flow, state, distinct([f for fs in found.values() for f in fs]))
         if isinstance(result, Refusal):
             return result
-        self.scrubbers.learn(state, result, [])
+        self.scrubbers.learn(state, result)
         req = flow.request
         state.sent = Sent(req.data.path, req.headers.fields, req.raw_content, trailers.fields)
         trailers.fields = fill_fields(trailers.fields, found, result.values)
@@ -101,7 +102,7 @@ class Releaser:
         result = self._decide(flow, state, distinct(found))
         if isinstance(result, Refusal):
             return result
-        self.scrubbers.learn(state, result, [])
+        self.scrubbers.learn(state, result)
         message.content = inject.substitute(message.content, found, result.values,
                                             inject.body_context("", message.content))
         return None
@@ -179,9 +180,8 @@ class Scan:
     def placeholders(self) -> tuple[placeholders.Placeholder, ...]:
         return distinct(self.found)
 
-    def apply(self, req: http.Request, values: dict[str, str]) -> list[tuple[bytes, bytes]]:
-        """Fill the request; return the forms this produced that only exist because of it."""
-        produced: list[tuple[bytes, bytes]] = []
+    def apply(self, req: http.Request, values: dict[str, str]) -> None:
+        """Fill the request."""
         if self.path:
             req.data.path = inject.substitute(req.data.path, self.path, values, Context.URL)
         if self.trailers and req.trailers:
@@ -190,7 +190,6 @@ class Scan:
             fields = list(fill_fields(req.headers.fields, self.headers, values))
             for i, (decoded, found) in self.basic.items():
                 filled = inject.encode_basic(inject.substitute(decoded, found, values, Context.RAW)).encode()
-                produced.append((filled[6:], fields[i][1].split(b" ", 1)[-1].strip()))
                 fields[i] = (fields[i][0], filled)
             req.headers.fields = tuple(fields)
         if self.body_found and self.body is not None:
@@ -198,7 +197,6 @@ class Scan:
             # Forward the filled body decoded: a compressed copy would be one more derived form of the value.
             req.headers.pop("content-encoding", None)
             req.content = inject.substitute(self.body, self.body_found, values, ctx_)
-        return produced
 
 
 def distinct(found: list[Found]) -> tuple[placeholders.Placeholder, ...]:

@@ -277,11 +277,13 @@ def _base64_pattern(raw: bytes, k: int) -> _Pattern | None:
 
 
 def _escapes(values: Iterable[str]) -> bytes:
-    """A regex that matches where any form but itself of a character of values starts, followed
-    by what may follow that character in a value (its raw first byte, or an escape), or by
-    anything if the character ends a value. It may match more: it only says where to look.
-    Built as tries, so that re turns down an escape of anything else at its second byte."""
-    follow: dict[str, set[int] | None] = {}  # None: ends a value
+    """A regex that matches where any form but itself of a character of values starts. Where
+    such forms are common in ordinary text (%HH, \\uXXXX, \\/ and the like, named references,
+    + for a space), it must be followed by what may follow that character in a value: the raw
+    first byte of one, or an escape that is not a short one of something else (`\\/\\/` in a
+    URL in PHP's JSON is no anchor for a value with no `//`). It may match more: it only says
+    where to look. Built as tries, so that re turns down most escapes of anything else early."""
+    follow: dict[str, set[str] | None] = {}  # None: ends a value
     for v in values:
         long = len(v) > LONG_VALUE
         for i, c in enumerate(v):
@@ -292,47 +294,58 @@ def _escapes(values: Iterable[str]) -> bytes:
                 if i == len(v) - 1:
                     follow[c] = None
                 else:
-                    f.add(_utf8(v[i + 1])[0])
+                    f.add(v[i + 1])
+    thens: dict[frozenset[str], bytes] = {}
 
-    def then(f: set[int] | None) -> bytes:
-        return b"" if f is None else _cls(f | set(_LEADS))
+    def then(f: set[str] | None) -> bytes:
+        if f is None:
+            return b""
+        key = frozenset(f)
+        if key not in thens:
+            shorts = {ord(_SHORT[d]) for d in f if d in _SHORT}
+            thens[key] = _alt([_cls({_utf8(d)[0] for d in f} | set(b"%&+")),
+                               b"\\\\" + _cls(set(b"uxU0123456789abcdefABCDEF") | shorts)])
+        return thens[key]
 
-    hex2: dict[str, set[int] | None] = {}  # %HH \\xHH \\u00HH: Latin-1 characters and UTF-8 bytes
-    hex4: dict[str, list[bytes]] = {}  # \\uXXXX %uXXXX (of a surrogate pair: what follows the first)
+    hex2: dict[str, list[bytes]] = {}  # %HH \\xHH \\u00HH: Latin-1 characters and UTF-8 bytes
+    hex4: dict[str, list[bytes]] = {}  # \\uXXXX %uXXXX (of a surrogate pair: the second, then what follows)
     hex8: dict[str, list[bytes]] = {}  # \\UXXXXXXXX
-    dec: dict[str, list[bytes]] = {}  # &#NN;
+    dec: dict[str, list[bytes]] = {}  # &#NN; (rare in ordinary text: anything may follow)
     hexn: dict[str, list[bytes]] = {}  # &#xHH;
     named: list[bytes] = []
     short: list[bytes] = []
     plus: list[bytes] = []
     for c, f in follow.items():
         cp, raw = ord(c), _utf8(c)
-        for b, g in ([(cp, f)] if cp <= 0xFF else []) + ([(b, None) for b in raw] if cp > 0x7F else []):
-            old = hex2.get(f"{b:02x}", set())
-            hex2[f"{b:02x}"] = None if old is None or g is None else old | g
+        if cp <= 0xFF:
+            hex2.setdefault(f"{cp:02x}", []).append(then(f))
+        if cp > 0x7F:  # a UTF-8 byte escaped: what follows it is the next byte, or anything
+            for b in raw:
+                hex2.setdefault(f"{b:02x}", []).append(b"")
         if 0xFF < cp < 0x10000:
             hex4.setdefault(f"{cp:04x}", []).append(then(f))
         elif cp >= 0x10000:
-            hi, lo = 0xD800 + ((cp - 0x10000) >> 10), 0xDC00 + ((cp - 0x10000) & 0x3FF)
-            hex4.setdefault(f"{hi:04x}", []).append(_PB + b"u" + _hex(lo, 4) + then(f))
-            hex8.setdefault(f"{cp:08x}", []).append(then(f))
+            hi = 0xD800 + ((cp - 0x10000) >> 10)
+            hex4.setdefault(f"{hi:04x}", []).append(b"")
+            hex8.setdefault(f"{cp:08x}", []).append(b"")
         for n in _numbers(c):
-            dec.setdefault(str(n), []).append(b";?" + then(f))
-            hexn.setdefault(f"{n:x}", []).append(b";?" + then(f))
+            dec.setdefault(str(n), []).append(b"")
+            hexn.setdefault(f"{n:x}", []).append(b"")
         named += [re.escape(name.encode()) + then(f) for name in _NAMED.get(c, [])]
         if c in _SHORT:
             short.append(re.escape(_SHORT[c].encode()) + then(f))
         if c == " ":
             plus.append(then(f))
-    t2 = _trie({k: [then(f)] for k, f in hex2.items()})
-    t4 = _trie({**{"00" + k: [then(f)] for k, f in hex2.items()}, **hex4})
-    escaped = [b"u" + _alt(t4), b"x" + _alt(t2), *t2]
-    alts = [b"%" + _alt(escaped), b"\\\\" + _alt(escaped + short + ([b"U" + _alt(_trie(hex8))] if hex8 else []))]
-    numeric = b"#(?:[xX]0{0,%d}%s|0{0,%d}%s)" % (HTML_ZEROS, _alt(_trie(hexn)), HTML_ZEROS, _alt(_trie(dec, hexa=False)))
-    alts.append(b"&" + _alt([numeric, *named]))
-    if plus:
-        alts.append(b"\\+" + _alt(plus))
-    return b"|".join(alts)
+    hex2 = {k: [b""] if b"" in v else v for k, v in hex2.items()}  # anything may follow: no need to say what
+    # One class of the lead bytes first (re looks for it alone), then which lead it was.
+    alts = [b"(?<=[%\\\\])(?:u00|x)?" + _alt(_trie(hex2))] if hex2 else []
+    alts += [b"(?<=[%\\\\])u" + _alt(_trie(hex4))] if hex4 else []
+    alts += [b"(?<=\\\\)U" + _alt(_trie(hex8))] if hex8 else []
+    alts += [b"(?<=\\\\)" + _alt(short)] if short else []
+    alts.append(b"(?<=&)" + _alt([b"#(?:[xX]0{0,%d}%s|0{0,%d}%s)" % (
+        HTML_ZEROS, _alt(_trie(hexn)), HTML_ZEROS, _alt(_trie(dec, hexa=False))), *named]))
+    alts += [b"(?<=\\+)" + _alt(plus)] if plus else []
+    return _cls(_LEADS) + _alt(alts)
 
 
 # -- the matcher ---------------------------------------------------------------------------
@@ -471,7 +484,7 @@ class _Matcher:
         """The escape anchors; past a budget, one scan of the whole is cheaper than a look at each."""
         assert self.escapes is not None
         out: list[tuple[int, int, list[int]]] = []
-        budget = 256 + len(data) // 128
+        budget = 64 + len(data) // 256
         match = self.escapes.match
         for lead in self.leads:
             i = data.find(lead)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
-from . import bodies, decision, inject, internals, placeholders, sessions
+from . import bodies, decision, internals, placeholders, sessions
 from .errors import Refusal
 from .flowstate import Fields, FlowState
-from .scrub import Scrubber
+from .scrub import Scrubber, stream_rewriter
 from .store import SecretStore
 from .streams import StreamFilter, StreamRewriter
 
@@ -58,25 +58,22 @@ class Scrubbers:
             return entry.scrubber  # nothing was written to the store since the last look
         signature = store.secrets_signature(session.principal)
         if entry.signature != signature:
-            self._add(entry.scrubber, [
-                pair
-                for name, secret in store.secrets_for(session.principal).items()
-                for pair in inject.derived_forms(secret.value, session.placeholder(name))
-            ])
+            self._add(entry.scrubber, [(secret.value, session.placeholder(name))
+                                       for name, secret in store.secrets_for(session.principal).items()])
             entry.signature = signature
         entry.data_version = version  # only once loaded: a failure is tried again, and refused again
         return entry.scrubber
 
-    def learn(self, state: FlowState, result: decision.Allow, produced: list[tuple[bytes, bytes]]) -> None:
-        """Scrub every form of values just filled into a flow: what the session's scrubber does not know
-        yet (a secret added since it loaded, a Basic header this request produced)."""
+    def learn(self, state: FlowState, result: decision.Allow) -> None:
+        """Scrub values just filled into a flow that the session's scrubber does not know yet (a secret
+        added since it loaded). What sealgate derives from a value (escapes, a re-encoded Basic header,
+        whatever its user name) is one of the forms each value is matched in: the forms a principal's
+        scrubber holds are bounded by its values, whatever the requests send."""
         state.injected = state.injected or bool(result.secret_names)
         scrubber = state.scrubber
-        self._add(scrubber, produced + [
-            pair
-            for text, value in result.values.items()
+        self._add(scrubber, [
+            (value, text) for text, value in result.values.items()
             if value.encode() not in scrubber and placeholders.find(text.encode())[0].placeholder.name in result.secret_names
-            for pair in inject.derived_forms(value, text)
         ])
 
     def log_filter(self, record: logging.LogRecord) -> bool:
@@ -88,10 +85,11 @@ class Scrubbers:
                 record.exc_info = None
         return True
 
-    def _add(self, scrubber: Scrubber, pairs: list[tuple[bytes, bytes]]) -> None:
-        if pairs:
-            scrubber.add(pairs)
-            self.logs.add(pairs)
+    def _add(self, scrubber: Scrubber, values: list[tuple[str, str]]) -> None:
+        """(value, placeholder) pairs, to the scrubber and to the one that keeps them out of every log."""
+        if values:
+            scrubber.add_values(values)
+            self.logs.add_values(values)
 
 
 Current = Callable[[], Scrubber]  # the session's scrubber with the principal's values as they are now
@@ -109,7 +107,7 @@ def response_head(flow: http.HTTPFlow, current: Current) -> None:
         resp.stream = False  # buffered, to be refused whole in `response`: nothing of it goes out
     elif has_body and (streams(resp.headers, unknown_length=True) or _large_single_coding(resp.headers, coding)):
         scrub_head(current(), resp)
-        rewriter = StreamRewriter(lambda buf: current().matches(buf), lambda: current().max_len)
+        rewriter = stream_rewriter(current)
         if coding not in ([], ["identity"]):
             del resp.headers["content-encoding"]  # forwarded decoded, as it was checked
             rewriter = _Decoding(bodies.StreamDecoder(coding[0], RESPONSE_BODY_LIMIT), rewriter)

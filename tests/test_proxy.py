@@ -105,8 +105,10 @@ def test_inject_basic_auth(client, proxy, api, keyed, value):
     assert r.status == 200
     got = api.received[-1].header("Authorization")
     assert base64.b64decode(got.split()[1]) == f"me:{value}".encode()
-    # the re-encoded header sealgate derived is scrubbed from the echo, back to the placeholder form
-    assert base64.b64decode(r.headers["x-echo-authorization"].split()[1]) == f"me:{ph}".encode()
+    # the re-encoded header sealgate derived is scrubbed from the echo: the part of the base64 that
+    # carries the value is replaced by the placeholder (whatever the user name: no form per request)
+    echo = r.headers["x-echo-authorization"]
+    assert ph in echo and base64.b64encode(f"me:{value}".encode()).decode() not in echo
     assert_clean(proxy, value, r.seen())
     assert got.split()[1].encode() not in r.seen()
 

@@ -85,7 +85,8 @@ def html_hex(v: str, x: str = "x", zeros: int = 0, upper: bool = False) -> str:
 
 
 def go_json(v: str) -> str:  # Go's encoding/json: <, > and & as \u003c \u003e \u0026, non-ASCII raw
-    return json.dumps(v, ensure_ascii=False)[1:-1].replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    raw = json.dumps(v, ensure_ascii=False)[1:-1]
+    return raw.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def php_json(v: str) -> str:  # PHP's json_encode: \/ and \uXXXX
@@ -114,7 +115,8 @@ IN_URL = [
     ("percent_lower_hex", lambda v: lower_hex(quote(v, safe=""))),
     ("percent_lower_hex_slash_unescaped", lambda v: lower_hex(quote(v, safe="/:@"))),
     ("form_plus_for_space", lambda v: quote_plus(v, safe="")),
-    ("javascript_escape_u", lambda v: "".join(c if c.isascii() and c.isalnum() else "".join(f"%u{u:04X}" for u in utf16(c)) for c in v)),
+    ("javascript_escape_u", lambda v: "".join(
+        c if c.isascii() and c.isalnum() else "".join(f"%u{u:04X}" for u in utf16(c)) for c in v)),
 ]
 IN_HTML = [
     ("html_escape", lambda v: html.escape(v, quote=True)),
@@ -330,7 +332,8 @@ def test_any_mixture_of_encodings_is_scrubbed(seed):
     v = random_value(rng)
     s = scrubber(v)
     encoded = encode(v, rng)
-    before, after = rng.choice([(b"", b""), (b'{"k": "', b'"}'), (b"<p>", b"</p>"), (b"?t=", b"&x=1"), (b"\x00", b"\x00")])
+    before, after = rng.choice([(b"", b""), (b'{"k": "', b'"}'), (b"<p>", b"</p>"), (b"?t=", b"&x=1"),
+                                (b"\x00", b"\x00")])
     out = s.scrub(before + encoded + after)
     found = s.matches(before + encoded + after)
     clean = encoded not in out and v.encode() not in out and PH in out
