@@ -42,6 +42,10 @@ def error_page(status: int) -> Refusal:
     return Refusal("upstream_failed", "the upstream connection failed or sent something that is not valid HTTP")
 
 
+class StoreError(Exception):
+    """The store, its key or a record in it cannot be read or written; says which."""
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why a request is refused: a stable `code` and a sentence for a person."""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mitmproxy import connection, http
+from mitmproxy import http
 
 from . import bodies, decision, internals, placeholders, sessions
 from .errors import Refusal

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable
 import json
 import os
 import sqlite3
-import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
 
-from . import crypto
+from . import crypto, masterkey
+from .errors import StoreError
 from .origins import Origin
 from .origins import parse as parse_origin
 
@@ -82,7 +82,7 @@ def _v3_row_seals(db: sqlite_utils.Database, key: KeyLoader) -> None:
         db.execute("update sessions set seal = ? where id = ?", [_session_seal(k, row), row["id"]])
     for (owner,) in db.execute("select distinct owner from secrets").fetchall():
         _reseal_owner(db, k, owner)
-    _write_canary(db, k)
+    masterkey.write_canary(db, k)
 
 
 # Schema migrations, in order: the store's version (PRAGMA user_version) is how many have run.
@@ -90,7 +90,6 @@ MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals)
 SEALING_VERSION = 3  # from this version on rows are sealed; the key file then says so
 FILE_CHECK_EVERY = 1.0  # seconds between looks at whether the store file was replaced
 OPENED_MAX = 4096  # (owner, names) lookups kept opened between writes to the store
-CANARY = ("sealgate", "canary")  # the owner and name the key check is sealed under
 
 
 def _secret_fields(row: dict) -> list:
@@ -124,16 +123,6 @@ def _reseal_owner(db: sqlite_utils.Database, key: bytes, owner: str) -> None:
     seal = crypto.row_seal(key, "owner", [owner, _owner_pairs(db, owner)])
     db.execute("insert into owners (owner, seal) values (?, ?) on conflict(owner) do update set seal = excluded.seal",
                [owner, seal])
-
-
-def _write_canary(db: sqlite_utils.Database, key: bytes) -> None:
-    env = crypto.seal(key, *CANARY, os.urandom(16).hex())
-    db["meta"].upsert({"name": "canary", "key_id": env.key_id, "nonce": env.nonce, "ciphertext": env.ciphertext},
-                      pk="name")
-
-
-class StoreError(Exception):
-    """The store, its key or a record in it cannot be read or written; says which."""
 
 
 @dataclass(frozen=True)
@@ -202,52 +191,30 @@ def _origins(stored: str) -> tuple[Origin, ...]:
     return tuple(parse_origin(o, allow_http=True) for o in json.loads(stored))
 
 
-def read_key(path: Path) -> bytes | None:
-    """The master key in path, or None if there is no such file; refuses a key others can read."""
+def _verify_owner(db: sqlite_utils.Database, key: bytes, owner: str) -> None:
+    """The owner's rows are the ones last written with the key: none put back, removed or added."""
+    pairs = _owner_pairs(db, owner)
+    row = db.execute("select seal from owners where owner = ?", [owner]).fetchone()
+    if not pairs and row is None:
+        return  # never had a secret
+    if row is None or not crypto.seal_matches(key, "owner", [owner, pairs], row[0]):
+        raise StoreError(f"the secrets of user {owner} are not the ones last written with the master key "
+                         "(a row was put back, removed or added without it); they are refused")
+
+def _verified(key: bytes, row: dict) -> dict:
+    """row, if its deciding fields carry the seal the master key gives them; else StoreError."""
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise StoreError(f"master key {path} cannot be read: {e.__class__.__name__}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise StoreError(f"master key {path} is readable by others (mode {oct(mode & 0o777)}); run chmod 600 on it")
-    try:
-        key = bytes.fromhex(path.read_text().split("\n", 1)[0].strip())
-    except (OSError, ValueError) as e:
-        raise StoreError(f"master key {path} cannot be read: {e.__class__.__name__}") from None
-    if len(key) != crypto.KEY_BYTES:
-        raise StoreError(f"master key {path} is not a {crypto.KEY_BYTES}-byte key")
-    return key
+        sealed = crypto.seal_matches(key, "secret", _secret_fields(row), row.get("seal"))
+    except (TypeError, ValueError):  # a column of another type than sealgate writes
+        sealed = False
+    if not sealed:
+        raise StoreError(f"secret {row['name']} of user {row['owner']} was changed without the master key "
+                         "(its owner, name or origins do not match their seal); it is refused")
+    return row
 
 
-SEALED_MARK = "sealed-rows"  # second line of a key file whose store seals its rows (schema 3 and later)
-
-
-def key_marks_sealed(path: Path) -> bool:
-    """Whether the key file says its store seals rows: then a store that claims an older schema was
-    set back by someone without the key (who cannot rewrite this file and keep the key)."""
-    try:
-        return SEALED_MARK in path.read_text().split("\n")[1:]
-    except OSError:
-        return False
-
-
-def create_key(path: Path, key: bytes | None = None) -> bytes:
-    """A master key in path (0600), marked as sealing rows; never over an existing file, unless key
-    is given: then the file is rewritten atomically with that same key and the mark."""
-    key = key or os.urandom(crypto.KEY_BYTES)
-    target, path = path, (path.with_name(path.name + ".new") if key else path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(f"{key.hex()}\n{SEALED_MARK}\n".encode())
-        if path != target:
-            path.replace(target)
-    except OSError as e:
-        raise StoreError(f"master key {target} cannot be written: {e.__class__.__name__}") from None
-    return key
+def _info(row: dict) -> SecretInfo:
+    return SecretInfo(row["owner"], row["name"], _origins(row["origins"]), row["created_at"], row["updated_at"])
 
 
 class SecretStore:
@@ -279,7 +246,7 @@ class SecretStore:
             raise StoreError(f"store {self.data_dir / DB_NAME} has schema version {version}, newer than this "
                              f"sealgate knows ({len(MIGRATIONS)}); upgrade sealgate")
         key_path = self.data_dir / KEY_NAME
-        if version < SEALING_VERSION and (key_marks_sealed(key_path) or "meta" in self.db.table_names()):
+        if version < SEALING_VERSION and (masterkey.marks_sealed(key_path) or "meta" in self.db.table_names()):
             raise StoreError(f"store {self.data_dir / DB_NAME} claims schema version {version}, but its rows were "
                              "sealed already: the version was set back without the key; refusing it")
         for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
@@ -289,8 +256,8 @@ class SecretStore:
                     continue  # another process ran it meanwhile
                 migration(self.db, self._existing_key)
                 self.db.execute(f"PRAGMA user_version = {number}")
-            if number == SEALING_VERSION and key_path.exists() and not key_marks_sealed(key_path):
-                create_key(key_path, self._existing_key())  # from now on a set-back version is noticed
+            if number == SEALING_VERSION and key_path.exists() and not masterkey.marks_sealed(key_path):
+                masterkey.create(key_path, self._existing_key())  # from now on a set-back version is noticed
 
     def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -303,43 +270,17 @@ class SecretStore:
         return self._key
 
     def _existing_key(self) -> bytes:
-        """The key file's key; a store with sealed rows and no key is refused, never given a new one."""
-        path = self.data_dir / KEY_NAME
-        key = read_key(path)
-        if key is None:
-            raise StoreError(f"master key {path} is missing, and the store {self.data_dir / DB_NAME} holds sealed "
-                             "rows: restore the key file (a new key would leave them unreadable for good)")
-        return key
+        return masterkey.existing(self.data_dir / KEY_NAME, self.data_dir / DB_NAME)
 
     def _load_key(self) -> bytes:
-        canary = self.db.execute("select key_id, nonce, ciphertext from meta where name = 'canary'").fetchone()
-        sealed = self.db.execute("select (select count(*) from secrets) + (select count(*) from sessions)").fetchone()[0]
-        path = self.data_dir / KEY_NAME
-        if canary is None and not sealed and not path.exists():
-            key = create_key(path)  # an empty store: its first key
-        else:
-            key = self._existing_key()
-        if canary is None:
-            if self.db.execute("select count(*) from secrets").fetchone()[0]:
-                raise StoreError(f"store {self.data_dir / DB_NAME} has secrets but no key check: it was edited")
-            _write_canary(self.db, key)
-        else:
-            self._open_canary(key, canary)
-        return key
-
-    def _open_canary(self, key: bytes, canary: tuple) -> None:
-        try:
-            crypto.open_envelope({crypto.key_id(key): key}, *CANARY, crypto.Envelope(*canary))
-        except crypto.EnvelopeError:
-            raise StoreError(f"master key {self.data_dir / KEY_NAME} does not open the store "
-                             f"{self.data_dir / DB_NAME}: it is another store's key, or the store was edited") from None
+        return masterkey.load(self.db, self.data_dir / KEY_NAME, self.data_dir / DB_NAME)
 
     def check(self) -> None:
         """Raise StoreError unless the store file is the one opened, the key file still holds the key in
         use, and that key opens the store (for /readyz)."""
         self._check_file(force=True)
         path = self.data_dir / KEY_NAME
-        if self._key is not None and read_key(path) != self._key:
+        if self._key is not None and masterkey.read(path) != self._key:
             raise StoreError(f"master key {path} was removed or replaced while sealgate ran: the next start "
                              "would be refused; put the key back")
         try:
@@ -348,7 +289,7 @@ class SecretStore:
             raise self._unreadable(e) from None
         if canary is None:
             raise StoreError(f"store {self.data_dir / DB_NAME} has no key check: it was edited or replaced")
-        self._open_canary(self.key, canary)
+        masterkey.open_canary(self.key, canary, self.data_dir / KEY_NAME, self.data_dir / DB_NAME)
 
     def _check_file(self, *, force: bool = False) -> None:
         """The store file is still the one opened (looked at most once a second: it is on every request)."""
@@ -385,7 +326,7 @@ class SecretStore:
         row = self._row(owner, name)
         if not row:
             raise StoreError(f"user {owner} has no secret named {name}")
-        self._verified(row)
+        _verified(self.key, row)
         row = {**row, "origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
         self.db["secrets"].update((owner, name), {"origins": row["origins"], "updated_at": row["updated_at"],
                                                   "seal": _secret_seal(self.key, row)})
@@ -394,17 +335,17 @@ class SecretStore:
     def remove_secret(self, owner: str, name: str) -> None:
         if not self._row(owner, name):
             raise StoreError(f"user {owner} has no secret named {name}")
-        self._verify_owner(owner)
+        _verify_owner(self.db, self.key, owner)
         self.db["secrets"].delete((owner, name))
         _reseal_owner(self.db, self.key, owner)
 
     def list_secrets(self, owner: str) -> list[SecretInfo]:
         try:
-            self._verify_owner(owner)
+            _verify_owner(self.db, self.key, owner)
             rows = self._query("select * from secrets where owner = ? order by name", [owner])
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
-        return [self._info(self._verified(r)) for r in rows]
+        return [_info(_verified(self.key, r)) for r in rows]
 
     def secrets_for(self, owner: str, names: set[str] | None = None) -> dict[str, Secret]:
         """Decrypt the named secrets of owner (all of them for None); a missing name is simply absent.
@@ -425,7 +366,7 @@ class SecretStore:
 
     def _open_secrets(self, owner: str, names: set[str] | None) -> dict[str, Secret]:
         try:
-            self._verify_owner(owner)
+            _verify_owner(self.db, self.key, owner)
             if names is None:
                 rows = self._query("select * from secrets where owner = ?", [owner])
             else:
@@ -435,7 +376,7 @@ class SecretStore:
             keys = {crypto.key_id(self.key): self.key}
             return {
                 r["name"]: Secret(
-                    self._info(self._verified(r)),
+                    _info(_verified(self.key, r)),
                     crypto.open_envelope(keys, owner, r["name"], crypto.Envelope(r["key_id"], r["nonce"], r["ciphertext"])),
                 )
                 for r in rows
@@ -446,8 +387,7 @@ class SecretStore:
             raise self._unreadable(e) from None
 
     def data_version(self) -> int:
-        """Changes when another connection (the CLI, another sidecar) commits: nearly free to read.
-        Also checks that the store file is still the one opened."""
+        """Changes when another connection (the CLI, another sidecar) commits; nearly free to read."""
         self._check_file()
         try:
             return self.db.execute("PRAGMA data_version").fetchone()[0]
@@ -462,27 +402,6 @@ class SecretStore:
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
 
-    def _verify_owner(self, owner: str) -> None:
-        """The owner's rows are the ones last written with the key: none put back, removed or added."""
-        pairs = _owner_pairs(self.db, owner)
-        row = self.db.execute("select seal from owners where owner = ?", [owner]).fetchone()
-        if not pairs and row is None:
-            return  # never had a secret
-        if row is None or not crypto.seal_matches(self.key, "owner", [owner, pairs], row[0]):
-            raise StoreError(f"the secrets of user {owner} are not the ones last written with the master key "
-                             "(a row was put back, removed or added without it); they are refused")
-
-    def _verified(self, row: dict) -> dict:
-        """row, if its deciding fields carry the seal the master key gives them; else StoreError."""
-        try:
-            sealed = crypto.seal_matches(self.key, "secret", _secret_fields(row), row.get("seal"))
-        except (TypeError, ValueError):  # a column of another type than sealgate writes
-            sealed = False
-        if not sealed:
-            raise StoreError(f"secret {row['name']} of user {row['owner']} was changed without the master key "
-                             "(its owner, name or origins do not match their seal); it is refused")
-        return row
-
     def _row(self, owner: str, name: str) -> dict | None:
         return next(iter(self._query("select * from secrets where owner = ? and name = ?", [owner, name])), None)
 
@@ -492,10 +411,6 @@ class SecretStore:
     def _query(self, sql: str, params: list) -> list[dict]:
         """Rows as dicts (sqlite-utils' query: unlike rows_where, a missing table is an error, not no rows)."""
         return list(self.db.query(sql, params))
-
-    @staticmethod
-    def _info(row: dict) -> SecretInfo:
-        return SecretInfo(row["owner"], row["name"], _origins(row["origins"]), row["created_at"], row["updated_at"])
 
     # audit --------------------------------------------------------------------------
 

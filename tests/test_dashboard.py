@@ -5,7 +5,6 @@ value or a session credential; and nothing done in it can send a value anywhere.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import threading

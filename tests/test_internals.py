@@ -130,3 +130,14 @@ def test_default_paths_are_under_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "config" / "sealgate.yaml").write_text("data_dir: store\nlisten_port: 9999\n")
     s = settings.load({}, env={})
     assert s.data_dir == tmp_path / "config" / "store" and s.listen_port == 9999
+
+
+def test_no_class_in_the_package_is_over_250_lines():
+    import ast
+    import pathlib
+
+    import sealgate
+    sizes = {f"{p.name}:{n.name}": n.end_lineno - n.lineno + 1
+             for p in pathlib.Path(sealgate.__file__).parent.glob("*.py")
+             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)}
+    assert {k: v for k, v in sizes.items() if v > 250} == {}

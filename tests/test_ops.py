@@ -7,8 +7,6 @@ import json
 import sqlite3
 import urllib.request
 
-import pytest
-
 from conftest import curl, make_proxy
 
 

@@ -394,7 +394,7 @@ def test_fail_closed_under_the_wrong_master_key(tmp_path, pki, make_upstream, us
     api = make_upstream("127.0.0.1")
     p = make_proxy(tmp_path, pki)
     p.add_secret(user, "K", value, api.origin)
-    s = p.issue(user=user)
+    p.issue(user=user)
     (p.data_dir / "master.key").write_text("ab" * 32 + "\n")  # a valid key, but not the one used
     with pytest.raises(AssertionError, match="sealgate run exited"):
         p.start()  # refused before it listens: nothing can be forwarded
