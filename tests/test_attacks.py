@@ -49,7 +49,7 @@ def test_websocket_frames_from_upstream_are_scrubbed(proxy, pki, user, value):
                      b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         payload = b"you sent " + header(head, b"x-key")
         sock.sendall(bytes([0x81, len(payload)]) + payload)
-        time.sleep(1)
+        time.sleep(0.4)  # the socket stays open while the frames reach the worker
     up = RawUpstream(pki, answer)
     proxy.add_secret(user, "K", value, up.origin)
     s = proxy.issue(user=user)
@@ -68,7 +68,7 @@ def test_raw_tcp_after_other_upgrade_is_closed(proxy, pki, user, value):
     def answer(head, body, sock):
         sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\n")
         sock.sendall(b"raw: " + header(head, b"x-key"))
-        time.sleep(1)
+        time.sleep(0.4)  # the socket stays open while the frames reach the worker
     up = RawUpstream(pki, answer)
     proxy.add_secret(user, "K", value, up.origin)
     s = proxy.issue(user=user)

@@ -585,7 +585,7 @@ def echo_in_websocket_frame(s):
         payload = b"you sent " + header(head, b"x-key")
         sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + bytes([0x81, len(payload)]) + payload)
-        time.sleep(1)
+        time.sleep(0.4)  # the socket stays open while the frames reach the worker
     up = s.raw_upstream(answer)
     s.allow(up)
     out = s.via(up, f"GET /ws HTTP/1.1\r\nHost: {up.target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -598,7 +598,7 @@ def echo_after_other_upgrade_as_raw_tcp(s):
     def answer(head, body, sock):
         sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\nraw: "
                      + header(head, b"x-key"))
-        time.sleep(1)
+        time.sleep(0.4)  # the socket stays open while the frames reach the worker
     up = s.raw_upstream(answer)
     s.allow(up)
     return s.via(up, get(up, headers=f"Upgrade: foo\r\nX-Key: {s.ph}\r\n")), None
@@ -622,7 +622,7 @@ def _ws_control_echo(s: Scene, frames, *, plain: bool = False) -> bytes:
         for f in frames(header(head, b"x-key")):
             sock.sendall(f)
             time.sleep(0.2)
-        time.sleep(1)
+        time.sleep(0.4)  # the socket stays open while the frames reach the worker
     up = s.raw_upstream(answer, tls=not plain)
     if plain:  # ws:// through the proxy in absolute form: no CONNECT tunnel
         s.proxy.cli("secret", "set-origins", "--user", s.session["principal"], "--name", "K", "--allow-http",
@@ -663,7 +663,7 @@ def websocket_opened_before_the_secret_was_added(s):
         sock.sendall(_ws_accept(head))
         added.wait(10)
         sock.sendall(_frame(0x1, b"stored: " + s.value.encode()))
-        time.sleep(1)
+        time.sleep(0.4)  # the socket stays open while the frames reach the worker
     up = s.raw_upstream(answer)
     s.proxy.cli("secret", "rm", "--user", s.session["principal"], "--name", "K")
     s.proxy.add_secret(s.session["principal"], "OTHER", s.value + "-other", up.origin)

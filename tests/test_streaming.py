@@ -214,7 +214,7 @@ def _ws_upstream(pki, host="127.0.0.1"):
         payload = bytes(b ^ mask[i % 4] for i, b in enumerate(frame[6:6 + n]))
         up.frames.append(payload)
         sock.sendall(_ws_frame(b"you sent " + payload, mask=False))
-        time.sleep(1)
+        time.sleep(0.4)  # the socket stays open while the frames reach the worker
     up = RawUpstream(pki, answer, host=host)
     up.frames = []
     return up
