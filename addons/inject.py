@@ -3,8 +3,9 @@
 A value is validated when added (no control characters), and escaped here for where it
 lands: a header takes it as is, a URL percent-encodes it, a form uses form encoding, a
 JSON string JSON-escapes it. So a value can never split a header or leave a JSON string
-or a query parameter. `derived_forms` lists every byte string sealgate itself produces
-from a value, so that responses can be scrubbed of all of them.
+or a query parameter. `derived_forms` lists the byte strings sealgate itself writes for a
+value: exact forms, kept out of log lines (responses are scrubbed of every common encoding
+of a value by `scrub.Scrubber.add_value`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from mitmproxy import http
 
-from . import bodies, decision, internals, placeholders, sessions
+from . import bodies, decision, inject, internals, placeholders, sessions
 from .errors import Refusal
 from .flowstate import Fields, FlowState
 from .scrub import Scrubber, stream_rewriter
@@ -86,10 +86,16 @@ class Scrubbers:
         return True
 
     def _add(self, scrubber: Scrubber, values: list[tuple[str, str]]) -> None:
-        """(value, placeholder) pairs, to the scrubber and to the one that keeps them out of every log."""
+        """(value, placeholder) pairs, to the session's scrubber (every encoding) and to the one that keeps
+        them out of every log line. That one holds every value the process has seen, so it takes exact
+        forms only (what sealgate writes, and Python's repr of the bytes, as log lines quote them): its
+        cost stays flat however many principals a proxy serves. sealgate's own lines hold no value at
+        all (they are built from the placeholder form); this guards what other code logs."""
         if values:
             scrubber.add_values(values)
-            self.logs.add_values(values)
+            self.logs.add([pair for value, placeholder in values
+                           for pair in [*inject.derived_forms(value, placeholder),
+                                        (repr(value.encode())[2:-1].encode(), placeholder.encode())]])
 
 
 Current = Callable[[], Scrubber]  # the session's scrubber with the principal's values as they are now

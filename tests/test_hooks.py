@@ -376,3 +376,16 @@ def test_websocket_history_is_bounded(world):
         addon.websocket_message(f)
     assert len(f.websocket.messages) <= WEBSOCKET_HISTORY
     assert f.websocket.messages[-1].content == b"m%d" % (WEBSOCKET_HISTORY * 3 - 1)
+
+
+def test_what_other_code_logs_is_scrubbed_of_values_in_the_forms_log_lines_quote(world):
+    import logging
+    addon, store, issued = world
+    odd = "sk-é-" + "x" * 12  # non-ASCII: repr() writes it as \xNN escapes
+    store.add_secret(issued.session.principal, "ODD", odd, [origins.parse("https://api.example")])
+    addon.scrubbers.for_session(issued.session)
+    for text in (f"Unexpected data from server: {odd.encode()!r}", f"got {odd}", f"q=sk-%C3%A9-{'x' * 12}"):
+        record = logging.LogRecord("mitmproxy", logging.INFO, "x", 1, text, None, None)
+        addon.scrubbers.log_filter(record)
+        assert odd not in record.getMessage() and "\\xc3\\xa9" not in record.getMessage()
+        assert "sg." in record.getMessage()
