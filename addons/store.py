@@ -390,7 +390,7 @@ class SecretStore:
         """Changes when another connection (the CLI, another sidecar) commits; nearly free to read."""
         self._check_file()
         try:
-            return self.db.execute("PRAGMA data_version").fetchone()[0]
+            return self.db.conn.execute("PRAGMA data_version").fetchone()[0]  # (not through sqlite-utils: every request)
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
 
