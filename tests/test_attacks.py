@@ -248,3 +248,47 @@ def test_rebinding_to_a_blocked_address_is_refused():
         return server
     server = asyncio.run(run())
     assert server.error.startswith("destination_blocked") and server.address == ("metadata.example", 80)
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.e2e  # the memory of the proxy process
+@pytest.mark.parametrize("credentials", [True, False])
+def test_a_200_mib_compressed_upload_is_refused_before_it_is_held(proxy, pki, user, credentials):
+    """A compressed body is held whole to be decoded, and mitmproxy reads a whole body before it sends
+    an answer set early: a large one (with or without credentials) is closed at its head instead."""
+    import socket
+    import threading
+    up = RawUpstream(pki, lambda h, b, s: raw_response(b"ok"), host="127.0.0.2", keep_bodies=False)
+    size = 200 << 20
+    head = (f"POST /up HTTP/1.1\r\nHost: {up.target}\r\nContent-Encoding: gzip\r\nContent-Length: {size}\r\n\r\n"
+            .encode())
+    if credentials:
+        sock = tunnel(proxy.issue(user=user), proxy.port, up.target, None)
+    else:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+        head = head.replace(b"POST /up", f"POST http://{up.target}/up".encode())
+    base, peak, stop = _rss(proxy.proc.pid), [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss(proxy.proc.pid))
+            time.sleep(0.05)
+    threading.Thread(target=watch, daemon=True).start()
+    sock.settimeout(30)
+    chunk = os.urandom(1 << 20)
+    try:
+        sock.sendall(head)
+        for _ in range(size >> 20):
+            sock.sendall(chunk)
+    except OSError:
+        pass  # closed at its head, as it should be
+    stop.set()
+    sock.close()
+    assert peak[0] - base < 64 << 20, f"the proxy grew by {(peak[0] - base) >> 20} MiB"
+    assert up.body_sizes == []
+    audit = proxy.cli("audit", "--json").stdout
+    assert ("unreadable_body" if credentials else "proxy_auth_required") in audit

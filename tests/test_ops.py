@@ -100,3 +100,23 @@ def test_readyz_says_when_the_store_cannot_be_read(tmp_path, pki):
         assert fetch(p.metrics_url + "/healthz")[0] == 200
     finally:
         p.stop()
+
+
+def test_a_key_removed_under_a_running_proxy_is_never_replaced(tmp_path, pki, api, user, value):
+    p = make_proxy(tmp_path, pki)
+    p.add_secret(user, "K", value, api.origin)
+    p.start()
+    try:
+        assert fetch(p.metrics_url + "/readyz")[0] == 200
+        (p.data_dir / "master.key").unlink()
+        status, body = fetch(p.metrics_url + "/readyz")
+        assert status == 503 and "was removed or replaced while sealgate ran" in json.loads(body)["reason"]
+        r = p.cli("secret", "add", "--user", user, "--name", "L", "--origins", api.origin, input=value + "-l",
+                  check=False)
+        assert r.returncode == 1 and "is missing, and the store" in r.stderr and "restore the key" in r.stderr
+        assert not (p.data_dir / "master.key").exists()  # no new key: every sealed row stays readable
+        r = p.cli("session", "issue", "--access", "signed-in", "--user", user, "--runchat", "r", "--instance", "i",
+                  check=False)
+        assert r.returncode == 1 and "is missing" in r.stderr
+    finally:
+        p.stop()
