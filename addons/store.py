@@ -321,6 +321,7 @@ class SecretStore:
         }
         self.db["secrets"].upsert({**row, "seal": _secret_seal(self.key, row)}, pk=("owner", "name"))
         _reseal_owner(self.db, self.key, owner)
+        self._opened.clear()  # this connection's own writes leave data_version as it is
 
     def set_origins(self, owner: str, name: str, origins: list[Origin]) -> None:
         row = self._row(owner, name)
@@ -331,6 +332,7 @@ class SecretStore:
         self.db["secrets"].update((owner, name), {"origins": row["origins"], "updated_at": row["updated_at"],
                                                   "seal": _secret_seal(self.key, row)})
         _reseal_owner(self.db, self.key, owner)
+        self._opened.clear()  # this connection's own writes leave data_version as it is
 
     def remove_secret(self, owner: str, name: str) -> None:
         if not self._row(owner, name):
@@ -338,6 +340,7 @@ class SecretStore:
         _verify_owner(self.db, self.key, owner)
         self.db["secrets"].delete((owner, name))
         _reseal_owner(self.db, self.key, owner)
+        self._opened.clear()  # this connection's own writes leave data_version as it is
 
     def list_secrets(self, owner: str) -> list[SecretInfo]:
         try:

@@ -831,25 +831,29 @@ def placeholder_in_path_of_a_streamed_body(s):
 
 @attack
 def range_requests_reassemble_a_stored_value(s):
+    return _slices_of_a_stored_value(s, "Range"), None
+
+
+def _slices_of_a_stored_value(s: Scene, header_name: str) -> bytes:
+    """Store the value at an origin that honours header_name, then ask for it in 6-byte slices; what the
+    worker got, the slices' bodies joined last (they must not make up the value)."""
     stored: list[bytes] = []
 
     def answer(head, body, sock):
         if head.startswith(b"PUT"):
             stored.append(body)
             return raw_response(b"stored")
-        data = b"".join(stored)
-        rng = header(head, b"range")
+        data, rng = b"".join(stored), header(head, header_name.lower().encode())
         if rng.startswith(b"bytes="):
             a, _, b = rng[6:].partition(b"-")
-            part = data[int(a):int(b) + 1]
-            return raw_response(part, b"206 Partial Content", b"Content-Range: bytes %s-%s/%d\r\n" % (a, b, len(data)))
+            return raw_response(data[int(a):int(b) + 1], b"206 Partial Content",
+                                b"Content-Range: bytes %s-%s/%d\r\n" % (a, b, len(data)))
         return raw_response(data)
     up = s.raw_upstream(answer)
     s.allow(up)
     s.via(up, post(up, s.ph.encode(), path="/note").replace(b"POST", b"PUT", 1))
-    slices = [s.via(up, get(up, "/note", f"Range: bytes={i}-{i + 5}\r\n")) for i in range(0, len(s.value), 6)]
-    joined = b"".join(out.partition(b"\r\n\r\n")[2] for out in slices)
-    return b"\n".join(slices) + b"\n" + joined, None
+    slices = [s.via(up, get(up, "/note", f"{header_name}: bytes={i}-{i + 5}\r\n")) for i in range(0, len(s.value), 6)]
+    return b"\n".join(slices) + b"\n" + b"".join(out.partition(b"\r\n\r\n")[2] for out in slices)
 
 
 @attack
@@ -932,22 +936,7 @@ def secret_added_during_a_long_poll(s):
 @attack
 def request_range_slices_of_a_stored_value(s):
     """`Request-Range`, the older name some servers (Apache httpd) still honour, is dropped as Range is."""
-    stored: list[bytes] = []
-
-    def answer(head, body, sock):
-        if head.startswith(b"PUT"):
-            stored.append(body)
-            return raw_response(b"stored")
-        data, rng = b"".join(stored), header(head, b"request-range")
-        if rng.startswith(b"bytes="):
-            a, _, b = rng[6:].partition(b"-")
-            return raw_response(data[int(a):int(b) + 1], b"206 Partial Content")
-        return raw_response(data)
-    up = s.raw_upstream(answer)
-    s.allow(up)
-    s.via(up, post(up, s.ph.encode(), path="/note").replace(b"POST", b"PUT", 1))
-    slices = [s.via(up, get(up, "/note", f"Request-Range: bytes={i}-{i + 5}\r\n")) for i in range(0, len(s.value), 6)]
-    return b"\n".join(slices) + b"".join(out.partition(b"\r\n\r\n")[2] for out in slices), None
+    return _slices_of_a_stored_value(s, "Request-Range"), None
 
 
 # --- the one test ----------------------------------------------------------------------------------

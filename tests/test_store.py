@@ -220,3 +220,16 @@ def test_a_removed_secret_put_back_is_refused(filled, tmp_path, user, value):
     _put_back(tmp_path, gone)
     with pytest.raises(StoreError, match="not the ones last written with the master key"):
         SecretStore(tmp_path).list_secrets(user)
+
+
+def test_a_store_reads_its_own_writes(filled, user, value):
+    """What secrets_for keeps opened is dropped on every write of the same store, whose own commits leave
+    data_version as it is."""
+    from sealgate import origins
+    assert [str(o) for o in filled.secrets_for(user)["K"].origins] == ["https://api.example"]
+    filled.set_origins(user, "K", [origins.parse("https://b.example")])
+    assert [str(o) for o in filled.secrets_for(user)["K"].origins] == ["https://b.example"]
+    filled.add_secret(user, "K", value + "-2", [origins.parse("https://b.example")], replace=True)
+    assert filled.secrets_for(user)["K"].value == value + "-2"
+    filled.remove_secret(user, "K")
+    assert filled.secrets_for(user) == {}
