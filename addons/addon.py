@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from mitmproxy import ctx, exceptions, http, tcp, tls
 from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 
-from . import internals, origins, scrubbing
+from . import internals, keys, origins, scrubbing
 from .auth import Authenticator
 from .dial import Dialer
 from .egress import EgressPolicy, parse_cidrs
@@ -35,7 +36,7 @@ from .release import Refused, Releaser, encoded_body_refusal
 from .scrub import Scrubber
 from .scrubbing import Scrubbers
 from .sessions import Session
-from .store import SecretStore, StoreError
+from .store import KEY_NAME, SecretStore, StoreError
 from .streams import StreamFilter
 
 log = logging.getLogger("sealgate")
@@ -71,7 +72,8 @@ def _fail_closed(hook):
 
 
 class Sealgate:
-    def __init__(self) -> None:
+    def __init__(self, key_source: keys.KeySource | None = None) -> None:
+        self.key_source = key_source  # None: the data dir's key file, or SEALGATE_MASTER_KEY / _KEY_HOOK
         self.store: SecretStore | None = None
         self.states = FlowStates()
         self.metrics = Metrics()
@@ -79,12 +81,14 @@ class Sealgate:
         self.auth = Authenticator(self._store, self.states)
         self.scrubbers = Scrubbers(self._store)
         self.recorder = Recorder(self._store, self.metrics, self.states)
-        self.releaser = Releaser(self._store, self.scrubbers, self.recorder.allowed)
+        self.releaser = Releaser(self._store, self.scrubbers, self.recorder.allowed, self.auth.live)
 
     # lifecycle ----------------------------------------------------------------------------
 
     def load(self, loader) -> None:
         loader.add_option("sealgate_data_dir", str, "", "Folder of sealgate's store and master key.")
+        loader.add_option("sealgate_store_url", str, "",
+                          "sqlite:///file or postgresql://user@host:port/db (default: the data dir's SQLite file).")
         loader.add_option(
             "sealgate_allow_private", str, "",
             "Comma-separated CIDRs the proxy may reach although loopback or private.",
@@ -110,13 +114,10 @@ class Sealgate:
                                           "sent, filled with values")
         if any(not mode.startswith("regular") for mode in getattr(ctx.options, "mode", ["regular"])):
             raise exceptions.OptionsError("sealgate runs only as a regular (forward) proxy")
-        if "sealgate_data_dir" in updated:
-            if not ctx.options.sealgate_data_dir:
-                raise exceptions.OptionsError("sealgate_data_dir must name the folder of sealgate's store")
-            try:
-                self.store = SecretStore(Path(ctx.options.sealgate_data_dir))
-            except StoreError as e:
-                raise exceptions.OptionsError(str(e)) from None
+        if updated & {"sealgate_data_dir", "sealgate_store_url"}:
+            old, self.store = self.store, _open_store(self.key_source)
+            if old is not None:
+                old.close()
         if updated & {"sealgate_allow_private", "sealgate_guard_ports", "listen_port"}:
             self.dialer.policy = _egress_policy()
 
@@ -133,6 +134,8 @@ class Sealgate:
     def done(self) -> None:
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self.scrubbers.log_filter)
+        if self.store is not None:
+            self.store.close()
 
     # connect: who, and where to ---------------------------------------------------------
 
@@ -323,6 +326,18 @@ def _body_of_unknown_length(request: http.Request) -> bool:
     """An HTTP/2 request without Content-Length whose head did not end the stream: a body of unknown
     length follows (HTTP/1 marks one with chunked framing)."""
     return request.is_http2 and "content-length" not in request.headers and not internals.has_no_body(request)
+
+
+def _open_store(source: keys.KeySource | None) -> SecretStore:
+    """The store the options name, following every node's writes (listen)."""
+    if not ctx.options.sealgate_data_dir:
+        raise exceptions.OptionsError("sealgate_data_dir must name the folder of sealgate's store")
+    data_dir = Path(ctx.options.sealgate_data_dir)
+    try:
+        source = source or keys.source(data_dir / KEY_NAME, os.environ.get(keys.ENV_VAR), os.environ.get(keys.HOOK_VAR))
+        return SecretStore(data_dir, ctx.options.sealgate_store_url or None, source, listen=True)
+    except StoreError as e:
+        raise exceptions.OptionsError(str(e)) from None
 
 
 def _egress_policy() -> EgressPolicy:

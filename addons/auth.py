@@ -36,8 +36,19 @@ class Authenticator:
         if session is None:
             return self._from_header(flow)
         flow.request.headers.pop("Proxy-Authorization", None)  # never forward a credential
+        return self.live(session)
+
+    def live(self, session: sessions.Session) -> sessions.Session | Refusal:
+        """The session, if it has not expired nor been revoked on any node since it was checked (the
+        store's cache: no database read unless the store changed)."""
         if session.expired():
             return Refusal("proxy_auth_required", f"this session has expired; {HINT}")
+        try:
+            current = self.store().session(session.id)
+        except StoreError as e:
+            return Refusal("store_unavailable", f"cannot check the session: {e}")
+        if current is None:
+            return Refusal("proxy_auth_required", f"this session was revoked; {HINT}")
         return session
 
     def _from_header(self, flow: http.HTTPFlow) -> sessions.Session | Refusal:

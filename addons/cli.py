@@ -15,9 +15,10 @@ import re
 import sqlite3
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from . import ca, logfmt, origins, sessions, settings, validate
-from .store import SecretStore, StoreError
+from . import backup, ca, logfmt, origins, rotation, sessions, settings, validate
+from .store import SecretStore, StoreError, open_store
 
 
 class UsageError(Exception):
@@ -26,14 +27,18 @@ class UsageError(Exception):
 
 def _settings(args: argparse.Namespace) -> settings.Settings:
     flags = {k: getattr(args, k, None) for k in ("listen_host", "listen_port", "web_port", "web_password",
-                                                 "data_dir", "certs_dir", "upstream_ca", "allow_private", "metrics")}
+                                                 "data_dir", "certs_dir", "upstream_ca", "allow_private", "metrics",
+                                                 "store_url")}
     flags["no_web"] = getattr(args, "no_web", False)
     flags["no_metrics"] = getattr(args, "no_metrics", False)
     return settings.load(flags, args.env)
 
 
-def _store(args: argparse.Namespace) -> SecretStore:
-    return SecretStore(_settings(args).data_dir)
+def _store(args: argparse.Namespace, s: settings.Settings | None = None) -> SecretStore:
+    """The store the settings name; closed when the command ends (a PostgreSQL pool among them)."""
+    store = open_store(s or _settings(args))
+    args.opened.append(store)
+    return store
 
 
 def _origins(args: argparse.Namespace) -> list[origins.Origin]:
@@ -100,7 +105,7 @@ def cmd_secret_set_origins(args: argparse.Namespace) -> None:
 
 def cmd_session_issue(args: argparse.Namespace) -> None:
     s = _settings(args)
-    store = SecretStore(s.data_dir)
+    store = _store(args, s)
     ttl = s.session_ttl if args.ttl is None else settings.parse_ttl(args.ttl, "--ttl")
     issued = sessions.issue(store, access=args.access, runchat=args.runchat, instance=args.instance,
                             user=args.user, author=args.author, ttl_seconds=ttl)
@@ -117,9 +122,45 @@ def cmd_session_issue(args: argparse.Namespace) -> None:
     }, indent=2))
 
 
+def cmd_session_revoke(args: argparse.Namespace) -> None:
+    _store(args).revoke_session(args.id)
+    print(f"revoked session {args.id}; every proxy on this store refuses it within a second")
+
+
+def cmd_key_rotate(args: argparse.Namespace) -> None:
+    store = _store(args)
+    key_id = rotation.rotate(store, batch=args.batch)
+    print(f"rotated: data key {key_id} now seals every secret; retire older keys with `sealgate key retire KEY_ID`")
+
+
+def cmd_key_retire(args: argparse.Namespace) -> None:
+    rotation.retire(_store(args), args.key_id)
+    print(f"retired data key {args.key_id}")
+
+
+def cmd_key_list(args: argparse.Namespace) -> None:
+    for k in rotation.list_keys(_store(args)):
+        made = _iso(k.created_at) if k.created_at else "-"
+        print(f"{k.key_id}\t{k.kind}\t{'current' if k.current else '-'}\t{k.secrets} secret(s)\tcreated {made}")
+
+
+def cmd_backup(args: argparse.Namespace) -> None:
+    counts = backup.backup(_store(args), Path(args.file))
+    print(f"backed up {_counted(counts)} to {args.file} (values still sealed under the master key)")
+
+
+def cmd_restore(args: argparse.Namespace) -> None:
+    counts = backup.restore(_store(args), Path(args.file))
+    print(f"restored {_counted(counts)} from {args.file}")
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {table} row(s)" for table, n in counts.items())
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     s = _settings(args)
-    SecretStore(s.data_dir).key  # create the store and key on first use, or fail before listening
+    _store(args, s).key  # create the store and key on first use, or fail before listening
     from mitmproxy.exceptions import OptionsError
 
     from . import runner  # mitmproxy's master is only needed here
@@ -187,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--listen-port", help="proxy port [SEALGATE_LISTEN_PORT]")
     g.add_argument("--upstream-ca", help="PEM file of extra CAs trusted upstream [SEALGATE_UPSTREAM_CA]")
     g.add_argument("--allow-private", help="CIDRs reachable although private [SEALGATE_ALLOW_PRIVATE]")
+    g.add_argument("--store-url", help="sqlite:///file or postgresql://user@host:port/db [SEALGATE_STORE_URL]")
 
     p = _Parser(prog="sealgate", description="Secrets that workers use but never read.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -225,6 +267,27 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--author", help="workflow author (app view while signed out)")
     si.add_argument("--ttl", help="seconds the session lives (60 to 604800)")
     si.set_defaults(func=cmd_session_issue)
+    sr = session.add_parser("revoke", parents=[common], help="revoke a session on every proxy of the store")
+    sr.add_argument("id", help="the session id (session_id of `session issue`)")
+    sr.set_defaults(func=cmd_session_revoke)
+
+    key = sub.add_parser("key", help="rotate and retire the keys values are sealed under").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    kr = key.add_parser("rotate", parents=[common], help="add a data key and move every secret under it")
+    kr.add_argument("--batch", type=int, default=rotation.BATCH, help="secrets per transaction (100)")
+    kr.set_defaults(func=cmd_key_rotate)
+    kt = key.add_parser("retire", parents=[common], help="remove a data key that nothing uses any more")
+    kt.add_argument("key_id")
+    kt.set_defaults(func=cmd_key_retire)
+    key.add_parser("list", parents=[common], help="the keys, which is current, what each seals").set_defaults(
+        func=cmd_key_list)
+
+    bk = sub.add_parser("backup", parents=[common], help="write the store's rows (values still sealed) to FILE")
+    bk.add_argument("file")
+    bk.set_defaults(func=cmd_backup)
+    rs = sub.add_parser("restore", parents=[common], help="restore a backup into an empty store")
+    rs.add_argument("file")
+    rs.set_defaults(func=cmd_restore)
 
     audit = sub.add_parser("audit", parents=[common], help="read the audit trail (newest first)")
     audit.add_argument("--user", help="only this principal's decisions")
@@ -249,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
     """Run one command; env stands in for os.environ (for tests that call this in-process)."""
     args = _parser().parse_args(argv)
-    args.env = env
+    args.env, args.opened = env, []
     handler: Callable[[argparse.Namespace], None] = args.func
     try:
         handler(args)
@@ -262,6 +325,9 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     except sqlite3.Error as e:
         print(f"sealgate: error: the store cannot be used: {e}", file=sys.stderr)
         return 1
+    finally:
+        for store in args.opened:
+            store.close()
     return 0
 
 

@@ -19,6 +19,7 @@ from .flowstate import Fields, FlowState, Sent
 from .inject import Context
 from .placeholders import Found
 from .scrubbing import Scrubbers
+from .sessions import Session
 from .store import SecretStore, StoreError
 from .streams import StreamRewriter
 
@@ -35,8 +36,9 @@ class Refused(Exception):
 
 class Releaser:
     def __init__(self, store: Callable[[], SecretStore], scrubbers: Scrubbers,
-                 allowed: Callable[[http.HTTPFlow, tuple[str, ...]], None]) -> None:
-        self.store, self.scrubbers, self.allowed = store, scrubbers, allowed
+                 allowed: Callable[[http.HTTPFlow, tuple[str, ...]], None],
+                 live: Callable[[Session], Session | Refusal]) -> None:
+        self.store, self.scrubbers, self.allowed, self.live = store, scrubbers, allowed, live
 
     def request(self, flow: http.HTTPFlow, state: FlowState, *, with_body: bool) -> Refusal | None:
         """URL, headers, trailers and (with_body) the buffered body: fill them all, or refuse."""
@@ -109,9 +111,9 @@ class Releaser:
 
     def _decide(self, flow: http.HTTPFlow, state: FlowState, found: tuple[placeholders.Placeholder, ...],
                 ) -> decision.Allow | Refusal:
-        session = state.session
-        if session.expired():
-            return Refusal("proxy_auth_required", "this session has expired; nothing more is filled")
+        session = self.live(state.session)  # expired or revoked since the request began: nothing more is filled
+        if isinstance(session, Refusal):
+            return session
         result = decision.decide(facts(flow, found), session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return result.refusal

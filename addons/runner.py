@@ -38,13 +38,14 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
     m = master.Master(opts, with_termlog=with_termlog)
     # sealgate first: its server_connect check runs before anything else sees the connection,
     # and its tls_start_server names the destination before TlsConfig builds the context
-    m.addons.add(Sealgate(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
+    m.addons.add(Sealgate(settings.key_source()), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
                  errorcheck.ErrorCheck())
     opts.update(
         confdir=str(certs),
         rawtcp=False,  # after a non-WebSocket 101 nothing could be checked: close instead
         ssl_verify_upstream_trusted_ca=str(bundle) if bundle else None,
         sealgate_data_dir=str(settings.data_dir),
+        sealgate_store_url=settings.store_url or "",
         sealgate_allow_private=settings.allow_private,
         sealgate_guard_ports=",".join(str(p) for p in (settings.web_port, settings.metrics and settings.metrics[1]) if p),
     )
@@ -61,7 +62,6 @@ def _readiness(sealgate: Sealgate, certs: Path):
             if store is None:
                 return "sealgate_data_dir is not set"
             store.check()  # the file is the one opened, and the key opens it
-            store.secrets_signature("")  # and its tables are readable
         except StoreError as e:
             return str(e)
         if not (certs / ca.CA_CERT).exists():

@@ -33,7 +33,7 @@ class _Entry:
     expires_at: float
     scrubber: Scrubber
     signature: tuple = ()  # of the principal's secrets when last loaded
-    data_version: int | None = None  # of the store when the signature was last checked
+    version: object = None  # of the store when the signature was last checked
 
 
 class Scrubbers:
@@ -53,15 +53,15 @@ class Scrubbers:
             for sid in [sid for sid, e in self.sessions.items() if e.expires_at + SCRUBBER_GRACE < now]:
                 del self.sessions[sid]
             entry = self.sessions[session.id] = _Entry(session.record.expires_at, Scrubber())
-        version = store.data_version()
-        if entry.data_version == version:
+        version = store.version()
+        if entry.version == version:
             return entry.scrubber  # nothing was written to the store since the last look
         signature = store.secrets_signature(session.principal)
         if entry.signature != signature:
             self._add(entry.scrubber, [(secret.value, session.placeholder(name))
                                        for name, secret in store.secrets_for(session.principal).items()])
             entry.signature = signature
-        entry.data_version = version  # only once loaded: a failure is tried again, and refused again
+        entry.version = version  # only once loaded: a failure is tried again, and refused again
         return entry.scrubber
 
     def learn(self, state: FlowState, result: decision.Allow) -> None:

@@ -10,12 +10,13 @@ bad value raises ConfigError naming where it came from (file and key, variable o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import keys
 from .egress import parse_cidrs
 from .origins import is_port_text
 
@@ -32,7 +33,10 @@ DEFAULTS: dict[str, Any] = {
     "allow_private": "",  # CIDRs reachable although loopback or private
     "session_ttl": 3600,  # seconds a session's proxy credential and placeholders live
     "metrics": "127.0.0.1:9090",  # /healthz, /readyz, /metrics; `run --no-metrics` turns them off
+    "store_url": None,  # sqlite:///path or postgresql://user@host:port/db; unset: the data dir's SQLite file
+    "key_hook": None,  # module:object whose wrap()/unwrap() call a KMS for the master key (keys.py)
 }
+# The master key itself is never a config key: the file in the data dir, or SEALGATE_MASTER_KEY.
 
 
 class ConfigError(Exception):
@@ -51,6 +55,12 @@ class Settings:
     allow_private: str
     session_ttl: int
     metrics: tuple[str, int] | None  # host and port of /healthz, /readyz, /metrics; None: off
+    store_url: str | None = None
+    key_hook: str | None = None
+    master_key: str | None = field(default=None, repr=False)  # SEALGATE_MASTER_KEY's hex, if set
+
+    def key_source(self) -> keys.KeySource:
+        return keys.source(self.data_dir / "master.key", self.master_key, self.key_hook)
 
 
 def _port(v: Any) -> int:
@@ -78,6 +88,23 @@ def _host_port(v: Any) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1", _port(port))
 
 
+def _store_url(v: Any) -> str:
+    text = _text(v)
+    scheme = text.split(":", 1)[0].lower()
+    if scheme == "sqlite" and not text.startswith("sqlite:///"):
+        raise ValueError("write sqlite:///absolute/path/to/file.db")
+    if scheme not in ("sqlite", "postgresql", "postgres") or "://" not in text:
+        raise ValueError("must be sqlite:///path/to/file.db or postgresql://user@host:port/db")
+    return text
+
+
+def _hook(v: Any) -> str:
+    text = _text(v)
+    if not text.count(":") == 1 or not all(text.split(":")):
+        raise ValueError("must be module:object")
+    return text
+
+
 def _cidrs(v: Any) -> str:
     text = "" if v is None else _text(v)
     parse_cidrs(text)
@@ -96,6 +123,8 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "allow_private": ("SEALGATE_ALLOW_PRIVATE", _cidrs),
     "session_ttl": ("SEALGATE_SESSION_TTL", _ttl),
     "metrics": ("SEALGATE_METRICS_PORT", _host_port),
+    "store_url": ("SEALGATE_STORE_URL", _store_url),
+    "key_hook": ("SEALGATE_KEY_HOOK", _hook),
 }
 _PATHS = ("data_dir", "certs_dir", "upstream_ca")
 
@@ -134,6 +163,9 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
         allow_private=values["allow_private"],
         session_ttl=values["session_ttl"],
         metrics=None if no_metrics else values["metrics"],
+        store_url=values.get("store_url"),
+        key_hook=values.get("key_hook"),
+        master_key=env.get(keys.ENV_VAR) or None,
     )
 
 

@@ -1,128 +1,30 @@
-"""The encrypted store: secrets and sessions in SQLite, values sealed by `crypto`.
+"""The encrypted store: secrets, sessions and the audit trail, on SQLite or PostgreSQL (`sql`).
 
-Values go in through `add_secret` and come out only through `secrets_for`, which the
-addon calls to fill a request. Listing never decrypts. The master key lives in its own
-file (mode 0600) beside the database; it is created on first use.
+Values go in through `add_secret` and come out only through `secrets_for`, which the addon calls
+to fill a request. Listing never decrypts. What the request path reads (opened secrets, sessions)
+is kept in memory until the backend's `version()` says some node wrote: the database is read
+again then, and only then. Every row's deciding fields carry a seal (`seals`); values are sealed
+under data keys wrapped by the master key (`keys`).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
-import sqlite3
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlite_utils
-
-from . import crypto, masterkey
+from . import crypto, keys, schema, seals
 from .errors import StoreError
 from .origins import Origin
 from .origins import parse as parse_origin
+from .sql import Backend, Tx, open_backend
 
 DB_NAME = "sealgate.db"
 KEY_NAME = "master.key"
-KeyLoader = Callable[[], bytes]
-
-
-def _v1_tables(db: sqlite_utils.Database, key: KeyLoader) -> None:
-    """secrets, audit and sessions, as the first release made them (before versions were kept)."""
-    db["secrets"].create(
-        {"owner": str, "name": str, "key_id": str, "nonce": bytes, "ciphertext": bytes,
-         "origins": str, "created_at": float, "updated_at": float},
-        pk=("owner", "name"), if_not_exists=True,
-    )
-    db["audit"].create(
-        {"id": int, "at": float, "session": str, "runchat": str, "instance": str, "principal": str,
-         "secrets": str, "method": str, "origin": str, "path": str, "decision": str, "code": str,
-         "status": int},
-        pk="id", if_not_exists=True,
-    )
-    db["audit"].create_index(["principal", "at"], if_not_exists=True)
-    db["audit"].create_index(["runchat", "at"], if_not_exists=True)
-    db["sessions"].create(
-        {"id": str, "credential_hash": str, "mac_key": bytes, "access": str, "runchat": str,
-         "instance": str, "principal": str, "created_at": float, "expires_at": float},
-        pk="id", if_not_exists=True,
-    )
-
-
-def _v2_audit_client(db: sqlite_utils.Database, key: KeyLoader) -> None:
-    """audit.client: the worker's address, for refusals that have no session (a bad credential)."""
-    if "client" not in db["audit"].columns_dict:
-        db["audit"].add_column("client", str)
-
-
-def _v3_row_seals(db: sqlite_utils.Database, key: KeyLoader) -> None:
-    """Seal every row's deciding fields under the master key, and keep a key check (the canary).
-
-    Rows written before this version are sealed here, once, after the key is shown to open
-    every secret: an old store needs its key to upgrade."""
-    for table in ("secrets", "sessions"):
-        if "seal" not in db[table].columns_dict:
-            db[table].add_column("seal", str)
-    db["meta"].create({"name": str, "key_id": str, "nonce": bytes, "ciphertext": bytes}, pk="name",
-                      if_not_exists=True)
-    db["owners"].create({"owner": str, "seal": str}, pk="owner", if_not_exists=True)
-    secrets_rows = list(db.query("select * from secrets"))
-    session_rows = list(db.query("select * from sessions"))
-    if not secrets_rows and not session_rows:
-        return  # an empty store: the canary is written with the key, when it is made
-    k = key()
-    for row in secrets_rows:
-        crypto.open_envelope({crypto.key_id(k): k}, row["owner"], row["name"],
-                             crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
-        db.execute("update secrets set seal = ? where owner = ? and name = ?",
-                   [_secret_seal(k, row), row["owner"], row["name"]])
-    for row in session_rows:
-        db.execute("update sessions set seal = ? where id = ?", [_session_seal(k, row), row["id"]])
-    for (owner,) in db.execute("select distinct owner from secrets").fetchall():
-        _reseal_owner(db, k, owner)
-    masterkey.write_canary(db, k)
-
-
-# Schema migrations, in order: the store's version (PRAGMA user_version) is how many have run.
-MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals)
-SEALING_VERSION = 3  # from this version on rows are sealed; the key file then says so
-FILE_CHECK_EVERY = 1.0  # seconds between looks at whether the store file was replaced
-OPENED_MAX = 4096  # (owner, names) lookups kept opened between writes to the store
-
-
-def _secret_fields(row: dict) -> list:
-    """What decides where a secret's value may go (and each field a later version adds), and which
-    ciphertext it goes with (an older value cannot be put back under a newer row's seal)."""
-    sealed = hashlib.sha256(bytes(row["nonce"]) + bytes(row["ciphertext"])).hexdigest()
-    return [row["owner"], row["name"], row["origins"], row["key_id"], sealed]
-
-
-def _session_fields(row: dict) -> list:
-    """What decides for whom a session's placeholders resolve, and until when."""
-    return [row["id"], row["credential_hash"], bytes(row["mac_key"]).hex(), row["access"], row["runchat"],
-            row["instance"], row["principal"], row["created_at"], row["expires_at"]]
-
-
-def _secret_seal(key: bytes, row: dict) -> str:
-    return crypto.row_seal(key, "secret", _secret_fields(row))
-
-
-def _session_seal(key: bytes, row: dict) -> str:
-    return crypto.row_seal(key, "session", _session_fields(row))
-
-
-def _owner_pairs(db: sqlite_utils.Database, owner: str) -> list[list[str]]:
-    return sorted([name, seal] for name, seal in db.execute("select name, seal from secrets where owner = ?", [owner]))
-
-
-def _reseal_owner(db: sqlite_utils.Database, key: bytes, owner: str) -> None:
-    """Seal which rows (by name and seal) an owner has: a row put back, removed or added without the key
-    then no longer matches, though each row's own seal would."""
-    seal = crypto.row_seal(key, "owner", [owner, _owner_pairs(db, owner)])
-    db.execute("insert into owners (owner, seal) values (?, ?) on conflict(owner) do update set seal = excluded.seal",
-               [owner, seal])
+MIGRATIONS = schema.MIGRATIONS
+CACHED_MAX = 4096  # (owner, names) lookups and sessions kept between changes to the store
 
 
 @dataclass(frozen=True)
@@ -134,6 +36,7 @@ class SecretInfo:
     origins: tuple[Origin, ...]
     created_at: float
     updated_at: float
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,7 +85,13 @@ class SessionRecord:
 
 
 _AUDIT_COLUMNS = tuple(AuditRecord.__dataclass_fields__)
-_AUDIT_INSERT = f"insert into audit ({', '.join(_AUDIT_COLUMNS)}) values ({', '.join('?' * len(_AUDIT_COLUMNS))})"
+_AUDIT_INSERT = (f"insert into audit ({', '.join(_AUDIT_COLUMNS)}) values ({', '.join('?' * len(_AUDIT_COLUMNS))}) "
+                 "returning id")
+_SECRET_COLUMNS = ("owner", "name", "key_id", "nonce", "ciphertext", "origins", "created_at", "updated_at", "seal")
+_SECRET_UPSERT = (f"insert into secrets ({', '.join(_SECRET_COLUMNS)}) values ({', '.join('?' * len(_SECRET_COLUMNS))}) "
+                  "on conflict(owner, name) do update set "
+                  + ", ".join(f"{c} = excluded.{c}" for c in _SECRET_COLUMNS[2:]))
+_SESSION_COLUMNS = (*SessionRecord.__dataclass_fields__, "seal")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -191,76 +100,38 @@ def _origins(stored: str) -> tuple[Origin, ...]:
     return tuple(parse_origin(o, allow_http=True) for o in json.loads(stored))
 
 
-def _verify_owner(db: sqlite_utils.Database, key: bytes, owner: str) -> None:
-    """The owner's rows are the ones last written with the key: none put back, removed or added."""
-    pairs = _owner_pairs(db, owner)
-    row = db.execute("select seal from owners where owner = ?", [owner]).fetchone()
-    if not pairs and row is None:
-        return  # never had a secret
-    if row is None or not crypto.seal_matches(key, "owner", [owner, pairs], row[0]):
-        raise StoreError(f"the secrets of user {owner} are not the ones last written with the master key "
-                         "(a row was put back, removed or added without it); they are refused")
-
-def _verified(key: bytes, row: dict) -> dict:
-    """row, if its deciding fields carry the seal the master key gives them; else StoreError."""
-    try:
-        sealed = crypto.seal_matches(key, "secret", _secret_fields(row), row.get("seal"))
-    except (TypeError, ValueError):  # a column of another type than sealgate writes
-        sealed = False
-    if not sealed:
-        raise StoreError(f"secret {row['name']} of user {row['owner']} was changed without the master key "
-                         "(its owner, name or origins do not match their seal); it is refused")
-    return row
-
-
 def _info(row: dict) -> SecretInfo:
-    return SecretInfo(row["owner"], row["name"], _origins(row["origins"]), row["created_at"], row["updated_at"])
+    return SecretInfo(row["owner"], row["name"], _origins(row["origins"]), row["created_at"], row["updated_at"],
+                      row["key_id"])
+
+
+def open_store(settings, *, listen: bool = False) -> SecretStore:
+    """The store the settings name (SEALGATE_STORE_URL, else the data dir's file), with their key source."""
+    return SecretStore(settings.data_dir, settings.store_url, settings.key_source(), listen=listen)
 
 
 class SecretStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, url: str | None = None, source: keys.KeySource | None = None, *,
+                 listen: bool = False) -> None:
         self.data_dir = Path(data_dir)
+        self.source = source or keys.FileKey(self.data_dir / KEY_NAME)
+        self.backend: Backend = open_backend(url or f"sqlite://{(self.data_dir / DB_NAME).absolute()}", listen=listen)
+        self.where = self.backend.where
         self._key: bytes | None = None
+        self._ring: dict[str, bytes] = {}
+        self._cached: dict[tuple, tuple[object, object]] = {}  # secrets_for and session, by what was asked
         try:
-            if not self.data_dir.exists():
-                self.data_dir.mkdir(parents=True, mode=0o700)
-            db_path = self.data_dir / DB_NAME
-            if not db_path.exists():
-                os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm its mode
-            self._inode = db_path.stat().st_ino  # a file replaced under a running proxy is noticed
-            self._file_checked_at = float("-inf")
-            self._opened: dict[tuple, tuple[int, dict[str, Secret]]] = {}  # secrets_for, by owner and names
-            conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a crash of the process, fsyncs less
-            conn.execute("PRAGMA busy_timeout=5000")
-            self.db = sqlite_utils.Database(conn)
-            self._migrate()
-        except (sqlite3.Error, OSError) as e:
-            raise StoreError(f"store {self.data_dir / DB_NAME} cannot be opened: {e}") from None
+            schema.migrate(self.backend, self.source, self._existing_key)
+        except BaseException:
+            self.backend.close()
+            raise
 
-    def _migrate(self) -> None:
-        """Bring the schema up to date, one versioned migration at a time, each in a transaction."""
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise StoreError(f"store {self.data_dir / DB_NAME} has schema version {version}, newer than this "
-                             f"sealgate knows ({len(MIGRATIONS)}); upgrade sealgate")
-        key_path = self.data_dir / KEY_NAME
-        if version < SEALING_VERSION and (masterkey.marks_sealed(key_path) or "meta" in self.db.table_names()):
-            raise StoreError(f"store {self.data_dir / DB_NAME} claims schema version {version}, but its rows were "
-                             "sealed already: the version was set back without the key; refusing it")
-        for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-            with self.db.conn:
-                self.db.execute("BEGIN IMMEDIATE")
-                if self.db.execute("PRAGMA user_version").fetchone()[0] >= number:
-                    continue  # another process ran it meanwhile
-                migration(self.db, self._existing_key)
-                self.db.execute(f"PRAGMA user_version = {number}")
-            if number == SEALING_VERSION and key_path.exists() and not masterkey.marks_sealed(key_path):
-                masterkey.create(key_path, self._existing_key())  # from now on a set-back version is noticed
+    def close(self) -> None:
+        self.backend.close()
 
     def schema_version(self) -> int:
-        return self.db.execute("PRAGMA user_version").fetchone()[0]
+        with self.backend.read() as tx:
+            return self.backend.schema_version(tx)
 
     @property
     def key(self) -> bytes:
@@ -270,165 +141,178 @@ class SecretStore:
         return self._key
 
     def _existing_key(self) -> bytes:
-        return masterkey.existing(self.data_dir / KEY_NAME, self.data_dir / DB_NAME)
+        key = self.source.read()
+        if key is None:
+            raise StoreError(f"{self.source.where} is missing, and the store {self.where} holds sealed rows: "
+                             "restore the key (a new key would leave them unreadable for good)")
+        return key
 
     def _load_key(self) -> bytes:
-        return masterkey.load(self.db, self.data_dir / KEY_NAME, self.data_dir / DB_NAME)
+        with self.backend.write() as tx:
+            canary = tx.one("select key_id, nonce, ciphertext from meta where name = 'canary'")
+            sealed = tx.one("select (select count(*) from secrets) + (select count(*) from sessions)")[0]
+            key = self.source.create() if canary is None and not sealed and self.source.read() is None \
+                else self._existing_key()
+            if canary is None:
+                if sealed:
+                    raise StoreError(f"store {self.where} has sealed rows but no key check: it was edited")
+                c = keys.canary_row(key)
+                tx.one("insert into meta (name, key_id, nonce, ciphertext) values (?, ?, ?, ?)",
+                       [c["name"], c["key_id"], c["nonce"], c["ciphertext"]])
+            else:
+                keys.open_canary(key, canary, self.source.where, self.where)
+        return key
+
+    def read(self):
+        """A read transaction, the key loaded first (loading it may write the key check)."""
+        self.key  # noqa: B018
+        return self.backend.read()
+
+    def write(self):
+        """A write transaction (one writer at a time, on every node), the key loaded first."""
+        self.key  # noqa: B018
+        return self.backend.write()
 
     def check(self) -> None:
-        """Raise StoreError unless the store file is the one opened, the key file still holds the key in
-        use, and that key opens the store (for /readyz)."""
-        self._check_file(force=True)
-        path = self.data_dir / KEY_NAME
-        if self._key is not None and masterkey.read(path) != self._key:
-            raise StoreError(f"master key {path} was removed or replaced while sealgate ran: the next start "
+        """Raise StoreError unless the store is the one opened and readable, the key source still gives
+        the key in use, and that key opens the store (for /readyz)."""
+        self.backend.check()
+        if self._key is not None and self.source.read() != self._key:
+            raise StoreError(f"{self.source.where} was removed or replaced while sealgate ran: the next start "
                              "would be refused; put the key back")
-        try:
-            canary = self.db.execute("select key_id, nonce, ciphertext from meta where name = 'canary'").fetchone()
-        except sqlite3.Error as e:
-            raise self._unreadable(e) from None
+        with self.read() as tx:
+            canary = tx.one("select key_id, nonce, ciphertext from meta where name = 'canary'")
+            tx.one("select count(*) from secrets")
         if canary is None:
-            raise StoreError(f"store {self.data_dir / DB_NAME} has no key check: it was edited or replaced")
-        masterkey.open_canary(self.key, canary, self.data_dir / KEY_NAME, self.data_dir / DB_NAME)
+            raise StoreError(f"store {self.where} has no key check: it was edited or replaced")
+        keys.open_canary(self.key, canary, self.source.where, self.where)
 
-    def _check_file(self, *, force: bool = False) -> None:
-        """The store file is still the one opened (looked at most once a second: it is on every request)."""
-        now = time.monotonic()
-        if not force and now - self._file_checked_at < FILE_CHECK_EVERY:
-            return
-        path = self.data_dir / DB_NAME
-        try:
-            same = os.stat(path).st_ino == self._inode
-        except OSError:
-            same = False
-        if same:
-            self._file_checked_at = now
-        else:
-            raise StoreError(f"store {path} was replaced or removed while sealgate ran; restart it")
+    def version(self) -> object:
+        """Changes whenever any node commits a change; nearly free to read (the request path's cache key)."""
+        return self.backend.version()
 
     # secrets ------------------------------------------------------------------------
 
     def add_secret(self, owner: str, name: str, value: str, origins: list[Origin], *, replace: bool = False) -> None:
-        existing = self._row(owner, name)
-        if existing and not replace:
-            raise StoreError(f"secret {name} of user {owner} exists already; use --replace to change its value")
-        env = crypto.seal(self.key, owner, name, value)
-        now = time.time()
-        row = {
-            "owner": owner, "name": name, "key_id": env.key_id, "nonce": env.nonce,
-            "ciphertext": env.ciphertext, "origins": json.dumps([str(o) for o in origins]),
-            "created_at": existing["created_at"] if existing else now, "updated_at": now,
-        }
-        self.db["secrets"].upsert({**row, "seal": _secret_seal(self.key, row)}, pk=("owner", "name"))
-        _reseal_owner(self.db, self.key, owner)
-        self._opened.clear()  # this connection's own writes leave data_version as it is
+        with self.write() as tx:
+            existing = self._row(tx, owner, name)
+            if existing and not replace:
+                raise StoreError(f"secret {name} of user {owner} exists already; use --replace to change its value")
+            now = time.time()
+            self._put(tx, {"owner": owner, "name": name, "origins": json.dumps([str(o) for o in origins]),
+                           "created_at": existing["created_at"] if existing else now, "updated_at": now}, value)
+
+    def _put(self, tx: Tx, row: dict, value: str) -> None:
+        """Write a secret's row with value sealed under the current data key, and reseal its owner."""
+        key_id, data_key = self.current_key(tx)
+        env = crypto.seal(data_key, row["owner"], row["name"], value)
+        row = {**row, "key_id": key_id, "nonce": env.nonce, "ciphertext": env.ciphertext}
+        row["seal"] = seals.secret_seal(self.key, row)
+        tx.one(_SECRET_UPSERT, [row[c] for c in _SECRET_COLUMNS])
+        seals.reseal_owner(tx, self.key, row["owner"])
 
     def set_origins(self, owner: str, name: str, origins: list[Origin]) -> None:
-        row = self._row(owner, name)
-        if not row:
-            raise StoreError(f"user {owner} has no secret named {name}")
-        _verified(self.key, row)
-        row = {**row, "origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
-        self.db["secrets"].update((owner, name), {"origins": row["origins"], "updated_at": row["updated_at"],
-                                                  "seal": _secret_seal(self.key, row)})
-        _reseal_owner(self.db, self.key, owner)
-        self._opened.clear()  # this connection's own writes leave data_version as it is
+        with self.write() as tx:
+            row = self._row(tx, owner, name)
+            if not row:
+                raise StoreError(f"user {owner} has no secret named {name}")
+            seals.verified_secret(self.key, row)
+            row = {**row, "origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
+            tx.one("update secrets set origins = ?, updated_at = ?, seal = ? where owner = ? and name = ?",
+                   [row["origins"], row["updated_at"], seals.secret_seal(self.key, row), owner, name])
+            seals.reseal_owner(tx, self.key, owner)
 
     def remove_secret(self, owner: str, name: str) -> None:
-        if not self._row(owner, name):
-            raise StoreError(f"user {owner} has no secret named {name}")
-        _verify_owner(self.db, self.key, owner)
-        self.db["secrets"].delete((owner, name))
-        _reseal_owner(self.db, self.key, owner)
-        self._opened.clear()  # this connection's own writes leave data_version as it is
+        with self.write() as tx:
+            if not self._row(tx, owner, name):
+                raise StoreError(f"user {owner} has no secret named {name}")
+            seals.verify_owner(tx, self.key, owner)
+            tx.one("delete from secrets where owner = ? and name = ?", [owner, name])
+            seals.reseal_owner(tx, self.key, owner)
 
     def list_secrets(self, owner: str) -> list[SecretInfo]:
-        try:
-            _verify_owner(self.db, self.key, owner)
-            rows = self._query("select * from secrets where owner = ? order by name", [owner])
-        except sqlite3.Error as e:
-            raise self._unreadable(e) from None
-        return [_info(_verified(self.key, r)) for r in rows]
+        with self.read() as tx:
+            seals.verify_owner(tx, self.key, owner)
+            rows = tx.rows("select * from secrets where owner = ? order by name", [owner])
+        return [_info(seals.verified_secret(self.key, r)) for r in rows]
 
     def secrets_for(self, owner: str, names: set[str] | None = None) -> dict[str, Secret]:
         """Decrypt the named secrets of owner (all of them for None); a missing name is simply absent.
-        On the request path: what was opened is kept until the store is written (data_version, or here)."""
+        On the request path: what was opened is kept until some node writes to the store."""
         if names is not None and not names:
             return {}
-        version = self.data_version()
-        cache_key = (owner, None if names is None else frozenset(names))
-        if (hit := self._opened.get(cache_key)) is not None and hit[0] == version:
-            return dict(hit[1])
-        found = self._open_secrets(owner, names)
-        if len(self._opened) >= OPENED_MAX:
-            self._opened.clear()
-        self._opened[cache_key] = (version, found)
-        return dict(found)
+        return dict(self._cache(("secrets", owner, None if names is None else frozenset(names)),
+                                lambda: self._open_secrets(owner, names)))
 
     def _open_secrets(self, owner: str, names: set[str] | None) -> dict[str, Secret]:
-        try:
-            _verify_owner(self.db, self.key, owner)
+        with self.read() as tx:
+            seals.verify_owner(tx, self.key, owner)
             if names is None:
-                rows = self._query("select * from secrets where owner = ?", [owner])
+                rows = tx.rows("select * from secrets where owner = ?", [owner])
             else:
-                marks = ",".join("?" * len(names))
-                rows = self._query(f"select * from secrets where owner = ? and name in ({marks})",
-                                   [owner, *sorted(names)])
-            keys = {crypto.key_id(self.key): self.key}
-            return {
-                r["name"]: Secret(
-                    _info(_verified(self.key, r)),
-                    crypto.open_envelope(keys, owner, r["name"], crypto.Envelope(r["key_id"], r["nonce"], r["ciphertext"])),
-                )
-                for r in rows
-            }
+                rows = tx.rows(f"select * from secrets where owner = ? and name in ({','.join('?' * len(names))})",
+                               [owner, *sorted(names)])
+            if any(r["key_id"] not in self._ring for r in rows):
+                self._ring = keys.open_data_keys(self.key, tx.rows("select * from data_keys"))
+        try:
+            return {r["name"]: Secret(_info(seals.verified_secret(self.key, r)), crypto.open_envelope(
+                self._ring, owner, r["name"], crypto.Envelope(r["key_id"], r["nonce"], r["ciphertext"])))
+                for r in rows}
         except crypto.EnvelopeError as e:
             raise StoreError(str(e)) from None
-        except (sqlite3.Error, ValueError, KeyError) as e:
-            raise self._unreadable(e) from None
 
-    def data_version(self) -> int:
-        """Changes when another connection (the CLI, another sidecar) commits; nearly free to read."""
-        self._check_file()
-        try:
-            return self.db.conn.execute("PRAGMA data_version").fetchone()[0]  # (not through sqlite-utils: every request)
-        except sqlite3.Error as e:
-            raise self._unreadable(e) from None
+    def _cache(self, what: tuple, load):
+        """What load() gives, kept until the store's version changes (read before loading, so a change
+        committed meanwhile is loaded again next time)."""
+        version = self.version()
+        if (hit := self._cached.get(what)) is not None and hit[0] == version:
+            return hit[1]
+        found = load()
+        if len(self._cached) >= CACHED_MAX:
+            self._cached.clear()
+        self._cached[what] = (version, found)
+        return found
 
     def secrets_signature(self, owner: str) -> tuple:
         """Changes whenever owner's secrets do (added, replaced, removed): cheap, no decryption."""
-        try:
-            return tuple(self.db.execute(
-                "select count(*), max(updated_at), total(rowid) from secrets where owner = ?", [owner]).fetchone())
-        except sqlite3.Error as e:
-            raise self._unreadable(e) from None
+        with self.backend.read() as tx:
+            return tuple(tx.one("select count(*), max(updated_at), min(seal), max(seal) from secrets where owner = ?",
+                                [owner]))
 
-    def _row(self, owner: str, name: str) -> dict | None:
-        return next(iter(self._query("select * from secrets where owner = ? and name = ?", [owner, name])), None)
+    def _row(self, tx: Tx, owner: str, name: str) -> dict | None:
+        return next(iter(tx.rows("select * from secrets where owner = ? and name = ?", [owner, name])), None)
 
-    def _unreadable(self, e: Exception) -> StoreError:
-        return StoreError(f"store {self.data_dir / DB_NAME} cannot be read: {e.__class__.__name__}: {e}")
+    # data keys ------------------------------------------------------------------------
 
-    def _query(self, sql: str, params: list) -> list[dict]:
-        """Rows as dicts (sqlite-utils' query: unlike rows_where, a missing table is an error, not no rows)."""
-        return list(self.db.query(sql, params))
+    def current_key(self, tx: Tx) -> tuple[str, bytes]:
+        """The newest data key, which new writes use (the first is made with the first write)."""
+        rows = tx.rows("select * from data_keys order by created_at desc, key_id limit 1")
+        if not rows:
+            rows = [keys.new_data_key(self.key)]
+            tx.one("insert into data_keys (key_id, nonce, wrapped, created_at) values (?, ?, ?, ?)",
+                   [rows[0][c] for c in ("key_id", "nonce", "wrapped", "created_at")])
+        ring = keys.open_data_keys(self.key, rows)
+        return rows[0]["key_id"], ring[rows[0]["key_id"]]
+
+    def keyring(self, tx: Tx) -> dict[str, bytes]:
+        return keys.open_data_keys(self.key, tx.rows("select * from data_keys"))
+
+    def reseal(self, tx: Tx, row: dict, ring: dict[str, bytes]) -> None:
+        """One secret's value opened and sealed again under the current data key (rotation)."""
+        value = crypto.open_envelope(ring, row["owner"], row["name"],
+                                     crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
+        seals.verified_secret(self.key, row)
+        self._put(tx, {c: row[c] for c in ("owner", "name", "origins", "created_at", "updated_at")}, value)
 
     # audit --------------------------------------------------------------------------
 
     def add_audit(self, record: AuditRecord) -> int:
-        """Write one decision; its row id, for the status once the response is known. One prepared
-        statement: sqlite-utils' insert looks the table up on every call (250 us a row against 93 us)."""
+        """Write one decision; its row id, for the status once the response is known."""
         row = {**record.__dict__, "secrets": ",".join(record.secrets)}
-        try:
-            return self.db.execute(_AUDIT_INSERT, [row[c] for c in _AUDIT_COLUMNS]).lastrowid
-        except (sqlite3.Error, UnicodeError) as e:
-            raise StoreError(f"audit trail in {self.data_dir / DB_NAME} cannot be written: {e}") from None
+        return self.backend.one(_AUDIT_INSERT, [row[c] for c in _AUDIT_COLUMNS])[0]
 
     def set_audit_status(self, row_id: int, status: int) -> None:
-        try:
-            self.db.execute("update audit set status = ? where id = ?", [status, row_id])
-        except sqlite3.Error as e:
-            raise StoreError(f"audit trail in {self.data_dir / DB_NAME} cannot be written: {e}") from None
+        self.backend.one("update audit set status = ? where id = ?", [status, row_id])
 
     def audit(self, *, user: str | None = None, runchat: str | None = None, since: float | None = None,
               limit: int = 1000) -> list[AuditRecord]:
@@ -438,31 +322,35 @@ class SecretStore:
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        try:
-            rows = self._query(f"select * from audit where {' and '.join(where)} order by at desc, id desc limit ?",
-                               [*params, limit])
-        except sqlite3.Error as e:
-            raise self._unreadable(e) from None
-        return [AuditRecord(**{**{k: v for k, v in r.items() if k != "id"},
+        with self.backend.read() as tx:
+            rows = tx.rows(f"select * from audit where {' and '.join(where)} order by at desc, id desc limit ?",
+                           [*params, limit])
+        return [AuditRecord(**{**{k: r[k] for k in _AUDIT_COLUMNS},
                                "secrets": tuple(filter(None, (r["secrets"] or "").split(",")))}) for r in rows]
 
     # sessions -----------------------------------------------------------------------
 
     def add_session(self, record: SessionRecord) -> None:
-        self.db["sessions"].insert({**record.__dict__, "seal": _session_seal(self.key, record.__dict__)})
+        row = {**record.__dict__, "seal": seals.session_seal(self.key, record.__dict__)}
+        with self.write() as tx:
+            tx.one(f"insert into sessions ({', '.join(_SESSION_COLUMNS)}) values ({', '.join('?' * len(row))})",
+                   [row[c] for c in _SESSION_COLUMNS])
 
     def session(self, session_id: str) -> SessionRecord | None:
-        try:
-            row = next(iter(self._query("select * from sessions where id = ?", [session_id])), None)
-        except sqlite3.Error as e:
-            raise self._unreadable(e) from None
+        """The session, as last written by any node (a revoked one is None within a change's notice)."""
+        return self._cache(("session", session_id), lambda: self._read_session(session_id))
+
+    def _read_session(self, session_id: str) -> SessionRecord | None:
+        with self.read() as tx:
+            row = next(iter(tx.rows("select * from sessions where id = ?", [session_id])), None)
         if row is None:
             return None
-        try:
-            sealed = crypto.seal_matches(self.key, "session", _session_fields(row), row.get("seal"))
-        except (TypeError, ValueError):
-            sealed = False
-        if not sealed:
-            raise StoreError(f"session {session_id} was changed without the master key (its principal, expiry or "
-                             "placeholder key do not match their seal); it is refused")
-        return SessionRecord(**{k: v for k, v in row.items() if k != "seal"})
+        seals.verified_session(self.key, row)
+        return SessionRecord(**{k: row[k] for k in SessionRecord.__dataclass_fields__})
+
+    def revoke_session(self, session_id: str) -> None:
+        with self.write() as tx:
+            if tx.one("select id from sessions where id = ?", [session_id]) is None:
+                raise StoreError(f"there is no session {session_id}")
+            tx.one("delete from sessions where id = ?", [session_id])
+

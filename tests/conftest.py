@@ -44,6 +44,18 @@ NODE_DIR = ROOT / "tests" / "node"
 
 
 @pytest.fixture(scope="session")
+def pg():
+    """A throwaway PostgreSQL cluster (tests/pg.py), started once when a test first needs one; its
+    `database()` gives each test an empty database."""
+    import pg as pgmod
+    try:
+        with pgmod.cluster() as cluster:
+            yield cluster
+    except pgmod.ClusterError as e:
+        pytest.fail(f"the PostgreSQL tests need a throwaway cluster, and it cannot start: {e}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> TestPKI:
     return TestPKI.create(tmp_path_factory.mktemp("pki"))
 
@@ -173,14 +185,16 @@ class Proxy:
         store and key first, then the lean master on an event loop of its own (in a thread).
         What would end the process ends the thread, with the same line in its output."""
         from sealgate import runner, settings
-        from sealgate.store import SecretStore
+        from sealgate.store import open_store
 
         _mitmproxy_ctx_per_thread()
         errors = _cli_errors()
         self._master = self._failure = None
         try:
             s = settings.load({"no_web": True}, env=dict(self.env))
-            SecretStore(s.data_dir).key  # noqa: B018 - `sealgate run` makes the store and key before listening
+            store = open_store(s)
+            store.key  # noqa: B018 - `sealgate run` makes the store and key before listening
+            store.close()
         except errors as e:
             with self.log.open("a") as out:
                 out.write(f"sealgate: error: {e}\n")

@@ -61,8 +61,9 @@ def test_store_refuses_swapped_ciphertext(tmp_path, value):
     store = SecretStore(tmp_path)
     store.add_secret("alice", "K", value, [origins.parse("https://a.example")])
     store.add_secret("mallory", "K", "sk-mallory-000", [origins.parse("https://evil.example")])
-    row = store.db["secrets"].get(("alice", "K"))
-    store.db["secrets"].update(("mallory", "K"), {"nonce": row["nonce"], "ciphertext": row["ciphertext"]})
+    with store.backend.write() as tx:  # a database write, without the key
+        nonce, ciphertext = tx.one("select nonce, ciphertext from secrets where owner = 'alice'")
+        tx.one("update secrets set nonce = ?, ciphertext = ? where owner = 'mallory'", [nonce, ciphertext])
     with pytest.raises(StoreError, match="K of user mallory (failed authentication|was changed without the master key)"):
         store.secrets_for("mallory", {"K"})
 

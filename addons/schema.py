@@ -1,0 +1,113 @@
+"""The store's schema: versioned migrations, the same on SQLite and PostgreSQL, each in its own
+transaction; the version is how many have run. A store from a newer sealgate, or one whose version
+was set back below the sealing migration, is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import crypto, keys, seals
+from .errors import StoreError
+from .sql import TYPES, Backend, Tx
+
+KeyLoader = Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a migration works with: its transaction, the engine's column types, the key (loaded only
+    when rows must be sealed) and the columns a table has."""
+
+    tx: Tx
+    t: dict[str, str]
+    key: KeyLoader
+    backend: Backend
+
+    def columns(self, table: str) -> set[str]:
+        return self.backend.columns(self.tx, table)
+
+
+def _v1_tables(m: Step) -> None:
+    """secrets, audit and sessions, as the first release made them (before versions were kept)."""
+    m.tx.one(f"""create table if not exists secrets (owner TEXT, name TEXT, key_id TEXT, nonce {m.t['blob']},
+               ciphertext {m.t['blob']}, origins TEXT, created_at {m.t['real']}, updated_at {m.t['real']},
+               PRIMARY KEY (owner, name))""")
+    m.tx.one(f"""create table if not exists audit (id {m.t['serial']}, at {m.t['real']}, session TEXT, runchat TEXT,
+               instance TEXT, principal TEXT, secrets TEXT, method TEXT, origin TEXT, path TEXT, decision TEXT,
+               code TEXT, status INTEGER)""")
+    m.tx.one("create index if not exists idx_audit_principal_at on audit (principal, at)")
+    m.tx.one("create index if not exists idx_audit_runchat_at on audit (runchat, at)")
+    m.tx.one(f"""create table if not exists sessions (id TEXT PRIMARY KEY, credential_hash TEXT, mac_key {m.t['blob']},
+               access TEXT, runchat TEXT, instance TEXT, principal TEXT, created_at {m.t['real']},
+               expires_at {m.t['real']})""")
+
+
+def _v2_audit_client(m: Step) -> None:
+    """audit.client: the worker's address, for refusals that have no session (a bad credential)."""
+    if "client" not in m.columns("audit"):
+        m.tx.one("alter table audit add column client TEXT")
+
+
+def _v3_row_seals(m: Step) -> None:
+    """Seal every row's deciding fields under the master key, and keep a key check (the canary).
+
+    Rows written before this version are sealed here, once, after the key is shown to open
+    every secret: an old store needs its key to upgrade."""
+    for table in ("secrets", "sessions"):
+        if "seal" not in m.columns(table):
+            m.tx.one(f"alter table {table} add column seal TEXT")
+    m.tx.one(f"create table if not exists meta (name TEXT PRIMARY KEY, key_id TEXT, nonce {m.t['blob']}, "
+           f"ciphertext {m.t['blob']})")
+    m.tx.one("create table if not exists owners (owner TEXT PRIMARY KEY, seal TEXT)")
+    secret_rows = m.tx.rows("select * from secrets")
+    session_rows = m.tx.rows("select * from sessions")
+    if not secret_rows and not session_rows:
+        return  # an empty store: the canary is written with the key, when it is made
+    k = m.key()
+    for row in secret_rows:
+        crypto.open_envelope({crypto.key_id(k): k}, row["owner"], row["name"],
+                             crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
+        m.tx.one("update secrets set seal = ? where owner = ? and name = ?",
+               [seals.secret_seal(k, row), row["owner"], row["name"]])
+    for row in session_rows:
+        m.tx.one("update sessions set seal = ? where id = ?", [seals.session_seal(k, row), row["id"]])
+    for owner in sorted({r["owner"] for r in secret_rows}):
+        seals.reseal_owner(m.tx, k, owner)
+    c = keys.canary_row(k)
+    m.tx.one("insert into meta (name, key_id, nonce, ciphertext) values (?, ?, ?, ?)",
+           [c["name"], c["key_id"], c["nonce"], c["ciphertext"]])
+
+
+def _v4_data_keys(m: Step) -> None:
+    """data_keys: the keys values are sealed under, each wrapped by the master key (rotation)."""
+    m.tx.one(f"create table if not exists data_keys (key_id TEXT PRIMARY KEY, nonce {m.t['blob']}, "
+           f"wrapped {m.t['blob']}, created_at {m.t['real']})")
+
+
+MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys)
+SEALING_VERSION = 3  # from this version on rows are sealed; the key source then says so
+
+
+def migrate(backend: Backend, source: keys.KeySource, existing_key: KeyLoader) -> None:
+    """Bring the schema up to date, one migration at a time, each in a transaction (another node
+    migrating at the same moment waits, then finds the work done)."""
+    with backend.read() as tx:
+        version = backend.schema_version(tx)
+        tables = backend.tables(tx)
+    if version > len(MIGRATIONS):
+        raise StoreError(f"store {backend.where} has schema version {version}, newer than this "
+                         f"sealgate knows ({len(MIGRATIONS)}); upgrade sealgate")
+    if version < SEALING_VERSION and (source.marks_sealed() or "meta" in tables):
+        raise StoreError(f"store {backend.where} claims schema version {version}, but its rows were "
+                         "sealed already: the version was set back without the key; refusing it")
+    types = TYPES[backend.dialect]
+    for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+        with backend.write() as tx:
+            if backend.schema_version(tx) >= number:
+                continue  # another process ran it meanwhile
+            migration(Step(tx, types, existing_key, backend))
+            backend.set_schema_version(tx, number)
+        if number == SEALING_VERSION and (key := source.read()) is not None:
+            source.mark_sealed(key)  # from now on a set-back version is noticed
