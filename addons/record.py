@@ -59,13 +59,17 @@ class Recorder:
         self.metrics.blocks.labels(refusal.code).inc()
         self._write(flow, refusal, (), status)
 
-    def allowed(self, flow: http.HTTPFlow, names: tuple[str, ...]) -> None:
-        """A request may go, filled: log, count and audit it (its status comes later)."""
+    def allowed(self, flow: http.HTTPFlow, names: tuple[str, ...]) -> Refusal | None:
+        """A request may go, filled: log, count and audit it (its status comes later). A value never goes
+        unaudited: when the audit trail cannot take the row, the request is refused instead."""
+        row_id = self._write(flow, None, names, None)
+        if row_id is None and names:
+            return Refusal("store_unavailable", "the audit trail cannot be written, and no secret goes unaudited")
         if names:
             self.metrics.injections.inc()
-        row_id = self._write(flow, None, names, None)
         if (state := self.states.get(flow)) is not None and row_id is not None:
             state.audit_id = row_id
+        return None
 
     def answered(self, flow: http.HTTPFlow, status: int) -> None:
         """The status the worker got for an allowed request (0: the connection was closed)."""
@@ -89,16 +93,19 @@ class Recorder:
             origin=summary.origin, path=summary.path, decision="block" if refusal else "allow",
             code=refusal.code if refusal else None, status=status,
         )
+        try:
+            row_id = self.store().add_audit(record)
+        except StoreError as e:
+            self._audit_failed(e)
+            row_id = None
+            if refusal is None and names:
+                return None  # refused for it by the caller, which logs that instead
         log.info("sealgate " + " ".join(f"{k}={logfmt.field(v)}" for k, v in (
             ("decision", record.decision), ("code", record.code or "-"), ("session", record.session or "-"),
             ("principal", record.principal or "-"), ("runchat", record.runchat or "-"),
             ("secrets", ",".join(names) or "-"), ("method", record.method), ("origin", record.origin),
             ("path", record.path))))
-        try:
-            return self.store().add_audit(record)
-        except StoreError as e:
-            self._audit_failed(e)
-            return None
+        return row_id
 
     def _audit_failed(self, e: StoreError) -> None:
         self.metrics.audit_failures.inc()

@@ -36,7 +36,7 @@ class Refused(Exception):
 
 class Releaser:
     def __init__(self, store: Callable[[], SecretStore], scrubbers: Scrubbers,
-                 allowed: Callable[[http.HTTPFlow, tuple[str, ...]], None],
+                 allowed: Callable[[http.HTTPFlow, tuple[str, ...]], Refusal | None],
                  live: Callable[[Session], Session | Refusal]) -> None:
         self.store, self.scrubbers, self.allowed, self.live = store, scrubbers, allowed, live
 
@@ -117,8 +117,7 @@ class Releaser:
         result = decision.decide(facts(flow, found), session, self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return result.refusal
-        self.allowed(flow, result.secret_names)
-        return result
+        return self.allowed(flow, result.secret_names) or result
 
     def _lookup(self, principal: str) -> decision.SecretLookup:
         def lookup(names: set[str]):

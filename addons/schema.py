@@ -92,14 +92,15 @@ SEALING_VERSION = 3  # from this version on rows are sealed; the key source then
 
 def migrate(backend: Backend, source: keys.KeySource, existing_key: KeyLoader) -> None:
     """Bring the schema up to date, one migration at a time, each in a transaction (another node
-    migrating at the same moment waits, then finds the work done)."""
+    migrating at the same moment waits, then finds the work done). A database with no tables at all is
+    new (a restore's target, say), whatever the key source says."""
     with backend.read() as tx:
         version = backend.schema_version(tx)
         tables = backend.tables(tx)
     if version > len(MIGRATIONS):
         raise StoreError(f"store {backend.where} has schema version {version}, newer than this "
                          f"sealgate knows ({len(MIGRATIONS)}); upgrade sealgate")
-    if version < SEALING_VERSION and (source.marks_sealed() or "meta" in tables):
+    if version < SEALING_VERSION and tables and (source.marks_sealed() or "meta" in tables):
         raise StoreError(f"store {backend.where} claims schema version {version}, but its rows were "
                          "sealed already: the version was set back without the key; refusing it")
     types = TYPES[backend.dialect]

@@ -20,7 +20,7 @@ from . import bodies, decision, inject, internals, placeholders, sessions
 from .errors import Refusal
 from .flowstate import Fields, FlowState
 from .scrub import Scrubber, stream_rewriter
-from .store import SecretStore
+from .store import SecretStore, StoreError
 from .streams import StreamFilter, StreamRewriter
 
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024  # decoded bytes scrubbed of values
@@ -107,6 +107,11 @@ def response_head(flow: http.HTTPFlow, current: Current) -> None:
     streamed body is scrubbed with the values the principal has as each chunk passes."""
     resp = flow.response
     assert resp is not None
+    try:
+        current()
+    except StoreError:
+        resp.stream = False  # held whole, and refused in `response` unless the store is back by then
+        return
     has_body = flow.request.method != "HEAD" and resp.status_code >= 200 and resp.status_code not in (204, 304)
     coding = bodies.codings(resp.headers.get("content-encoding", ""))
     if bodies.transfer_codings(resp.headers.get("transfer-encoding", "")):
@@ -147,7 +152,10 @@ def response(flow: http.HTTPFlow, current: Current) -> Refusal | None:
     """The whole response: head, trailers and a buffered body, decoded to be checked."""
     resp = flow.response
     assert resp is not None
-    scrubber = current()
+    try:
+        scrubber = current()
+    except StoreError as e:
+        return Refusal("store_unavailable", f"the response cannot be checked for the session's values: {e}")
     if not scrubber:
         return None
     scrub_head(scrubber, resp)

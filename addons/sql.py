@@ -26,8 +26,8 @@ from .errors import StoreError
 CHANNEL = "sealgate_changes"  # NOTIFY channel of every committed write
 WRITE_LOCK = 0x5EA16A7E  # advisory lock id: one writer at a time (writes are an operator's, and rare)
 FILE_CHECK_EVERY = 1.0  # seconds between looks at whether the SQLite file was replaced
-RETRY_AFTER = 1.0  # seconds a PostgreSQL store that failed is refused at once, without a new try
-CONNECT_TIMEOUT = 3  # seconds to reach PostgreSQL: a request never waits longer for the store
+RETRY_AFTER = 1.0  # seconds a PostgreSQL store that failed is refused at once (without a listener to say)
+CONNECT_TIMEOUT = 2  # seconds to reach PostgreSQL: a request never waits longer for the store
 
 
 class Tx(Protocol):
@@ -293,14 +293,23 @@ class PostgresBackend:
         if self._listener is not None:
             self._listener.join(3)
 
+    def _unavailable(self) -> bool:
+        """After a failure to reach the database: until the listener reaches it again (a proxy), or for
+        RETRY_AFTER (the CLI). Meanwhile every use is refused at once: requests never queue behind a
+        database that is down, and the event loop they share never waits for one."""
+        if self._failed_at == float("-inf"):
+            return False
+        if self._listener is not None:
+            return not self._listening
+        return time.monotonic() - self._failed_at < RETRY_AFTER
+
     @contextlib.contextmanager
     def _connection(self, doing: str) -> Iterator[Any]:
-        """A pooled connection; after a failure, refused at once for RETRY_AFTER (or until the listener is
-        back), so that requests never queue behind a database that is down."""
+        """A pooled connection, unless the database is known to be unavailable."""
         import psycopg
         import psycopg_pool
-        if time.monotonic() - self._failed_at < RETRY_AFTER:
-            raise StoreError(f"store {self.where} cannot be {doing}: it is unavailable (retrying)")
+        if self._unavailable():
+            raise StoreError(f"store {self.where} cannot be {doing}: it is unavailable (reconnecting)")
         try:
             with self.pool.connection() as conn:
                 yield conn
@@ -318,6 +327,7 @@ class PostgresBackend:
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    self.pool.check()  # connections broken while it was away are replaced
                     self._heard += 1
                     self._listening, self._failed_at = True, float("-inf")
                     while not self._closed.is_set():

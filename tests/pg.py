@@ -47,11 +47,13 @@ class Cluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def database(self) -> str:
+        """An empty store of its own: a schema, named first in the URL's search_path (a new schema takes
+        milliseconds, a new database a third of a second)."""
         import psycopg
         name = f"t{os.getpid()}_{next(self._names)}"
         with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f"create database {name}")
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+            conn.execute(f"create schema {name}")
+        return f"{self.url}?options=-csearch_path%3D{name}"
 
     def pg_ctl(self, *args: str) -> None:
         """stop, start or restart the server (as the tests that take it down need)."""
@@ -59,8 +61,10 @@ class Cluster:
              "-l", str(self.folder / "log"), *args])
 
     def dump(self, url: str) -> bytes:
-        """pg_dump of one database: what a stolen backup holds."""
-        return subprocess.run([_bin("pg_dump"), url], check=True, capture_output=True, timeout=60).stdout
+        """pg_dump of one store (its schema): what a stolen backup holds."""
+        schema = url.rsplit("%3D", 1)[1]
+        return subprocess.run([_bin("pg_dump"), "-n", schema, self.url], check=True, capture_output=True,
+                              timeout=60).stdout
 
 
 def run(cmd: list[str]) -> None:
@@ -81,8 +85,10 @@ def cluster() -> Iterator[Cluster]:
     try:
         run([*as_user, _bin("initdb"), "-D", str(folder / "data"), "-U", "postgres", "-A", "trust",
              "--no-sync", "-E", "UTF8"])
-        c.pg_ctl("start", "-o", f"-h 127.0.0.1 -p {port} -k {folder} -F -c max_connections=300 "
-                 "-c full_page_writes=off -c synchronous_commit=off")
+        with (folder / "data" / "postgresql.conf").open("a") as conf:  # kept across a stop and start
+            conf.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{folder}'\n"
+                       "fsync = off\nfull_page_writes = off\nsynchronous_commit = off\nmax_connections = 300\n")
+        c.pg_ctl("start")
         yield c
     finally:
         with contextlib.suppress(ClusterError):
