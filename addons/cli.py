@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import getpass
 import json
+import logging
 import re
 import sqlite3
 import sys
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     """Run one command; env stands in for os.environ (for tests that call this in-process)."""
     args = _parser().parse_args(argv)
     args.env, args.opened = env, []
+    logging.getLogger("psycopg").setLevel(logging.CRITICAL)  # a store error is the one line below, not its retries
     handler: Callable[[argparse.Namespace], None] = args.func
     try:
         handler(args)

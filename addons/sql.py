@@ -220,8 +220,13 @@ class PostgresBackend:
     dialect = "postgresql"
 
     def __init__(self, url: str, *, listen: bool) -> None:
+        import psycopg
         import psycopg_pool
         self.url, self.where = url, redact(url)
+        try:  # one plain connection first: its error says why (the pool's would only say it timed out)
+            psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT).close()
+        except psycopg.Error as e:
+            raise StoreError(f"store {self.where} cannot be opened: {e.__class__.__name__}: {_first_line(e)}") from None
         self._own = 0
         self._heard = 0  # notifications heard (and reconnections of the listener)
         self._listening = False

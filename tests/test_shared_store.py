@@ -285,27 +285,37 @@ def test_a_rotation_killed_mid_write_corrupts_nothing(request, backend, tmp_path
 
 # --- key sources ---------------------------------------------------------------------------------------
 
+def served(p, api, s: dict) -> tuple[int, str | None]:
+    """Start the proxy, send K through it, stop it: (the worker's status, what the upstream got)."""
+    p.start()
+    try:
+        r, got = sent(api, s, "K")
+        return r.status, got
+    finally:
+        p.stop()
+
+
+def refused(p, user: str) -> str:
+    """`secret list` must fail, in one line: what it said."""
+    r = p.cli("secret", "list", "--user", user, check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
 def test_the_master_key_from_the_environment(tmp_path, pki, api, user, value):
     key = secrets.token_hex(32)
     p = make_proxy(tmp_path, pki, SEALGATE_MASTER_KEY=key)
     p.add_secret(user, "K", value, api.origin)
     s = p.issue(user=user)
     assert not (p.data_dir / "master.key").exists()  # nothing on disk
-    p.start()
-    try:
-        r, got = sent(api, s, "K")
-        assert r.status == 200 and got == value
-    finally:
-        p.stop()
+    assert served(p, api, s) == (200, value)
     p.env["SEALGATE_MASTER_KEY"] = secrets.token_hex(32)
-    r = p.cli("secret", "list", "--user", user, check=False)
-    assert r.returncode == 1 and "master key in SEALGATE_MASTER_KEY does not open the store" in r.stderr
+    assert "master key in SEALGATE_MASTER_KEY does not open the store" in refused(p, user)
     p.env["SEALGATE_MASTER_KEY"] = "abcd"
-    r = p.cli("secret", "list", "--user", user, check=False)
-    assert r.returncode == 1 and "SEALGATE_MASTER_KEY is not a 32-byte key" in r.stderr and "abcd" not in r.stderr
+    said = refused(p, user)
+    assert "SEALGATE_MASTER_KEY is not a 32-byte key" in said and "abcd" not in said
     p.env["SEALGATE_MASTER_KEY"] = "xyz"
-    r = p.cli("secret", "list", "--user", user, check=False)
-    assert r.returncode == 1 and "SEALGATE_MASTER_KEY cannot be read: it is not hex" in r.stderr
+    assert "SEALGATE_MASTER_KEY cannot be read: it is not hex" in refused(p, user)
 
 
 def test_a_key_hook_wraps_the_master_key(tmp_path, pki, api, user, value, monkeypatch):
@@ -318,18 +328,11 @@ def test_a_key_hook_wraps_the_master_key(tmp_path, pki, api, user, value, monkey
     wrapped = bytes.fromhex((p.data_dir / "master.key").read_text().split()[0])
     master = fake_kms.KMS.unwrap(wrapped)
     assert len(wrapped) > 32 and master.hex() not in (p.data_dir / "master.key").read_text()
-    p.start()
-    try:
-        r, got = sent(api, s, "K")
-        assert r.status == 200 and got == value
-    finally:
-        p.stop()
+    assert served(p, api, s) == (200, value)
     del p.env["SEALGATE_KEY_HOOK"]
-    r = p.cli("secret", "list", "--user", user, check=False)
-    assert r.returncode == 1 and "is not a 32-byte key" in r.stderr
+    assert "is not a 32-byte key" in refused(p, user)
     p.env["SEALGATE_KEY_HOOK"] = "fake_kms:Nothing"
-    r = p.cli("secret", "list", "--user", user, check=False)
-    assert r.returncode == 1 and "SEALGATE_KEY_HOOK='fake_kms:Nothing' cannot be loaded" in r.stderr
+    assert "SEALGATE_KEY_HOOK='fake_kms:Nothing' cannot be loaded" in refused(p, user)
 
 
 # --- backup and restore -----------------------------------------------------------------------------------
@@ -425,3 +428,22 @@ def test_a_value_never_goes_unaudited(tmp_path, pki, make_upstream, user, value)
     finally:
         p.stop()
     assert "decision=allow" not in p.log.read_text().split("path=/unaudited")[0].rsplit("\n", 1)[-1]
+
+
+def test_the_cli_backs_up_and_restores_and_names_a_bad_store_url(tmp_path, pki, user, value):
+    a = make_proxy(tmp_path / "a", pki)
+    a.add_secret(user, "K", value, "https://api.example")
+    file = tmp_path / "backup.jsonl"
+    assert "backed up" in a.cli("backup", str(file)).stdout
+    b = make_proxy(tmp_path / "b", pki)
+    b.data_dir.mkdir(parents=True)
+    (b.data_dir / "master.key").write_bytes((a.data_dir / "master.key").read_bytes())
+    (b.data_dir / "master.key").chmod(0o600)
+    assert "restored" in b.cli("restore", str(file)).stdout
+    assert b.cli("secret", "list", "--user", user).stdout.startswith("K\thttps://api.example")
+    assert "is not empty" in b.cli("restore", str(file), check=False).stderr
+    b.env["SEALGATE_STORE_URL"] = "mysql://db/x"
+    assert "SEALGATE_STORE_URL: must be sqlite:///path/to/file.db or postgresql://" in refused(b, user)
+    b.env["SEALGATE_STORE_URL"] = "postgresql://u:hunter2@127.0.0.1:1/db"
+    said = refused(b, user)
+    assert "postgresql://u@127.0.0.1:1/db cannot be opened" in said and "hunter2" not in said
