@@ -318,10 +318,9 @@ class PostgresBackend:
         try:
             with self.pool.connection() as conn:
                 yield conn
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
-            self._failed_at = time.monotonic()
-            raise StoreError(f"store {self.where} cannot be {doing}: {e.__class__.__name__}: {_first_line(e)}") from None
-        except psycopg.Error as e:
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
+            if isinstance(e, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
+                self._failed_at = time.monotonic()  # the database, not the statement
             raise StoreError(f"store {self.where} cannot be {doing}: {e.__class__.__name__}: {_first_line(e)}") from None
 
     def _listen(self) -> None:

@@ -88,8 +88,8 @@ _AUDIT_COLUMNS = tuple(AuditRecord.__dataclass_fields__)
 _AUDIT_INSERT = (f"insert into audit ({', '.join(_AUDIT_COLUMNS)}) values ({', '.join('?' * len(_AUDIT_COLUMNS))}) "
                  "returning id")
 _SECRET_COLUMNS = ("owner", "name", "key_id", "nonce", "ciphertext", "origins", "created_at", "updated_at", "seal")
-_SECRET_UPSERT = (f"insert into secrets ({', '.join(_SECRET_COLUMNS)}) values ({', '.join('?' * len(_SECRET_COLUMNS))}) "
-                  "on conflict(owner, name) do update set "
+_SECRET_UPSERT = (f"insert into secrets ({', '.join(_SECRET_COLUMNS)}) "
+                  f"values ({', '.join('?' * len(_SECRET_COLUMNS))}) on conflict(owner, name) do update set "
                   + ", ".join(f"{c} = excluded.{c}" for c in _SECRET_COLUMNS[2:]))
 _SESSION_COLUMNS = (*SessionRecord.__dataclass_fields__, "seal")
 

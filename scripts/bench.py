@@ -9,7 +9,7 @@ gives the median rate, the proxy's CPU per request, and ratios against plain mit
 With --baseline DIR (another checkout with its own .venv, e.g. a `git worktree` of an earlier
 commit), that checkout's `sealgate run` is measured beside this one's, for before/after ratios
 of a change to the request path. Only loopback addresses are used.
-Usage: scripts/bench [--requests N] [--rounds R] [--baseline DIR]
+Usage: scripts/bench [--requests N] [--rounds R] [--baseline DIR] [--store-url URL]
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated words: measure only the setups whose name has one (and mitmdump)")
     ap.add_argument("--baseline", type=Path, help="another checkout whose .venv/bin/sealgate to measure beside this one")
+    ap.add_argument("--store-url", help="this checkout's store (e.g. postgresql://...; the baseline keeps its own SQLite)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="sealgate-bench-") as d:  # holds a store, a key and a CA: removed after
@@ -105,7 +106,8 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
     sg_port, md_port, mds_port, web_sg_port, chain_port, base_port = (free_port() for _ in range(6))
     env.update(SEALGATE_DATA_DIR=str(tmp / "data"), SEALGATE_CERTS_DIR=str(tmp / "certs"),
                SEALGATE_LISTEN_PORT=str(sg_port), SEALGATE_UPSTREAM_CA=str(pki.ca_pem),
-               SEALGATE_ALLOW_PRIVATE="127.0.0.1/32", SEALGATE_METRICS_PORT=str(free_port()))
+               SEALGATE_ALLOW_PRIVATE="127.0.0.1/32", SEALGATE_METRICS_PORT=str(free_port()),
+               **({"SEALGATE_STORE_URL": args.store_url} if args.store_url else {}))
     sealgate = str(BIN / "sealgate")
     subprocess.run([sealgate, "secret", "add", "--user", "bench", "--name", "K", "--origins", up.origin],
                    input=value, text=True, env=env, check=True, capture_output=True)
@@ -139,6 +141,7 @@ def bench(tmp: Path, args: argparse.Namespace) -> None:
         base_bin = str(args.baseline / ".venv" / "bin" / "sealgate")
         base_env = {**env, "SEALGATE_LISTEN_PORT": str(base_port), "SEALGATE_METRICS_PORT": str(free_port()),
                     "SEALGATE_DATA_DIR": str(tmp / "baseline-data")}
+        base_env.pop("SEALGATE_STORE_URL", None)
         subprocess.run([base_bin, "secret", "add", "--user", "bench", "--name", "K", "--origins", up.origin],
                        input=value, text=True, env=base_env, check=True, capture_output=True, cwd=args.baseline)
         base_session = json.loads(subprocess.run(
