@@ -40,7 +40,8 @@ class Authenticator:
 
     def live(self, session: sessions.Session) -> sessions.Session | Refusal:
         """The session, if it has not expired nor been revoked on any node since it was checked (the
-        store's cache: no database read unless the store changed)."""
+        store's cache: no database read unless the store changed). When the store cannot say, refused:
+        its response could not be checked against the principal's values either."""
         if session.expired():
             return Refusal("proxy_auth_required", f"this session has expired; {HINT}")
         try:

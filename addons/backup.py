@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 from pathlib import Path
 
 from . import crypto, keys, seals
@@ -34,9 +35,11 @@ def _decode(v: object) -> object:
 def backup(store: SecretStore, path: Path) -> dict[str, int]:
     """Write every row to path (0600, written whole then moved in place); rows per table."""
     counts: dict[str, int] = {}
-    tmp = path.with_name(path.name + ".partial")
+    if path.exists() and not path.is_file():
+        raise StoreError(f"backup {path} exists and is not a regular file; name a new file")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")  # made here, 0600, nobody else's
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f, store.read() as tx:
             version = store.backend.schema_version(tx)
             f.write(json.dumps({"format": FORMAT, "schema": version, "master_key_id": crypto.key_id(store.key)}) + "\n")

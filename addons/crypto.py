@@ -51,7 +51,7 @@ def open_envelope(keys: dict[str, bytes], owner: str, name: str, env: Envelope) 
         raise EnvelopeError(f"secret {name} of user {owner} is encrypted under key {env.key_id}, which is not loaded")
     try:
         return AESGCM(key).decrypt(env.nonce, env.ciphertext, _aad(owner, name)).decode("utf-8")
-    except (InvalidTag, ValueError, UnicodeDecodeError):
+    except (InvalidTag, ValueError, TypeError, UnicodeDecodeError):  # (TypeError: a column of another type)
         raise EnvelopeError(
             f"secret {name} of user {owner} failed authentication: its ciphertext was tampered with or moved"
         ) from None

@@ -40,6 +40,7 @@ class KeySource(Protocol):
     def read(self) -> bytes | None: ...  # the key, or None when there is none yet
     def create(self) -> bytes: ...  # a new key, for a store that holds nothing sealed
     def marks_sealed(self) -> bool: ...  # the source says its store seals rows (a set-back schema is noticed)
+    def may_seal_old_rows(self) -> bool: ...  # it may upgrade a store from before row seals
     def mark_sealed(self, key: bytes) -> None: ...
 
 
@@ -62,6 +63,10 @@ class FileKey:
             return SEALED_MARK in self.path.read_text().split("\n")[1:]
         except OSError:
             return False
+
+    def may_seal_old_rows(self) -> bool:
+        """Only a key file from before row seals (no mark): every key made since carries the mark."""
+        return not self.marks_sealed()
 
     def mark_sealed(self, key: bytes) -> None:
         if self.path.exists() and not self.marks_sealed():
@@ -128,6 +133,9 @@ class EnvKey:
     def marks_sealed(self) -> bool:
         return False
 
+    def may_seal_old_rows(self) -> bool:
+        return False  # newer than row seals: a store "from before" them was set back
+
     def mark_sealed(self, key: bytes) -> None:
         pass
 
@@ -187,17 +195,22 @@ def canary_row(master: bytes) -> dict:
 def open_canary(master: bytes, row: tuple, where: str, store: str) -> None:
     try:
         crypto.open_envelope({crypto.key_id(master): master}, *CANARY, crypto.Envelope(*row))
-    except crypto.EnvelopeError:
+    except (crypto.EnvelopeError, TypeError):
         raise StoreError(f"{where} does not open the store {store}: it is another store's key, "
                          "or the store was edited") from None
 
 
+def _data_key_name(key_id: str, created_at: object) -> str:
+    """What a data key is sealed as: its id and its time (which decides the current key) bound in."""
+    return f"{key_id}@{created_at!r}"
+
+
 def new_data_key(master: bytes) -> dict:
-    """A data key's row: the key sealed under the master key, bound to its own id."""
+    """A data key's row: the key sealed under the master key, bound to its own id and time."""
     key = os.urandom(crypto.KEY_BYTES)
-    kid = crypto.key_id(key)
-    env = crypto.seal(master, DATA_KEY_OWNER, kid, key.hex())
-    return {"key_id": kid, "nonce": env.nonce, "wrapped": env.ciphertext, "created_at": time.time()}
+    kid, now = crypto.key_id(key), time.time()
+    env = crypto.seal(master, DATA_KEY_OWNER, _data_key_name(kid, now), key.hex())
+    return {"key_id": kid, "nonce": env.nonce, "wrapped": env.ciphertext, "created_at": now}
 
 
 def open_data_keys(master: bytes, rows: list[dict]) -> dict[str, bytes]:
@@ -206,7 +219,8 @@ def open_data_keys(master: bytes, rows: list[dict]) -> dict[str, bytes]:
     for r in rows:
         try:
             ring[r["key_id"]] = bytes.fromhex(crypto.open_envelope(
-                ring, DATA_KEY_OWNER, r["key_id"], crypto.Envelope(crypto.key_id(master), r["nonce"], r["wrapped"])))
-        except crypto.EnvelopeError:
+                ring, DATA_KEY_OWNER, _data_key_name(r["key_id"], r["created_at"]),
+                crypto.Envelope(crypto.key_id(master), r["nonce"], r["wrapped"])))
+        except (crypto.EnvelopeError, ValueError, TypeError):
             raise StoreError(f"data key {r['key_id']} does not open with the master key: it was edited") from None
     return ring

@@ -21,7 +21,8 @@ from . import internals, logfmt, sessions
 from .errors import Refusal
 from .flowstate import FlowStates, Summary
 from .metrics import Metrics
-from .store import AuditRecord, SecretStore, StoreError
+from .audit import AuditRecord
+from .store import SecretStore, StoreError
 
 log = logging.getLogger("sealgate")
 
@@ -78,7 +79,7 @@ class Recorder:
             return
         row_id, state.audit_id = state.audit_id, None
         try:
-            self.store().set_audit_status(row_id, status)
+            self.store().audit.set_status(row_id, status)
         except StoreError as e:
             self._audit_failed(e)
 
@@ -94,7 +95,7 @@ class Recorder:
             code=refusal.code if refusal else None, status=status,
         )
         try:
-            row_id = self.store().add_audit(record)
+            row_id = self.store().audit.add(record)
         except StoreError as e:
             self._audit_failed(e)
             row_id = None

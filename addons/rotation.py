@@ -71,7 +71,8 @@ def retire(store: SecretStore, key_id: str) -> None:
         if using:
             raise StoreError(f"key {key_id} still seals {using} secret(s); run `sealgate key rotate` to move them "
                              "first (or finish the one that was stopped)")
-        tx.one("delete from data_keys where key_id = ?", [key_id])
+        if tx.count("delete from data_keys where key_id = ?", [key_id]) != 1:
+            raise StoreError(f"data key {key_id} was not removed: a trigger or rule drops sealgate's writes")
 
 
 def list_keys(store: SecretStore) -> list[KeyInfo]:

@@ -67,12 +67,15 @@ def _v3_row_seals(m: Step) -> None:
         return  # an empty store: the canary is written with the key, when it is made
     k = m.key()
     for row in secret_rows:
-        crypto.open_envelope({crypto.key_id(k): k}, row["owner"], row["name"],
-                             crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
+        try:
+            crypto.open_envelope({crypto.key_id(k): k}, row["owner"], row["name"],
+                                 crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
+        except crypto.EnvelopeError as e:
+            raise StoreError(f"the store cannot be upgraded: {e}") from None
         m.tx.one("update secrets set seal = ? where owner = ? and name = ?",
                [seals.secret_seal(k, row), row["owner"], row["name"]])
-    for row in session_rows:
-        m.tx.one("update sessions set seal = ? where id = ?", [seals.session_seal(k, row), row["id"]])
+    # sessions are not sealed as found (nothing shows who wrote them): they end; workers get new ones
+    m.tx.one("delete from sessions")
     for owner in sorted({r["owner"] for r in secret_rows}):
         seals.reseal_owner(m.tx, k, owner)
     c = keys.canary_row(k)
@@ -100,9 +103,10 @@ def migrate(backend: Backend, source: keys.KeySource, existing_key: KeyLoader) -
     if version > len(MIGRATIONS):
         raise StoreError(f"store {backend.where} has schema version {version}, newer than this "
                          f"sealgate knows ({len(MIGRATIONS)}); upgrade sealgate")
-    if version < SEALING_VERSION and tables and (source.marks_sealed() or "meta" in tables):
+    if version < SEALING_VERSION and tables and (not source.may_seal_old_rows() or "meta" in tables):
         raise StoreError(f"store {backend.where} claims schema version {version}, but its rows were "
-                         "sealed already: the version was set back without the key; refusing it")
+                         "sealed already: the version was set back without the key; refusing it (a store from before row "
+                         "seals is upgraded once with its own key file)")
     types = TYPES[backend.dialect]
     for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
         with backend.write() as tx:

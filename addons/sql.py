@@ -10,6 +10,7 @@ checking the database once a second). A database error leaves as StoreError, say
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -28,6 +29,9 @@ WRITE_LOCK = 0x5EA16A7E  # advisory lock id: one writer at a time (writes are an
 FILE_CHECK_EVERY = 1.0  # seconds between looks at whether the SQLite file was replaced
 RETRY_AFTER = 1.0  # seconds a PostgreSQL store that failed is refused at once (without a listener to say)
 CONNECT_TIMEOUT = 2  # seconds to reach PostgreSQL: a request never waits longer for the store
+STATEMENT_TIMEOUT = 2.0  # seconds a statement is waited for; then the store is unavailable until a heartbeat
+HEARTBEAT = 0.5  # seconds between the listener's heartbeats
+HEARTBEAT_STALE = 2.0  # a heartbeat older than this: not listening (caches check every second)
 
 
 class Tx(Protocol):
@@ -35,6 +39,7 @@ class Tx(Protocol):
 
     def rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]: ...
     def one(self, sql: str, params: list | tuple = ()) -> tuple | None: ...
+    def count(self, sql: str, params: list | tuple = ()) -> int: ...  # rows changed
 
 
 class Backend(Protocol):
@@ -95,6 +100,9 @@ class _SqliteTx:
 
     def one(self, sql: str, params: list | tuple = ()) -> tuple | None:
         return self.conn.execute(sql, params).fetchone()
+
+    def count(self, sql: str, params: list | tuple = ()) -> int:
+        return self.conn.execute(sql, params).rowcount
 
 
 class SqliteBackend:
@@ -198,49 +206,73 @@ def _pg_sql(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
+class _Stuck(StoreError):
+    """A statement that did not come back in time: its connection is left to the thread running it."""
+
+
 class _PgTx:
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
+    """Each statement runs on a worker thread and is waited for at most STATEMENT_TIMEOUT: a database
+    that stops answering (a partition, a stalled relay) costs the event loop that long once, not forever."""
+
+    def __init__(self, backend: PostgresBackend, conn: Any) -> None:
+        self.backend, self.conn = backend, conn
 
     def rows(self, sql: str, params: list | tuple = ()) -> list[dict[str, Any]]:
         from psycopg.rows import dict_row
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(_pg_sql(sql), params)
-            return cur.fetchall() if cur.description else []
+
+        def run() -> list[dict[str, Any]]:
+            with self.conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(_pg_sql(sql), params)
+                return cur.fetchall() if cur.description else []
+        return self.backend.in_time(run)
 
     def one(self, sql: str, params: list | tuple = ()) -> tuple | None:
-        with self.conn.cursor() as cur:
-            cur.execute(_pg_sql(sql), params)
-            return cur.fetchone() if cur.description else None
+        def run() -> tuple | None:
+            with self.conn.cursor() as cur:
+                cur.execute(_pg_sql(sql), params)
+                return cur.fetchone() if cur.description else None
+        return self.backend.in_time(run)
+
+    def count(self, sql: str, params: list | tuple = ()) -> int:
+        """Rows a statement changed (a write the database silently dropped changes none)."""
+        def run() -> int:
+            with self.conn.cursor() as cur:
+                cur.execute(_pg_sql(sql), params)
+                return cur.rowcount
+        return self.backend.in_time(run)
 
 
 class PostgresBackend:
-    """Many proxies, one database: a pool for statements, one more connection that LISTENs."""
+    """Many proxies, one database: a pool for statements, one more connection that LISTENs and beats."""
 
     dialect = "postgresql"
 
     def __init__(self, url: str, *, listen: bool) -> None:
         import psycopg
         import psycopg_pool
-        self.url, self.where = url, redact(url)
+        self.url, self.where, self._hidden = url, redact(url), _passwords(url)
+        # a peer that vanishes (packets dropped) breaks the connection in seconds, not TCP's minutes
+        self._kwargs = {"connect_timeout": CONNECT_TIMEOUT, "tcp_user_timeout": 3000, "keepalives": 1,
+                        "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 2}
         try:  # one plain connection first: its error says why (the pool's would only say it timed out)
-            psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT).close()
+            psycopg.connect(url, **self._kwargs).close()
         except psycopg.Error as e:
-            raise StoreError(f"store {self.where} cannot be opened: {e.__class__.__name__}: {_first_line(e)}") from None
+            raise StoreError(f"store {self.where} cannot be opened: {self._say(e)}") from None
         self._own = 0
         self._heard = 0  # notifications heard (and reconnections of the listener)
-        self._listening = False
+        self._alive_at = float("-inf")  # the listener's last answered heartbeat
         self._failed_at = float("-inf")
         self._closed = threading.Event()
+        self._workers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="sealgate-pg")
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=4 if listen else 1, open=False, timeout=CONNECT_TIMEOUT,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={"autocommit": True, **self._kwargs},
             reconnect_timeout=float("inf"), name="sealgate")  # keep trying: the database comes back
         try:
             self.pool.open(wait=True, timeout=CONNECT_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - psycopg's and the pool's errors alike
             self.pool.close()
-            raise StoreError(f"store {self.where} cannot be opened: {e.__class__.__name__}: {_first_line(e)}") from None
+            raise StoreError(f"store {self.where} cannot be opened: {self._say(e)}") from None
         self._listener = None
         if listen:
             self._listener = threading.Thread(target=self._listen, name="sealgate-listen", daemon=True)
@@ -248,27 +280,37 @@ class PostgresBackend:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
-        with self._connection("read") as conn, conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield _PgTx(conn)
+        with self._transaction("read", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY") as tx:
+            yield tx
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Tx]:
-        with self._connection("written") as conn:
-            with conn.transaction():
-                conn.execute("select pg_advisory_xact_lock(%s)", [WRITE_LOCK])
-                yield _PgTx(conn)
-                conn.execute("select pg_notify(%s, '')", [CHANNEL])  # heard by every node once committed
-            self._own += 1
+        with self._transaction("written", "BEGIN") as tx:
+            tx.one("select pg_advisory_xact_lock(?)", [WRITE_LOCK])
+            yield tx
+            tx.one("select pg_notify(?, '')", [CHANNEL])  # heard by every node once committed
+        self._own += 1
 
     def one(self, sql: str, params: list | tuple = ()) -> tuple | None:
         with self._connection("written") as conn:
-            return _PgTx(conn).one(sql, params)
+            return _PgTx(self, conn).one(sql, params)
+
+    def in_time(self, run):
+        """run() on a worker thread, waited for at most STATEMENT_TIMEOUT."""
+        future = self._workers.submit(run)
+        try:
+            return future.result(timeout=STATEMENT_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            self._failed_at = time.monotonic()
+            raise _Stuck(f"store {self.where} did not answer within {STATEMENT_TIMEOUT:g} s") from None
 
     def version(self) -> object:
-        """Moves on every change heard; while not listening, every second (a check a second)."""
-        tick = 0 if self._listening or self._listener is None else int(time.monotonic())
+        """Moves on every change heard; while the listener's heartbeat is stale, every second."""
+        tick = 0 if self._listener is None or self._listening() else int(time.monotonic())
         return (self._heard, self._own, tick)
+
+    def _listening(self) -> bool:
+        return time.monotonic() - self._alive_at < HEARTBEAT_STALE
 
     def schema_version(self, tx: Tx) -> int:
         if "sealgate_schema" not in self.tables(tx):
@@ -295,18 +337,33 @@ class PostgresBackend:
     def close(self) -> None:
         self._closed.set()
         self.pool.close()
+        self._workers.shutdown(wait=False)
         if self._listener is not None:
             self._listener.join(3)
 
     def _unavailable(self) -> bool:
-        """After a failure to reach the database: until the listener reaches it again (a proxy), or for
-        RETRY_AFTER (the CLI). Meanwhile every use is refused at once: requests never queue behind a
-        database that is down, and the event loop they share never waits for one."""
+        """After a failure to reach the database: until the listener's heartbeat is answered again (a
+        proxy), or for RETRY_AFTER (the CLI). Meanwhile every use is refused at once: requests never queue
+        behind a database that is down, and the event loop they share never waits for one."""
         if self._failed_at == float("-inf"):
             return False
         if self._listener is not None:
-            return not self._listening
+            return self._alive_at <= self._failed_at
         return time.monotonic() - self._failed_at < RETRY_AFTER
+
+    @contextlib.contextmanager
+    def _transaction(self, doing: str, begin: str) -> Iterator[_PgTx]:
+        with self._connection(doing) as conn:
+            tx = _PgTx(self, conn)
+            tx.one(begin)
+            try:
+                yield tx
+            except _Stuck:
+                raise
+            except BaseException:
+                tx.one("ROLLBACK")
+                raise
+            tx.one("COMMIT")
 
     @contextlib.contextmanager
     def _connection(self, doing: str) -> Iterator[Any]:
@@ -316,34 +373,66 @@ class PostgresBackend:
         if self._unavailable():
             raise StoreError(f"store {self.where} cannot be {doing}: it is unavailable (reconnecting)")
         try:
-            with self.pool.connection() as conn:
-                yield conn
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as e:
-            if isinstance(e, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
+            conn = self.pool.getconn()
+        except psycopg_pool.PoolTimeout as e:
+            self._failed_at = time.monotonic()
+            raise StoreError(f"store {self.where} cannot be {doing}: {self._say(e)}") from None
+        try:
+            yield conn
+        except _Stuck:  # the statement still runs: the connection goes back once it ends, closed
+            threading.Thread(target=self._discard, args=(conn,), daemon=True).start()
+            raise
+        except psycopg.Error as e:
+            if isinstance(e, psycopg.OperationalError):
                 self._failed_at = time.monotonic()  # the database, not the statement
-            raise StoreError(f"store {self.where} cannot be {doing}: {e.__class__.__name__}: {_first_line(e)}") from None
+            self.pool.putconn(conn)
+            raise StoreError(f"store {self.where} cannot be {doing}: {self._say(e)}") from None
+        except BaseException:
+            self.pool.putconn(conn)
+            raise
+        else:
+            self.pool.putconn(conn)
+
+    def _discard(self, conn: Any) -> None:
+        conn.close()  # waits for the statement that is stuck on it
+        self.pool.putconn(conn)
+
+    def _say(self, e: Exception) -> str:
+        """An error, in one line, with no password of the store URL in it (libpq may quote the URL)."""
+        text = f"{e.__class__.__name__}: {_first_line(e)}"
+        for hidden in self._hidden:
+            text = text.replace(hidden, "***")
+        return text
 
     def _listen(self) -> None:
-        """Count every NOTIFY; on a lost connection count one more (what was missed is reread) and
-        reconnect, while version() changes every second meanwhile."""
+        """Count every NOTIFY and answer a heartbeat every HEARTBEAT seconds; on a lost connection count one
+        more (what was missed is read again) and reconnect, while version() changes every second."""
         import psycopg
         while not self._closed.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                with psycopg.connect(self.url, autocommit=True, **self._kwargs) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.pool.check()  # connections broken while it was away are replaced
                     self._heard += 1
-                    self._listening, self._failed_at = True, float("-inf")
                     while not self._closed.is_set():
-                        for _ in conn.notifies(timeout=0.5):
+                        conn.execute("select 1")  # the heartbeat: a server gone quiet is noticed by its absence
+                        self._alive_at = time.monotonic()
+                        for _ in conn.notifies(timeout=HEARTBEAT):
                             self._heard += 1
-                        conn.execute("select 1")  # a server gone quiet is noticed here
             except psycopg.Error:
                 pass
-            if self._listening:
-                self._listening = False
-                self._heard += 1
+            self._heard += 1
             self._closed.wait(0.2)
+
+
+def _passwords(url: str) -> list[str]:
+    """The password of a store URL (as written and decoded; in the userinfo or the query), to keep out of messages."""
+    from urllib.parse import parse_qsl, unquote
+    rest = url.split("://", 1)[-1]
+    userinfo, at, _ = rest.rpartition("@")
+    found = [userinfo.split(":", 1)[1]] if at and ":" in userinfo else []
+    found += [v for k, v in parse_qsl(url.partition("?")[2]) if k == "password"]
+    return sorted({p for f in found for p in (f, unquote(f)) if p}, key=len, reverse=True)
 
 
 def _first_line(e: Exception) -> str:

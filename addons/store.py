@@ -19,6 +19,7 @@ from . import crypto, keys, schema, seals
 from .errors import StoreError
 from .origins import Origin
 from .origins import parse as parse_origin
+from .audit import AuditTrail
 from .sql import Backend, Tx, open_backend
 
 DB_NAME = "sealgate.db"
@@ -53,25 +54,6 @@ class Secret:
 
 
 @dataclass(frozen=True)
-class AuditRecord:
-    """One decision: never a value, never a query string, never a credential."""
-
-    at: float
-    session: str  # "" for a refusal before any session was known (407)
-    runchat: str
-    instance: str
-    principal: str
-    client: str  # the worker's address
-    secrets: tuple[str, ...]
-    method: str
-    origin: str
-    path: str
-    decision: str  # allow | block
-    code: str | None
-    status: int | None  # the status the worker got (0: the connection was closed)
-
-
-@dataclass(frozen=True)
 class SessionRecord:
     id: str
     credential_hash: str
@@ -84,14 +66,18 @@ class SessionRecord:
     expires_at: float
 
 
-_AUDIT_COLUMNS = tuple(AuditRecord.__dataclass_fields__)
-_AUDIT_INSERT = (f"insert into audit ({', '.join(_AUDIT_COLUMNS)}) values ({', '.join('?' * len(_AUDIT_COLUMNS))}) "
-                 "returning id")
 _SECRET_COLUMNS = ("owner", "name", "key_id", "nonce", "ciphertext", "origins", "created_at", "updated_at", "seal")
 _SECRET_UPSERT = (f"insert into secrets ({', '.join(_SECRET_COLUMNS)}) "
                   f"values ({', '.join('?' * len(_SECRET_COLUMNS))}) on conflict(owner, name) do update set "
                   + ", ".join(f"{c} = excluded.{c}" for c in _SECRET_COLUMNS[2:]))
 _SESSION_COLUMNS = (*SessionRecord.__dataclass_fields__, "seal")
+
+
+def _changed(rows: int) -> None:
+    """A write the database did not take (a trigger or rule that drops it) is an error, never a success."""
+    if rows != 1:
+        raise StoreError(f"the store changed {rows} rows where it had to change 1: a trigger or rule drops "
+                         "sealgate's writes; nothing was changed")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -120,6 +106,8 @@ class SecretStore:
         self._key: bytes | None = None
         self._ring: dict[str, bytes] = {}
         self._cached: dict[tuple, tuple[object, object]] = {}  # secrets_for and session, by what was asked
+        self.audit = AuditTrail(self.backend)  # store.audit(user=...) reads it; .add and .set_status write it
+        self._revoked: dict[str, float] = {}  # sessions seen revoked by this process, until they would expire
         try:
             schema.migrate(self.backend, self.source, self._existing_key)
         except BaseException:
@@ -208,7 +196,7 @@ class SecretStore:
         env = crypto.seal(data_key, row["owner"], row["name"], value)
         row = {**row, "key_id": key_id, "nonce": env.nonce, "ciphertext": env.ciphertext}
         row["seal"] = seals.secret_seal(self.key, row)
-        tx.one(_SECRET_UPSERT, [row[c] for c in _SECRET_COLUMNS])
+        _changed(tx.count(_SECRET_UPSERT, [row[c] for c in _SECRET_COLUMNS]))
         seals.reseal_owner(tx, self.key, row["owner"])
 
     def set_origins(self, owner: str, name: str, origins: list[Origin]) -> None:
@@ -218,8 +206,8 @@ class SecretStore:
                 raise StoreError(f"user {owner} has no secret named {name}")
             seals.verified_secret(self.key, row)
             row = {**row, "origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
-            tx.one("update secrets set origins = ?, updated_at = ?, seal = ? where owner = ? and name = ?",
-                   [row["origins"], row["updated_at"], seals.secret_seal(self.key, row), owner, name])
+            _changed(tx.count("update secrets set origins = ?, updated_at = ?, seal = ? where owner = ? and name = ?",
+                              [row["origins"], row["updated_at"], seals.secret_seal(self.key, row), owner, name]))
             seals.reseal_owner(tx, self.key, owner)
 
     def remove_secret(self, owner: str, name: str) -> None:
@@ -227,7 +215,7 @@ class SecretStore:
             if not self._row(tx, owner, name):
                 raise StoreError(f"user {owner} has no secret named {name}")
             seals.verify_owner(tx, self.key, owner)
-            tx.one("delete from secrets where owner = ? and name = ?", [owner, name])
+            _changed(tx.count("delete from secrets where owner = ? and name = ?", [owner, name]))
             seals.reseal_owner(tx, self.key, owner)
 
     def list_secrets(self, owner: str) -> list[SecretInfo]:
@@ -299,34 +287,13 @@ class SecretStore:
 
     def reseal(self, tx: Tx, row: dict, ring: dict[str, bytes]) -> None:
         """One secret's value opened and sealed again under the current data key (rotation)."""
-        value = crypto.open_envelope(ring, row["owner"], row["name"],
-                                     crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
         seals.verified_secret(self.key, row)
+        try:
+            value = crypto.open_envelope(ring, row["owner"], row["name"],
+                                         crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
+        except crypto.EnvelopeError as e:
+            raise StoreError(str(e)) from None
         self._put(tx, {c: row[c] for c in ("owner", "name", "origins", "created_at", "updated_at")}, value)
-
-    # audit --------------------------------------------------------------------------
-
-    def add_audit(self, record: AuditRecord) -> int:
-        """Write one decision; its row id, for the status once the response is known."""
-        row = {**record.__dict__, "secrets": ",".join(record.secrets)}
-        return self.backend.one(_AUDIT_INSERT, [row[c] for c in _AUDIT_COLUMNS])[0]
-
-    def set_audit_status(self, row_id: int, status: int) -> None:
-        self.backend.one("update audit set status = ? where id = ?", [status, row_id])
-
-    def audit(self, *, user: str | None = None, runchat: str | None = None, since: float | None = None,
-              limit: int = 1000) -> list[AuditRecord]:
-        """The newest decisions first, filtered."""
-        where, params = ["1 = 1"], []
-        for clause, value in (("principal = ?", user), ("runchat = ?", runchat), ("at >= ?", since)):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        with self.backend.read() as tx:
-            rows = tx.rows(f"select * from audit where {' and '.join(where)} order by at desc, id desc limit ?",
-                           [*params, limit])
-        return [AuditRecord(**{**{k: r[k] for k in _AUDIT_COLUMNS},
-                               "secrets": tuple(filter(None, (r["secrets"] or "").split(",")))}) for r in rows]
 
     # sessions -----------------------------------------------------------------------
 
@@ -341,16 +308,29 @@ class SecretStore:
         return self._cache(("session", session_id), lambda: self._read_session(session_id))
 
     def _read_session(self, session_id: str) -> SessionRecord | None:
+        """A session once seen gone stays gone in this process (its row put back is not honoured here)."""
+        if session_id in self._revoked:
+            return None
         with self.read() as tx:
             row = next(iter(tx.rows("select * from sessions where id = ?", [session_id])), None)
         if row is None:
+            if (seen := self._cached.get(("session", session_id), (None, None))[1]) is not None:
+                self._gone(session_id, seen.expires_at)
             return None
         seals.verified_session(self.key, row)
         return SessionRecord(**{k: row[k] for k in SessionRecord.__dataclass_fields__})
 
+    def _gone(self, session_id: str, expires_at: float) -> None:
+        if len(self._revoked) >= CACHED_MAX:
+            now = time.time()
+            self._revoked = {k: v for k, v in self._revoked.items() if v > now}
+        self._revoked[session_id] = expires_at
+
     def revoke_session(self, session_id: str) -> None:
         with self.write() as tx:
-            if tx.one("select id from sessions where id = ?", [session_id]) is None:
+            if (found := tx.one("select expires_at from sessions where id = ?", [session_id])) is None:
                 raise StoreError(f"there is no session {session_id}")
-            tx.one("delete from sessions where id = ?", [session_id])
+            (expires_at,) = found
+            _changed(tx.count("delete from sessions where id = ?", [session_id]))
+        self._gone(session_id, expires_at)
 

@@ -84,7 +84,7 @@ def test_a_lost_listening_connection_falls_back_to_a_check_every_second(pg, tmp_
                                  "where query = ? and datname = current_database()", ["LISTEN sealgate_changes"])
         a.add_secret(user, "K", value, [origins.parse("https://a.example")])  # its NOTIFY reaches nobody
         assert until(lambda: "K" in b.secrets_for(user)) < 2 * WITHIN
-        until(lambda: b.backend._listening)  # and it listens again
+        until(b.backend._listening)  # and it listens again
     finally:
         a.close(), b.close()
 
