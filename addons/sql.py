@@ -337,9 +337,7 @@ class PostgresBackend:
     def close(self) -> None:
         self._closed.set()
         self.pool.close()
-        self._workers.shutdown(wait=False)
-        if self._listener is not None:
-            self._listener.join(3)
+        self._workers.shutdown(wait=False)  # (the listener sees _closed within a heartbeat, and ends)
 
     def _unavailable(self) -> bool:
         """After a failure to reach the database: until the listener's heartbeat is answered again (a

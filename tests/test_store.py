@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -20,9 +20,13 @@ class Place:
 
     data_dir: Path
     url: str | None
+    opened: list[SecretStore] = field(default_factory=list)
 
-    def open(self) -> SecretStore:
-        return SecretStore(self.data_dir, self.url)
+    def open(self, **kw) -> SecretStore:
+        """A store here (closed when the test ends: a PostgreSQL one holds a pool and threads)."""
+        store = SecretStore(self.data_dir, self.url, **kw)
+        self.opened.append(store)
+        return store
 
     def sql(self, statement: str, params=()) -> list[tuple]:
         """A statement run straight on the database, as someone without the key would."""
@@ -47,8 +51,11 @@ class Place:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def place(request, tmp_path) -> Place:
-    return Place(tmp_path, None if request.param == "sqlite" else request.getfixturevalue("pg").database())
+def place(request, tmp_path):
+    where = Place(tmp_path, None if request.param == "sqlite" else request.getfixturevalue("pg").database())
+    yield where
+    for store in where.opened:
+        store.close()
 
 
 def make_unversioned_store(place: Place, owner: str, value: str) -> None:

@@ -38,7 +38,7 @@ def test_a_schema_set_back_cannot_make_sealgate_seal_a_forged_session(place, use
 
 
 def test_a_session_seen_revoked_stays_revoked_when_its_row_is_put_back(place, user):  # noqa: F811
-    a, b = place.open(), SecretStore(place.data_dir, place.url, listen=True)
+    a, b = place.open(), place.open(listen=True)
     issued = sessions.issue(a, access="api", runchat="r", instance="i", user=user, author=None, ttl_seconds=600)
     [row] = place.sql("select * from sessions")
     assert b.session(issued.session.id) is not None  # b has seen it
@@ -155,6 +155,7 @@ class Relay:
                 (b if s is a else a).sendall(data)
 
 
+@pytest.mark.e2e  # a fault held for seconds
 def test_a_database_that_stops_answering_hangs_nothing(pg, tmp_path, pki, make_upstream, user, value):
     """Node a reaches PostgreSQL through a relay that goes silent; node b reaches it directly. No request on a
     waits more than the statement timeout; a session revoked on b meanwhile is refused on a once it is back,
