@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import getpass
 import json
 import logging
@@ -18,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import backup, ca, logfmt, origins, rotation, sessions, settings, validate
+from . import backup, ca, commands, logfmt, rotation, sessions, settings, tokens, validate
 from .store import SecretStore, StoreError, open_store
 
 
@@ -29,9 +28,10 @@ class UsageError(Exception):
 def _settings(args: argparse.Namespace) -> settings.Settings:
     flags = {k: getattr(args, k, None) for k in ("listen_host", "listen_port", "web_port", "web_password",
                                                  "data_dir", "certs_dir", "upstream_ca", "allow_private", "metrics",
-                                                 "store_url")}
+                                                 "store_url", "api")}
     flags["no_web"] = getattr(args, "no_web", False)
     flags["no_metrics"] = getattr(args, "no_metrics", False)
+    flags["no_api"] = getattr(args, "no_api", False)
     return settings.load(flags, args.env)
 
 
@@ -40,18 +40,6 @@ def _store(args: argparse.Namespace, s: settings.Settings | None = None) -> Secr
     store = open_store(s or _settings(args))
     args.opened.append(store)
     return store
-
-
-def _origins(args: argparse.Namespace) -> list[origins.Origin]:
-    try:
-        parsed = origins.parse_list(args.origins, allow_http=args.allow_http)
-    except origins.OriginError as e:
-        raise UsageError(f"--origins: {e}") from None
-    for o in parsed:
-        if o.is_wildcard:
-            print(f"sealgate: warning: {o} allows every subdomain of {o.host[2:]}; "
-                  "list exact hosts where you can", file=sys.stderr)
-    return parsed
 
 
 def _read_value(name: str) -> str:
@@ -73,59 +61,64 @@ def _read_value(name: str) -> str:
     return value
 
 
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"sealgate: warning: {w}", file=sys.stderr)
+
+
 def cmd_secret_add(args: argparse.Namespace) -> None:
-    name = validate.secret_name(args.name)
-    user = validate.user_id(args.user)
-    allowed = _origins(args)
-    value = validate.secret_value(_read_value(name))
-    _store(args).add_secret(user, name, value, allowed, replace=args.replace)
-    print(f"added {name} for {user}, allowed to {', '.join(map(str, allowed))}")
+    info, warnings = commands.add_secret(_store(args), args.user, args.name, lambda: _read_value(args.name),
+                                         args.origins, allow_http=args.allow_http, replace=args.replace)
+    _warn(warnings)
+    print(f"added {info.name} for {info.owner}, allowed to {', '.join(map(str, info.origins))}")
 
 
 def cmd_secret_list(args: argparse.Namespace) -> None:
-    infos = _store(args).list_secrets(validate.user_id(args.user))
+    infos = commands.list_secrets(_store(args), args.user)
     if args.json:
-        print(json.dumps([{"name": i.name, "origins": [str(o) for o in i.origins],
-                           "created_at": _iso(i.created_at), "updated_at": _iso(i.updated_at)} for i in infos],
-                         indent=2))
+        print(json.dumps([commands.secret_json(i) for i in infos], indent=2))
         return
     for i in infos:
-        print(f"{i.name}\t{','.join(map(str, i.origins))}\tupdated {_iso(i.updated_at)}")
+        print(f"{i.name}\t{','.join(map(str, i.origins))}\tupdated {commands.iso(i.updated_at)}")
 
 
 def cmd_secret_rm(args: argparse.Namespace) -> None:
-    _store(args).remove_secret(validate.user_id(args.user), validate.secret_name(args.name))
+    commands.remove_secret(_store(args), args.user, args.name)
     print(f"removed {args.name} of {args.user}")
 
 
 def cmd_secret_set_origins(args: argparse.Namespace) -> None:
-    allowed = _origins(args)
-    _store(args).set_origins(validate.user_id(args.user), validate.secret_name(args.name), allowed)
-    print(f"{args.name} of {args.user} is now allowed to {', '.join(map(str, allowed))}")
+    info, warnings = commands.set_origins(_store(args), args.user, args.name, args.origins, allow_http=args.allow_http)
+    _warn(warnings)
+    print(f"{info.name} of {info.owner} is now allowed to {', '.join(map(str, info.origins))}")
 
 
 def cmd_session_issue(args: argparse.Namespace) -> None:
     s = _settings(args)
-    store = _store(args, s)
-    ttl = s.session_ttl if args.ttl is None else settings.parse_ttl(args.ttl, "--ttl")
-    issued = sessions.issue(store, access=args.access, runchat=args.runchat, instance=args.instance,
-                            user=args.user, author=args.author, ttl_seconds=ttl)
-    host = s.listen_host if s.listen_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    record = issued.session.record
-    print(json.dumps({
-        "proxy_url": f"http://{record.id}:{issued.credential}@{origins.bracketed(host)}:{s.listen_port}",
-        "ca_cert": str(ca.ensure_ca(s.certs_dir)),
-        "env": issued.env,
-        "expires_at": _iso(record.expires_at),
-        "session_id": record.id,
-        "principal": record.principal,
-        "access": record.access,
-    }, indent=2))
+    print(json.dumps(commands.issue_session(_store(args, s), s, access=args.access, runchat=args.runchat,
+                                            instance=args.instance, user=args.user, author=args.author,
+                                            ttl=args.ttl), indent=2))
 
 
 def cmd_session_revoke(args: argparse.Namespace) -> None:
     _store(args).revoke_session(args.id)
     print(f"revoked session {args.id}; every proxy on this store refuses it within a second")
+
+
+def cmd_token_issue(args: argparse.Namespace) -> None:
+    scopes = commands.checked("scopes", tokens.parse_scopes, args.scopes)
+    name = commands.checked("name", validate.token_name, args.name)
+    print(json.dumps({"token": tokens.issue(_store(args), name, scopes)}))
+
+
+def cmd_token_list(args: argparse.Namespace) -> None:
+    for t in tokens.list_tokens(_store(args)):
+        print(f"{t.name}\t{','.join(t.scopes)}\tcreated {commands.iso(t.created_at)}")
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    tokens.revoke(_store(args), args.name)
+    print(f"revoked API token {args.name}")
 
 
 def cmd_key_rotate(args: argparse.Namespace) -> None:
@@ -141,7 +134,7 @@ def cmd_key_retire(args: argparse.Namespace) -> None:
 
 def cmd_key_list(args: argparse.Namespace) -> None:
     for k in rotation.list_keys(_store(args)):
-        made = _iso(k.created_at) if k.created_at else "-"
+        made = commands.iso(k.created_at) if k.created_at else "-"
         print(f"{k.key_id}\t{k.kind}\t{'current' if k.current else '-'}\t{k.secrets} secret(s)\tcreated {made}")
 
 
@@ -174,34 +167,24 @@ def cmd_run(args: argparse.Namespace) -> None:
         pass
 
 
+def cmd_api(args: argparse.Namespace) -> None:
+    s = _settings(args)
+    if s.api is None:
+        raise UsageError("the platform API is turned off (SEALGATE_API_PORT)")
+    from . import api  # FastAPI is only needed here
+    api.serve(s, _store(args, s))
+
+
 def cmd_audit(args: argparse.Namespace) -> None:
-    since = _since(args.since) if args.since else None
-    user = validate.user_id(args.user) if args.user else None
-    records = _store(args).audit(user=user, runchat=args.runchat, since=since, limit=args.limit)
+    records = commands.audit(_store(args), user=args.user, runchat=args.runchat, since=args.since, limit=args.limit)
     if args.json:
-        print(json.dumps([{**r.__dict__, "at": _iso(r.at), "secrets": list(r.secrets)} for r in records], indent=2))
+        print(json.dumps(records, indent=2))
         return
     for r in records:
-        status = "-" if r.status is None else str(r.status)
-        fields = (_iso(r.at), r.decision, r.code or "-", status, r.principal or "-", r.runchat or "-",
-                  r.instance or "-", ",".join(r.secrets) or "-", f"{r.method} {r.origin}{r.path}")
+        status = "-" if r["status"] is None else str(r["status"])
+        fields = (r["at"], r["decision"], r["code"] or "-", status, r["principal"] or "-", r["runchat"] or "-",
+                  r["instance"] or "-", ",".join(r["secrets"]) or "-", f"{r['method']} {r['origin']}{r['path']}")
         print("\t".join(logfmt.text(f) for f in fields))
-
-
-def _since(text: str) -> float:
-    """'30m', '2h', '7d' ago, or an ISO 8601 time."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return datetime.datetime.now(datetime.UTC).timestamp() - int(text[:-1]) * units[text[-1]]
-    try:
-        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"--since {text!r}: use a duration like 30m, 2h, 7d or a time like 2026-11-27T10:00:00Z") from None
-    return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).timestamp()
-
-
-def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -272,6 +255,18 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("id", help="the session id (session_id of `session issue`)")
     sr.set_defaults(func=cmd_session_revoke)
 
+    token = sub.add_parser("token", help="bearer tokens of the platform API").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    ti = token.add_parser("issue", parents=[common], help='print {"token": ...} once; only its hash is kept')
+    ti.add_argument("--name", required=True)
+    ti.add_argument("--scopes", required=True, help=f"comma-separated: {', '.join(tokens.SCOPES)}")
+    ti.set_defaults(func=cmd_token_issue)
+    token.add_parser("list", parents=[common], help="names and scopes (never a token)").set_defaults(
+        func=cmd_token_list)
+    tr = token.add_parser("revoke", parents=[common], help="revoke a token by name")
+    tr.add_argument("name")
+    tr.set_defaults(func=cmd_token_revoke)
+
     key = sub.add_parser("key", help="rotate and retire the keys values are sealed under").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
     kr = key.add_parser("rotate", parents=[common], help="add a data key and move every secret under it")
@@ -306,7 +301,13 @@ def _parser() -> argparse.ArgumentParser:
     probes = run.add_mutually_exclusive_group()
     probes.add_argument("--metrics-port", dest="metrics", help="[host:]port of the probes [SEALGATE_METRICS_PORT]")
     probes.add_argument("--no-metrics", action="store_true", help="run without the probes and metrics")
+    apis = run.add_mutually_exclusive_group()
+    apis.add_argument("--api-port", dest="api", help="[host:]port of the platform API [SEALGATE_API_PORT]")
+    apis.add_argument("--no-api", action="store_true", help="run without the platform API")
     run.set_defaults(func=cmd_run)
+    api = sub.add_parser("api", parents=[common], help="serve only the platform API (`run` starts it too)")
+    api.add_argument("--api-port", dest="api", help="[host:]port [SEALGATE_API_PORT]")
+    api.set_defaults(func=cmd_api)
     return p
 
 
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     except KeyboardInterrupt:
         print("sealgate: interrupted", file=sys.stderr)
         return 130
+    except commands.Invalid as e:
+        print(f"sealgate: error: --{e.field}: {e}", file=sys.stderr)
+        return 1
     except (UsageError, ValueError, StoreError, settings.ConfigError, ca.CertError) as e:
         print(f"sealgate: error: {e}", file=sys.stderr)
         return 1

@@ -46,6 +46,14 @@ class StoreError(Exception):
     """The store, its key or a record in it cannot be read or written; says which."""
 
 
+class NotFound(StoreError):
+    """What was named does not exist (the API answers 404)."""
+
+
+class Conflict(StoreError):
+    """What was to be made exists already (the API answers 409)."""
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why a request is refused: a stable `code` and a sentence for a person."""

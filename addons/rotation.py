@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import crypto, keys
-from .errors import StoreError
+from .errors import NotFound, StoreError
 from .store import SecretStore
 
 BATCH = 100  # secrets re-encrypted per transaction
@@ -63,7 +63,7 @@ def retire(store: SecretStore, key_id: str) -> None:
             raise StoreError(f"key {key_id} is the master key itself: it wraps the data keys and cannot be retired "
                              "(values under it move to a data key with `sealgate key rotate`)")
         if tx.one("select key_id from data_keys where key_id = ?", [key_id]) is None:
-            raise StoreError(f"there is no data key {key_id} (see `sealgate key list`)")
+            raise NotFound(f"there is no data key {key_id} (see `sealgate key list`)")
         current, _ = store.current_key(tx)
         if key_id == current:
             raise StoreError(f"key {key_id} is the current key, which new writes use; rotate to a new one first")

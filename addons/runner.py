@@ -22,7 +22,7 @@ import yaml
 from mitmproxy import master, options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 
-from . import ca
+from . import ca, keys
 from .addon import Sealgate
 from .dashboard import Mirror
 from .probes import ProbeServer
@@ -47,7 +47,8 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
         sealgate_data_dir=str(settings.data_dir),
         sealgate_store_url=settings.store_url or "",
         sealgate_allow_private=settings.allow_private,
-        sealgate_guard_ports=",".join(str(p) for p in (settings.web_port, settings.metrics and settings.metrics[1]) if p),
+        sealgate_guard_ports=",".join(str(p) for p in (settings.web_port, settings.metrics and settings.metrics[1],
+                                                         settings.api and settings.api[1]) if p),
     )
     if settings.metrics is not None:
         sealgate = m.addons.get("sealgate")
@@ -101,33 +102,54 @@ def start_dashboard(settings: Settings, workdir: Path) -> tuple[subprocess.Popen
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL), socket_path, password
 
 
+def start_api(settings: Settings) -> subprocess.Popen:
+    """`sealgate api` as its own process, its settings passed in its environment (not on a command line
+    that `ps` shows: a store URL may hold a password)."""
+    env = {**os.environ, "SEALGATE_DATA_DIR": str(settings.data_dir), "SEALGATE_CERTS_DIR": str(settings.certs_dir),
+           "SEALGATE_LISTEN_HOST": settings.listen_host, "SEALGATE_LISTEN_PORT": str(settings.listen_port),
+           "SEALGATE_SESSION_TTL": str(settings.session_ttl), "SEALGATE_API_PORT": ":".join(map(str, settings.api))}
+    for var, text in (("SEALGATE_STORE_URL", settings.store_url), ("SEALGATE_KEY_HOOK", settings.key_hook),
+                      (keys.ENV_VAR, settings.master_key)):
+        if text:
+            env[var] = text
+    return subprocess.Popen([sys.executable, "-m", "sealgate.cli", "api"], stdin=subprocess.DEVNULL, env=env)
+
+
 async def serve(settings: Settings) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # one log line at a time
     logging.getLogger().setLevel(logging.INFO)  # one line per sealgate decision
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # not every connection
     m = build_master(settings)
-    dashboard = None
+    children: list[subprocess.Popen] = []
+    watchers = []
     with tempfile.TemporaryDirectory(prefix="sealgate-dashboard-") as workdir:
+        password = None
         if settings.web_port is not None:
             dashboard, socket_path, password = start_dashboard(settings, Path(workdir))
             sealgate = m.addons.get("sealgate")
             m.addons.add(Mirror(socket_path, sealgate.flow_scrubber))
-            watcher = asyncio.get_running_loop().create_task(_watch(dashboard))
+            children.append(dashboard)
+            watchers.append(asyncio.get_running_loop().create_task(_watch(dashboard, "the dashboard", "its copies")))
+        if settings.api is not None:
+            children.append(start_api(settings))
+            watchers.append(asyncio.get_running_loop().create_task(_watch(children[-1], "the platform API", "its calls")))
         try:
-            await _run(m, settings, password if dashboard else None)
+            await _run(m, settings, password)
         finally:
-            if dashboard is not None:
-                watcher.cancel()
-                dashboard.terminate()
-                dashboard.wait(10)
+            for w in watchers:
+                w.cancel()
+            for child in children:
+                child.terminate()
+            for child in children:
+                child.wait(10)
 
 
-async def _watch(dashboard: subprocess.Popen) -> None:
-    """Say so if the dashboard dies: the proxy goes on, and its copies are dropped."""
-    while dashboard.poll() is None:
+async def _watch(child: subprocess.Popen, what: str, lost: str) -> None:
+    """Say so if a child process dies: the proxy goes on without it."""
+    while child.poll() is None:
         await asyncio.sleep(1)
     logging.getLogger("sealgate").error(
-        "sealgate: the dashboard process exited (code %s); proxying goes on without it", dashboard.returncode)
+        "sealgate: %s process exited (code %s); proxying goes on, %s fail", what, child.returncode, lost)
 
 
 async def _run(m: master.Master, settings: Settings, web_password: str | None) -> None:
@@ -139,6 +161,9 @@ async def _run(m: master.Master, settings: Settings, web_password: str | None) -
     if settings.metrics is not None:
         lines.append(f"sealgate: probes and metrics on http://{settings.metrics[0]}:{settings.metrics[1]}"
                      "/healthz, /readyz, /metrics")
+    if settings.api is not None:
+        lines.append(f"sealgate: platform API on http://{settings.api[0]}:{settings.api[1]}/ "
+                     "(tokens: `sealgate token issue`)")
     if web_password is not None:
         shown = "as set in SEALGATE_WEB_PASSWORD" if settings.web_password else web_password
         lines.append(f"sealgate: dashboard on http://127.0.0.1:{settings.web_port}/ (password: {shown})")

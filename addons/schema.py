@@ -89,7 +89,13 @@ def _v4_data_keys(m: Step) -> None:
            f"wrapped {m.t['blob']}, created_at {m.t['real']})")
 
 
-MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys)
+def _v5_api_tokens(m: Step) -> None:
+    """api_tokens: the platform API's bearer tokens, as hashes, their scopes sealed."""
+    m.tx.one(f"create table if not exists api_tokens (name TEXT PRIMARY KEY, token_hash TEXT UNIQUE, scopes TEXT, "
+             f"created_at {m.t['real']}, seal TEXT)")
+
+
+MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys, _v5_api_tokens)
 SEALING_VERSION = 3  # from this version on rows are sealed; the key source then says so
 
 

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "allow_private": "",  # CIDRs reachable although loopback or private
     "session_ttl": 3600,  # seconds a session's proxy credential and placeholders live
     "metrics": "127.0.0.1:9090",  # /healthz, /readyz, /metrics; `run --no-metrics` turns them off
+    "api": "127.0.0.1:8082",  # the platform API; `run --no-api` turns it off
     "store_url": None,  # sqlite:///path or postgresql://user@host:port/db; unset: the data dir's SQLite file
     "key_hook": None,  # module:object whose wrap()/unwrap() call a KMS for the master key (keys.py)
 }
@@ -55,6 +56,7 @@ class Settings:
     allow_private: str
     session_ttl: int
     metrics: tuple[str, int] | None  # host and port of /healthz, /readyz, /metrics; None: off
+    api: tuple[str, int] | None = None  # host and port of the platform API; None: off
     store_url: str | None = None
     key_hook: str | None = None
     master_key: str | None = field(default=None, repr=False)  # SEALGATE_MASTER_KEY's hex, if set
@@ -69,7 +71,7 @@ def _port(v: Any) -> int:
     return int(v)
 
 
-def _ttl(v: Any) -> int:
+def ttl_seconds(v: Any) -> int:
     if isinstance(v, bool) or not (str(v).isascii() and str(v).isdigit()) or not 60 <= int(v) <= 7 * 86400:
         raise ValueError("must be a whole number of seconds from 60 to 604800")
     return int(v)
@@ -121,8 +123,9 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "certs_dir": ("SEALGATE_CERTS_DIR", _text),
     "upstream_ca": ("SEALGATE_UPSTREAM_CA", _text),
     "allow_private": ("SEALGATE_ALLOW_PRIVATE", _cidrs),
-    "session_ttl": ("SEALGATE_SESSION_TTL", _ttl),
+    "session_ttl": ("SEALGATE_SESSION_TTL", ttl_seconds),
     "metrics": ("SEALGATE_METRICS_PORT", _host_port),
+    "api": ("SEALGATE_API_PORT", _host_port),
     "store_url": ("SEALGATE_STORE_URL", _store_url),
     "key_hook": ("SEALGATE_KEY_HOOK", _hook),
 }
@@ -145,6 +148,7 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
     flags = dict(flags or {})
     no_web = bool(flags.pop("no_web", False))
     no_metrics = bool(flags.pop("no_metrics", False))
+    no_api = bool(flags.pop("no_api", False))
     overrides = [(key, env.get(var, ""), f"environment variable {var}") for key, (var, _) in _KEYS.items()]
     overrides += [(key, raw, f"--{key.replace('_', '-')}") for key, raw in flags.items()]
     for key, raw, where in overrides:
@@ -163,14 +167,11 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
         allow_private=values["allow_private"],
         session_ttl=values["session_ttl"],
         metrics=None if no_metrics else values["metrics"],
+        api=None if no_api else values["api"],
         store_url=values.get("store_url"),
         key_hook=values.get("key_hook"),
         master_key=env.get(keys.ENV_VAR) or None,
     )
-
-
-def parse_ttl(raw: Any, where: str) -> int:
-    return _parse("session_ttl", raw, where)
 
 
 def _parse(key: str, raw: Any, where: str) -> Any:

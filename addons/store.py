@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import crypto, keys, schema, seals
-from .errors import StoreError
+from .errors import Conflict, NotFound, StoreError
 from .origins import Origin
 from .origins import parse as parse_origin
 from .audit import AuditTrail
@@ -185,7 +185,7 @@ class SecretStore:
         with self.write() as tx:
             existing = self._row(tx, owner, name)
             if existing and not replace:
-                raise StoreError(f"secret {name} of user {owner} exists already; use --replace to change its value")
+                raise Conflict(f"secret {name} of user {owner} exists already; use --replace to change its value")
             now = time.time()
             self._put(tx, {"owner": owner, "name": name, "origins": json.dumps([str(o) for o in origins]),
                            "created_at": existing["created_at"] if existing else now, "updated_at": now}, value)
@@ -203,7 +203,7 @@ class SecretStore:
         with self.write() as tx:
             row = self._row(tx, owner, name)
             if not row:
-                raise StoreError(f"user {owner} has no secret named {name}")
+                raise NotFound(f"user {owner} has no secret named {name}")
             seals.verified_secret(self.key, row)
             row = {**row, "origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
             _changed(tx.count("update secrets set origins = ?, updated_at = ?, seal = ? where owner = ? and name = ?",
@@ -213,7 +213,7 @@ class SecretStore:
     def remove_secret(self, owner: str, name: str) -> None:
         with self.write() as tx:
             if not self._row(tx, owner, name):
-                raise StoreError(f"user {owner} has no secret named {name}")
+                raise NotFound(f"user {owner} has no secret named {name}")
             seals.verify_owner(tx, self.key, owner)
             _changed(tx.count("delete from secrets where owner = ? and name = ?", [owner, name]))
             seals.reseal_owner(tx, self.key, owner)
@@ -329,7 +329,7 @@ class SecretStore:
     def revoke_session(self, session_id: str) -> None:
         with self.write() as tx:
             if (found := tx.one("select expires_at from sessions where id = ?", [session_id])) is None:
-                raise StoreError(f"there is no session {session_id}")
+                raise NotFound(f"there is no session {session_id}")
             (expires_at,) = found
             _changed(tx.count("delete from sessions where id = ?", [session_id]))
         self._gone(session_id, expires_at)

@@ -42,6 +42,12 @@ def secret_name(text: str) -> str:
     return text
 
 
+def token_name(text: str) -> str:
+    if not _RUN_ID.fullmatch(text):
+        raise ValueError(f"token name {text!r} is invalid: use 1-128 of letters, digits and . _ : -")
+    return text
+
+
 def secret_value(value: str) -> str:
     """A value must be printable text of bounded length (it is never echoed)."""
     if len(value) < VALUE_MIN:

@@ -54,7 +54,7 @@ def test_audit_filters_and_errors(proxy, api, user, value):
     assert json.loads(proxy.cli("audit", "--user", user, "--since", "2099-01-01T00:00:00Z", "--json").stdout) == []
     assert json.loads(proxy.cli("audit", "--runchat", "no-such-runchat", "--json").stdout) == []
     r = proxy.cli("audit", "--since", "yesterday", check=False)
-    assert r.returncode == 1 and r.stderr.startswith("sealgate: error: --since 'yesterday'")
+    assert r.returncode == 1 and r.stderr.startswith("sealgate: error: --since: 'yesterday' is neither")
 
 
 def test_probes_and_metrics(proxy, api, evil, user, value):

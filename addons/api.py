@@ -1,0 +1,262 @@
+"""The platform API: what the platform's Secrets page and its orchestrator call (FastAPI, served by
+uvicorn in a process of its own; docs/architecture.md says why).
+
+Bearer tokens with scopes (`tokens`); every operation and its validation is `commands`, the CLI's
+own, so a bad field gets the same sentence here (422 problem+json naming the `field`). A value goes
+in and never comes out: not in a response, an error (FastAPI's validation errors would quote the
+input: they are rewritten) or a log line (uvicorn's access log has the path, never a body).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import commands, tokens
+from .errors import TYPE_BASE, Conflict, NotFound, StoreError
+from .settings import Settings
+from .store import SecretStore
+
+MAX_BODY = 1024 * 1024  # bytes; a larger body gets 413 before it is read
+PAGE = Path(__file__).with_name("static") / "index.html"
+PROBLEMS = {  # code -> (status, title)
+    "bad_request": (400, "The request could not be read"),
+    "unauthorized": (401, "A valid API token is needed"),
+    "forbidden": (403, "The token lacks the scope this needs"),
+    "not_found": (404, "Not found"),
+    "conflict": (409, "It exists already"),
+    "too_large": (413, "The body is larger than 1 MiB"),
+    "invalid": (422, "A field is invalid"),
+    "store_unavailable": (503, "Secret store unavailable"),
+}
+
+
+class Problem(HTTPException):
+    """A refusal the API renders as problem+json (an HTTPException: FastAPI lets it through untouched
+    even from inside reading the body)."""
+
+    def __init__(self, code: str, detail: str, field: str | None = None) -> None:
+        super().__init__(PROBLEMS[code][0], detail)
+        self.code, self.field = code, field
+
+
+class BodyLimit:
+    """Refuse a body over MAX_BODY before more of it is read: by its Content-Length, or as it streams."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                await problem("too_large", f"the body may be at most {MAX_BODY} bytes")(scope, receive, send)
+                return
+            received = 0
+
+            async def bounded() -> dict:
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > MAX_BODY:
+                    raise Problem("too_large", f"the body may be at most {MAX_BODY} bytes")
+                return message
+            await self.app(scope, bounded, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def problem(code: str, detail: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    status, title = PROBLEMS[code]
+    body = {"type": TYPE_BASE + code, "title": title, "status": status, "detail": detail, "code": code}
+    if field:
+        body["field"] = field
+    return JSONResponse(body, status, headers=headers, media_type="application/problem+json")
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SecretIn(_Input):
+    name: str
+    value: str = Field(repr=False)
+    origins: list[str]
+    allow_http: bool = False
+
+
+class SecretReplace(_Input):
+    value: str = Field(repr=False)
+    origins: list[str]
+    allow_http: bool = False
+
+
+class OriginsIn(_Input):
+    origins: list[str]
+    allow_http: bool = False
+
+
+class SessionIn(_Input):
+    access: str
+    runchat: str
+    instance: str
+    user: str | None = None
+    author: str | None = None
+    ttl: int | None = None
+
+
+class SecretOut(BaseModel):
+    name: str
+    origins: list[str]
+    created_at: str
+    updated_at: str
+
+
+class SessionOut(BaseModel):
+    proxy_url: str
+    ca_cert: str
+    env: dict[str, str]
+    expires_at: str
+    session_id: str
+    principal: str
+    access: str
+
+
+class AuditOut(BaseModel):
+    at: str
+    session: str
+    runchat: str
+    instance: str
+    principal: str
+    client: str | None
+    secrets: list[str]
+    method: str
+    origin: str
+    path: str
+    decision: str
+    code: str | None
+    status: int | None
+
+
+def _origin_text(items: list[str]) -> str:
+    """The CLI's comma-separated form; an item holding a comma would be two origins: refused."""
+    if not items:
+        raise commands.Invalid("origins", "give at least one origin")
+    if any("," in o for o in items):
+        raise commands.Invalid("origins", "one origin per item (no commas inside one)")
+    return ",".join(items)
+
+
+def create_app(settings: Settings, store: SecretStore) -> FastAPI:
+    app = FastAPI(title="sealgate platform API", version="1", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+
+    def scope(needed: str):
+        def check(authorization: Annotated[str | None, Header()] = None) -> tokens.Token:
+            kind, _, token = (authorization or "").partition(" ")
+            found = tokens.check(store, token.strip()) if kind.lower() == "bearer" else None
+            if found is None:
+                raise Problem("unauthorized", "send Authorization: Bearer <token> (see `sealgate token issue`)")
+            if needed not in found.scopes:
+                raise Problem("forbidden", f"token {found.name} lacks the scope {needed}")
+            return found
+        return Depends(check)
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, e: Problem) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.code == "unauthorized" else None
+        return problem(e.code, e.detail, e.field, headers)
+
+    @app.exception_handler(commands.Invalid)
+    async def _invalid(request: Request, e: commands.Invalid) -> JSONResponse:
+        return problem("invalid", str(e), e.field)
+
+    @app.exception_handler(StoreError)
+    async def _store(request: Request, e: StoreError) -> JSONResponse:
+        if isinstance(e, NotFound):
+            return problem("not_found", str(e))
+        if isinstance(e, Conflict):
+            return problem("conflict", str(e))
+        return problem("store_unavailable", str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _unreadable(request: Request, e: RequestValidationError) -> JSONResponse:
+        """FastAPI's own errors quote the input (a value among it): only where and what kind."""
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return problem("bad_request", "the body is not valid JSON")
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return problem("invalid", f"{field or 'the body'}: {first.get('msg', 'invalid')}", field)
+
+    app.add_middleware(BodyLimit)
+
+    secret_path = "/v1/users/{user}/secrets/{name}"
+
+    @app.post("/v1/users/{user}/secrets", status_code=201, response_model=SecretOut,
+              dependencies=[scope("secrets:write")], summary="Add a secret (409 if it exists)")
+    async def add_secret(user: str, body: SecretIn) -> Any:
+        info, _ = commands.add_secret(store, user, body.name, body.value, _origin_text(body.origins),
+                                      allow_http=body.allow_http)
+        return commands.secret_json(info)
+
+    @app.put(secret_path, response_model=SecretOut, dependencies=[scope("secrets:write")],
+             summary="Add or replace a secret's value and origins")
+    async def replace_secret(user: str, name: str, body: SecretReplace) -> Any:
+        info, _ = commands.add_secret(store, user, name, body.value, _origin_text(body.origins),
+                                      allow_http=body.allow_http, replace=True)
+        return commands.secret_json(info)
+
+    @app.get("/v1/users/{user}/secrets", response_model=list[SecretOut], dependencies=[scope("secrets:read")],
+             summary="A user's secrets: names, origins, times (never a value)")
+    async def list_secrets(user: str) -> Any:
+        return [commands.secret_json(i) for i in commands.list_secrets(store, user)]
+
+    @app.put(secret_path + "/origins", response_model=SecretOut, dependencies=[scope("secrets:write")],
+             summary="Replace a secret's allowed origins")
+    async def set_origins(user: str, name: str, body: OriginsIn) -> Any:
+        info, _ = commands.set_origins(store, user, name, _origin_text(body.origins), allow_http=body.allow_http)
+        return commands.secret_json(info)
+
+    @app.delete(secret_path, status_code=204, dependencies=[scope("secrets:write")], summary="Remove a secret")
+    async def remove_secret(user: str, name: str) -> Response:
+        commands.remove_secret(store, user, name)
+        return Response(status_code=204)
+
+    @app.post("/v1/sessions", status_code=201, response_model=SessionOut, dependencies=[scope("sessions:write")],
+              summary="Issue a worker session: exactly what `sealgate session issue` prints")
+    async def issue_session(body: SessionIn) -> Any:
+        return commands.issue_session(store, settings, access=body.access, runchat=body.runchat,
+                                      instance=body.instance, user=body.user, author=body.author, ttl=body.ttl)
+
+    @app.delete("/v1/sessions/{session_id}", status_code=204, dependencies=[scope("sessions:write")],
+                summary="Revoke a session: every proxy refuses it within a second")
+    async def revoke_session(session_id: str) -> Response:
+        store.revoke_session(session_id)
+        return Response(status_code=204)
+
+    @app.get("/v1/audit", response_model=list[AuditOut], dependencies=[scope("audit:read")],
+             summary="The audit trail, newest first")
+    async def audit(user: str | None = None, runchat: str | None = None, since: str | None = None,
+                    limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> Any:
+        return commands.audit(store, user=user, runchat=runchat, since=since, limit=limit)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(PAGE, media_type="text/html; charset=utf-8",
+                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'self' "
+                                     "'unsafe-inline'; style-src 'unsafe-inline'", "X-Frame-Options": "DENY"})
+
+    return app
+
+
+def serve(settings: Settings, store: SecretStore) -> None:
+    """Run the API on settings.api (blocking) until SIGTERM or SIGINT."""
+    import uvicorn
+    host, port = settings.api
+    uvicorn.run(create_app(settings, store), host=host, port=port, log_level="warning", access_log=True,
+                server_header=False)

@@ -1,0 +1,130 @@
+"""What the CLI and the platform API both do, with one validation: a bad field raises `Invalid`, naming
+the field, with the same sentence on both (the CLI prints `--field: sentence`, the API answers 422
+problem+json with `field`). Values are never echoed.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import TypeVar
+
+from . import ca, origins, sessions, settings, validate
+from .store import SecretInfo, SecretStore
+
+T = TypeVar("T")
+
+
+class Invalid(ValueError):
+    """A field that cannot be used; str() says why, `field` says which."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def checked(field: str, check: Callable[..., T], *args, **kwargs) -> T:
+    """check(*args, **kwargs), its ValueError as Invalid naming field."""
+    try:
+        return check(*args, **kwargs)
+    except Invalid:
+        raise
+    except ValueError as e:
+        raise Invalid(field, str(e)) from None
+
+
+def parse_origins(text: str, *, allow_http: bool) -> tuple[list[origins.Origin], list[str]]:
+    """Origins and the warnings they deserve (a wildcard)."""
+    try:
+        parsed = origins.parse_list(text, allow_http=allow_http)
+    except origins.OriginError as e:
+        raise Invalid("origins", str(e)) from None
+    warnings = [f"{o} allows every subdomain of {o.host[2:]}; list exact hosts where you can"
+                for o in parsed if o.is_wildcard]
+    return parsed, warnings
+
+
+def add_secret(store: SecretStore, user: str, name: str, value: str | Callable[[], str], origin_text: str, *,
+               allow_http: bool = False, replace: bool = False) -> tuple[SecretInfo, list[str]]:
+    """value: the value, or how to read it once every other field is known to be good (a prompt)."""
+    name = checked("name", validate.secret_name, name)
+    user = checked("user", validate.user_id, user)
+    allowed, warnings = parse_origins(origin_text, allow_http=allow_http)
+    value = checked("value", validate.secret_value, value() if callable(value) else value)
+    store.add_secret(user, name, value, allowed, replace=replace)
+    return _info(store, user, name), warnings
+
+
+def set_origins(store: SecretStore, user: str, name: str, origin_text: str, *,
+                allow_http: bool = False) -> tuple[SecretInfo, list[str]]:
+    user, name = checked("user", validate.user_id, user), checked("name", validate.secret_name, name)
+    allowed, warnings = parse_origins(origin_text, allow_http=allow_http)
+    store.set_origins(user, name, allowed)
+    return _info(store, user, name), warnings
+
+
+def remove_secret(store: SecretStore, user: str, name: str) -> None:
+    store.remove_secret(checked("user", validate.user_id, user), checked("name", validate.secret_name, name))
+
+
+def list_secrets(store: SecretStore, user: str) -> list[SecretInfo]:
+    return store.list_secrets(checked("user", validate.user_id, user))
+
+
+def _info(store: SecretStore, user: str, name: str) -> SecretInfo:
+    return next(i for i in store.list_secrets(user) if i.name == name)
+
+
+def secret_json(info: SecretInfo) -> dict:
+    """What may be shown of a secret: never its value."""
+    return {"name": info.name, "origins": [str(o) for o in info.origins], "created_at": iso(info.created_at),
+            "updated_at": iso(info.updated_at)}
+
+
+def issue_session(store: SecretStore, s: settings.Settings, *, access: str, runchat: str, instance: str,
+                  user: str | None, author: str | None, ttl: str | int | None) -> dict:
+    """A session, as the JSON document `session issue` prints and `POST /v1/sessions` answers."""
+    if access not in sessions.ACCESS_MODES:
+        raise Invalid("access", f"access must be one of {', '.join(sessions.ACCESS_MODES)}")
+    seconds = s.session_ttl if ttl is None else checked("ttl", settings.ttl_seconds, ttl)
+    for field, text in (("runchat", runchat), ("instance", instance)):
+        checked(field, validate.run_id, text, f"{field} id")
+    who = "author" if access == "app-view" and not user else "user"
+    issued = checked(who, sessions.issue, store, access=access, runchat=runchat, instance=instance, user=user,
+                     author=author, ttl_seconds=seconds)
+    host = s.listen_host if s.listen_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    record = issued.session.record
+    return {
+        "proxy_url": f"http://{record.id}:{issued.credential}@{origins.bracketed(host)}:{s.listen_port}",
+        "ca_cert": str(ca.ensure_ca(s.certs_dir)),
+        "env": issued.env,
+        "expires_at": iso(record.expires_at),
+        "session_id": record.id,
+        "principal": record.principal,
+        "access": record.access,
+    }
+
+
+def audit(store: SecretStore, *, user: str | None, runchat: str | None, since: str | None,
+          limit: int = 1000) -> list[dict]:
+    when = checked("since", parse_since, since) if since else None
+    user = checked("user", validate.user_id, user) if user else None
+    return [{**r.__dict__, "at": iso(r.at), "secrets": list(r.secrets)}
+            for r in store.audit(user=user, runchat=runchat, since=when, limit=limit)]
+
+
+def parse_since(text: str) -> float:
+    """'30m', '2h', '7d' ago, or an ISO 8601 time."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return datetime.datetime.now(datetime.UTC).timestamp() - int(text[:-1]) * units[text[-1]]
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration like 30m, 2h, 7d nor a time like 2026-11-27T10:00:00Z"
+                         ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).timestamp()
+
+
+def iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
