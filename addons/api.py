@@ -115,6 +115,7 @@ class SecretOut(BaseModel):
     origins: list[str]
     created_at: str
     updated_at: str
+    warnings: list[str] = []  # what the CLI warns of (a wildcard origin)
 
 
 class SessionOut(BaseModel):
@@ -200,16 +201,16 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
     @app.post("/v1/users/{user}/secrets", status_code=201, response_model=SecretOut,
               dependencies=[scope("secrets:write")], summary="Add a secret (409 if it exists)")
     async def add_secret(user: str, body: SecretIn) -> Any:
-        info, _ = commands.add_secret(store, user, body.name, body.value, _origin_text(body.origins),
-                                      allow_http=body.allow_http)
-        return commands.secret_json(info)
+        info, warnings = commands.add_secret(store, user, body.name, body.value, _origin_text(body.origins),
+                                             allow_http=body.allow_http)
+        return {**commands.secret_json(info), "warnings": warnings}
 
     @app.put(secret_path, response_model=SecretOut, dependencies=[scope("secrets:write")],
              summary="Add or replace a secret's value and origins")
     async def replace_secret(user: str, name: str, body: SecretReplace) -> Any:
-        info, _ = commands.add_secret(store, user, name, body.value, _origin_text(body.origins),
-                                      allow_http=body.allow_http, replace=True)
-        return commands.secret_json(info)
+        info, warnings = commands.add_secret(store, user, name, body.value, _origin_text(body.origins),
+                                             allow_http=body.allow_http, replace=True)
+        return {**commands.secret_json(info), "warnings": warnings}
 
     @app.get("/v1/users/{user}/secrets", response_model=list[SecretOut], dependencies=[scope("secrets:read")],
              summary="A user's secrets: names, origins, times (never a value)")
@@ -219,8 +220,8 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
     @app.put(secret_path + "/origins", response_model=SecretOut, dependencies=[scope("secrets:write")],
              summary="Replace a secret's allowed origins")
     async def set_origins(user: str, name: str, body: OriginsIn) -> Any:
-        info, _ = commands.set_origins(store, user, name, _origin_text(body.origins), allow_http=body.allow_http)
-        return commands.secret_json(info)
+        info, warnings = commands.set_origins(store, user, name, _origin_text(body.origins), allow_http=body.allow_http)
+        return {**commands.secret_json(info), "warnings": warnings}
 
     @app.delete(secret_path, status_code=204, dependencies=[scope("secrets:write")], summary="Remove a secret")
     async def remove_secret(user: str, name: str) -> Response:

@@ -214,6 +214,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-private", help="CIDRs reachable although private [SEALGATE_ALLOW_PRIVATE]")
     g.add_argument("--store-url", help="sqlite:///file or postgresql://user@host:port/db [SEALGATE_STORE_URL]")
 
+    def command(parent, name: str, func: Callable, help: str, *positionals: str) -> argparse.ArgumentParser:
+        """A subcommand with the common settings and positional arguments only."""
+        parser = parent.add_parser(name, parents=[common], help=help)
+        for positional in positionals:
+            parser.add_argument(positional)
+        parser.set_defaults(func=func)
+        return parser
+
     p = _Parser(prog="sealgate", description="Secrets that workers use but never read.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -251,9 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--author", help="workflow author (app view while signed out)")
     si.add_argument("--ttl", help="seconds the session lives (60 to 604800)")
     si.set_defaults(func=cmd_session_issue)
-    sr = session.add_parser("revoke", parents=[common], help="revoke a session on every proxy of the store")
-    sr.add_argument("id", help="the session id (session_id of `session issue`)")
-    sr.set_defaults(func=cmd_session_revoke)
+    command(session, "revoke", cmd_session_revoke, "revoke a session on every proxy of the store", "id")
 
     token = sub.add_parser("token", help="bearer tokens of the platform API").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -261,29 +267,18 @@ def _parser() -> argparse.ArgumentParser:
     ti.add_argument("--name", required=True)
     ti.add_argument("--scopes", required=True, help=f"comma-separated: {', '.join(tokens.SCOPES)}")
     ti.set_defaults(func=cmd_token_issue)
-    token.add_parser("list", parents=[common], help="names and scopes (never a token)").set_defaults(
-        func=cmd_token_list)
-    tr = token.add_parser("revoke", parents=[common], help="revoke a token by name")
-    tr.add_argument("name")
-    tr.set_defaults(func=cmd_token_revoke)
+    command(token, "list", cmd_token_list, "names and scopes (never a token)")
+    command(token, "revoke", cmd_token_revoke, "revoke a token by name", "name")
 
     key = sub.add_parser("key", help="rotate and retire the keys values are sealed under").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
     kr = key.add_parser("rotate", parents=[common], help="add a data key and move every secret under it")
     kr.add_argument("--batch", type=int, default=rotation.BATCH, help="secrets per transaction (100)")
     kr.set_defaults(func=cmd_key_rotate)
-    kt = key.add_parser("retire", parents=[common], help="remove a data key that nothing uses any more")
-    kt.add_argument("key_id")
-    kt.set_defaults(func=cmd_key_retire)
-    key.add_parser("list", parents=[common], help="the keys, which is current, what each seals").set_defaults(
-        func=cmd_key_list)
-
-    bk = sub.add_parser("backup", parents=[common], help="write the store's rows (values still sealed) to FILE")
-    bk.add_argument("file")
-    bk.set_defaults(func=cmd_backup)
-    rs = sub.add_parser("restore", parents=[common], help="restore a backup into an empty store")
-    rs.add_argument("file")
-    rs.set_defaults(func=cmd_restore)
+    command(key, "retire", cmd_key_retire, "remove a data key that nothing uses any more", "key_id")
+    command(key, "list", cmd_key_list, "the keys, which is current, what each seals")
+    command(sub, "backup", cmd_backup, "write the store's rows (values still sealed) to FILE", "file")
+    command(sub, "restore", cmd_restore, "restore a backup into an empty store", "file")
 
     audit = sub.add_parser("audit", parents=[common], help="read the audit trail (newest first)")
     audit.add_argument("--user", help="only this principal's decisions")

@@ -91,12 +91,13 @@ def test_every_endpoint(platform, user, value):
             409, "conflict")
     r = platform.call("GET", secrets_path)
     assert [(s["name"], s["origins"]) for s in r.json()] == [("K", ["https://api.example"])]
-    assert set(r.json()[0]) == {"name", "origins", "created_at", "updated_at"}
+    assert set(r.json()[0]) == {"name", "origins", "created_at", "updated_at", "warnings"}
     r = platform.call("PUT", f"{secrets_path}/K", json={"value": value + "-2", "origins": ["https://b.example"]})
     assert r.status_code == 200 and r.json()["origins"] == ["https://b.example"]
     assert platform.store.secrets_for(user)["K"].value == value + "-2"
-    r = platform.call("PUT", f"{secrets_path}/K/origins", json={"origins": ["https://c.example", "https://d.example"]})
-    assert r.json()["origins"] == ["https://c.example", "https://d.example"]
+    r = platform.call("PUT", f"{secrets_path}/K/origins", json={"origins": ["https://c.example", "https://*.d.example"]})
+    assert r.json()["origins"] == ["https://c.example", "https://*.d.example"]
+    assert r.json()["warnings"] == ["https://*.d.example allows every subdomain of d.example; list exact hosts where you can"]
     assert platform.call("DELETE", f"{secrets_path}/K").status_code == 204
     problem(platform.call("DELETE", f"{secrets_path}/K"), 404, "not_found")
     assert platform.call("GET", secrets_path).json() == []
