@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import commands, tokens
 from .errors import TYPE_BASE, Conflict, NotFound, StoreError
@@ -23,13 +24,15 @@ from .settings import Settings
 from .store import SecretStore
 
 MAX_BODY = 1024 * 1024  # bytes; a larger body gets 413 before it is read
-PAGE = Path(__file__).with_name("static") / "index.html"
+CLOSE = {"Connection": "close"}  # on an answer sent before the body was read: uvicorn would read it all to go on
+STATIC = Path(__file__).with_name("static")  # the reference page: index.html and app.js
 PROBLEMS = {  # code -> (status, title)
     "bad_request": (400, "The request could not be read"),
     "unauthorized": (401, "A valid API token is needed"),
     "forbidden": (403, "The token lacks the scope this needs"),
     "not_found": (404, "Not found"),
     "conflict": (409, "It exists already"),
+    "method_not_allowed": (405, "Method not allowed"),
     "too_large": (413, "The body is larger than 1 MiB"),
     "invalid": (422, "A field is invalid"),
     "store_unavailable": (503, "Secret store unavailable"),
@@ -45,14 +48,24 @@ class Problem(HTTPException):
         self.code, self.field = code, field
 
 
-class BodyLimit:
-    """Refuse a body over MAX_BODY before more of it is read: by its Content-Length, or as it streams."""
+class Gate:
+    """Before anything of a /v1/ request is read: a body over MAX_BODY is refused (by its Content-Length,
+    or as it streams), and so is a request without a valid token (401 before any 400 or 422)."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any, store: SecretStore) -> None:
+        self.app, self.store = app, store
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            try:
+                found = _bearer(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"), self.store)
+            except StoreError as e:
+                await problem("store_unavailable", str(e), headers=CLOSE)(scope, receive, send)
+                return
+            if found is None:  # (and the connection closes: its body is never read)
+                await problem("unauthorized", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer", **CLOSE})(
+                    scope, receive, send)
+                return
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
                 await problem("too_large", f"the body may be at most {MAX_BODY} bytes")(scope, receive, send)
@@ -71,8 +84,18 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+UNAUTHORIZED = "send Authorization: Bearer <token> (see `sealgate token issue`)"
+
+
+def _bearer(authorization: str, store: SecretStore) -> tokens.Token | None:
+    kind, _, token = authorization.partition(" ")
+    return tokens.check(store, token.strip()) if kind.lower() == "bearer" else None
+
+
 def problem(code: str, detail: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
     status, title = PROBLEMS[code]
+    if code == "too_large":  # and the connection closes: the rest of that body is never read
+        headers = {**(headers or {}), **CLOSE}
     body = {"type": TYPE_BASE + code, "title": title, "status": status, "detail": detail, "code": code}
     if field:
         body["field"] = field
@@ -155,14 +178,14 @@ def _origin_text(items: list[str]) -> str:
 
 def create_app(settings: Settings, store: SecretStore) -> FastAPI:
     app = FastAPI(title="sealgate platform API", version="1", docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json")
+                  openapi_url="/openapi.json", redirect_slashes=False)
 
     def scope(needed: str):
-        def check(authorization: Annotated[str | None, Header()] = None) -> tokens.Token:
-            kind, _, token = (authorization or "").partition(" ")
-            found = tokens.check(store, token.strip()) if kind.lower() == "bearer" else None
+        async def check(authorization: Annotated[str | None, Header()] = None) -> tokens.Token:
+            """(async: every store call of this process runs on its one event loop thread, one at a time)"""
+            found = _bearer(authorization or "", store)
             if found is None:
-                raise Problem("unauthorized", "send Authorization: Bearer <token> (see `sealgate token issue`)")
+                raise Problem("unauthorized", UNAUTHORIZED)
             if needed not in found.scopes:
                 raise Problem("forbidden", f"token {found.name} lacks the scope {needed}")
             return found
@@ -185,6 +208,12 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
             return problem("conflict", str(e))
         return problem("store_unavailable", str(e))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's and Starlette's own refusals (a body that is not UTF-8, no such route) as problem+json."""
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.status_code, "bad_request")
+        return problem(code, "no such resource" if code == "not_found" else PROBLEMS[code][1].lower())
+
     @app.exception_handler(RequestValidationError)
     async def _unreadable(request: Request, e: RequestValidationError) -> JSONResponse:
         """FastAPI's own errors quote the input (a value among it): only where and what kind."""
@@ -194,7 +223,7 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
         field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return problem("invalid", f"{field or 'the body'}: {first.get('msg', 'invalid')}", field)
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(Gate, store=store)
 
     secret_path = "/v1/users/{user}/secrets/{name}"
 
@@ -246,11 +275,16 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
                     limit: Annotated[int, Query(ge=1, le=10000)] = 1000) -> Any:
         return commands.audit(store, user=user, runchat=runchat, since=since, limit=limit)
 
+    page_headers = {"Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+                    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(PAGE, media_type="text/html; charset=utf-8",
-                            headers={"Content-Security-Policy": "default-src 'self'; script-src 'self' "
-                                     "'unsafe-inline'; style-src 'unsafe-inline'", "X-Frame-Options": "DENY"})
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=page_headers)
+
+    @app.get("/app.js", include_in_schema=False)
+    async def script() -> FileResponse:
+        return FileResponse(STATIC / "app.js", media_type="text/javascript; charset=utf-8", headers=page_headers)
 
     return app
 

@@ -116,14 +116,14 @@ def audit(store: SecretStore, *, user: str | None, runchat: str | None, since: s
 def parse_since(text: str) -> float:
     """'30m', '2h', '7d' ago, or an ISO 8601 time."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return datetime.datetime.now(datetime.UTC).timestamp() - int(text[:-1]) * units[text[-1]]
     try:
+        if text[:-1].isdigit() and text[-1:] in units:
+            return datetime.datetime.now(datetime.UTC).timestamp() - int(text[:-1]) * units[text[-1]]
         when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{text!r} is neither a duration like 30m, 2h, 7d nor a time like 2026-11-27T10:00:00Z"
-                         ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).timestamp()
+        return (when if when.tzinfo else when.replace(tzinfo=datetime.UTC)).timestamp()
+    except (ValueError, OverflowError):
+        raise ValueError(f"{text[:40]!r} is neither a duration like 30m, 2h, 7d nor a time like "
+                         "2026-11-27T10:00:00Z") from None
 
 
 def iso(ts: float) -> str:

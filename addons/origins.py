@@ -162,17 +162,17 @@ def parse(text: str, *, allow_http: bool = False) -> Origin:
     return Origin(scheme, normalise_host(host_part), port)
 
 
+MAX_ORIGINS = 100  # per secret: a key used at more places than this is not scoped at all
+
+
 def parse_list(text: str, *, allow_http: bool = False) -> list[Origin]:
     """Parse a comma-separated list: at least one origin, duplicates folded, order kept."""
     items = [item for item in text.split(",") if item.strip()]
     if not items:
         raise OriginError("at least one allowed origin is required")
-    out: list[Origin] = []
-    for item in items:
-        origin = parse(item, allow_http=allow_http)
-        if origin not in out:
-            out.append(origin)
-    return out
+    if len(items) > MAX_ORIGINS:
+        raise OriginError(f"{len(items)} origins are too many (at most {MAX_ORIGINS}): list the hosts the key is for")
+    return list(dict.fromkeys(parse(item, allow_http=allow_http) for item in items))
 
 
 def _is_ip(host: str) -> bool:

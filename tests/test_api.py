@@ -306,3 +306,75 @@ def test_the_reference_page_in_a_real_browser(platform, user, value):
             assert page.locator("#secrets tr").count() == 0 and platform.store.list_secrets(user) == []
         finally:
             browser.close()
+
+
+# --- the red team's findings (round 9) ---------------------------------------------------------------
+
+def test_many_origins_are_refused_in_linear_time(shared, user, value):
+    many = [f"https://h{i}.example" for i in range(101)]
+    detail = problem(shared.call("POST", f"/v1/users/{user}/secrets", json={"name": "K", "value": value,
+                                                                              "origins": many}), 422, "invalid",
+                     "origins")["detail"]
+    assert "101 origins are too many (at most 100)" in detail
+    started = time.monotonic()
+    r = shared.call("POST", f"/v1/users/{user}/secrets", json={"name": "K", "value": value, "origins": many[:100]})
+    assert r.status_code == 201 and time.monotonic() - started < 2
+
+
+def test_parallel_calls_never_collide_on_the_store(shared, user, value):
+    """Token checks and handlers used one SQLite connection from two threads: spurious 503s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> int:
+        token = "all" if i % 2 else "sgt_wrong"
+        return shared.call("POST", f"/v1/users/{user}/secrets", token=token,
+                           json={"name": f"K{i}", "value": value, "origins": ["https://a.example"]}).status_code
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(one, range(80)))
+    assert sorted(set(statuses)) == [201, 401], statuses
+    assert len(shared.store.list_secrets(user)) == 40
+
+
+def test_odd_requests_get_problem_json_and_no_token_is_401_first(shared, user):
+    path = f"/v1/users/{user}/secrets"
+    problem(shared.call("GET", "/v1/audit", params={"since": "1" + "0" * 400 + "d"}), 422, "invalid", "since")
+    problem(shared.call("POST", path, content=b'{"name": "\xff\xfe"}', headers={"content-type": "application/json"}),
+            400, "bad_request")
+    problem(shared.call("POST", path, content=b"[" * 100000, headers={"content-type": "application/json"}),
+            400, "bad_request")
+    problem(shared.call("POST", path, token=None, content=b"{bad", headers={"content-type": "application/json"}),
+            401, "unauthorized")
+    problem(shared.call("GET", "/v1/nothing-here"), 404, "not_found")
+    problem(shared.call("PATCH", path), 405, "method_not_allowed")
+    r = shared.call("GET", path + "/")  # no redirect built from the Host header
+    assert r.status_code == 404 and "location" not in r.headers
+
+
+@pytest.mark.parametrize("auth, framing, status", [
+    (True, f"Content-Length: {2 ** 30}", b"413"), (False, "Transfer-Encoding: chunked", b"401")])
+def test_an_answer_before_the_body_closes_the_connection(shared, user, auth, framing, status):
+    """A 413 or a 401 is sent before the body is read: the rest of it must never be read (or drained)."""
+    import socket
+    port = shared.http.base_url.port
+    token = f"Authorization: Bearer {shared.token['all']}\r\n" if auth else ""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"POST /v1/users/{user}/secrets HTTP/1.1\r\nHost: x\r\n{token}"
+                  f"Content-Type: application/json\r\n{framing}\r\n\r\n".encode())
+        head = s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 " + status) and b"connection: close" in head.lower()
+        s.settimeout(5)
+        sent = 0
+        with pytest.raises(OSError):
+            while sent < 64 * 2 ** 20:  # the server stops reading: the socket errors long before 64 MiB
+                s.sendall(b"10000\r\n" + b" " * 65536 + b"\r\n" if not auth else b" " * 65536)
+                sent += 65536
+                if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    raise ConnectionResetError
+
+
+def test_the_page_runs_no_inline_script(shared):
+    r = shared.call("GET", "/", token=None)
+    csp = r.headers["content-security-policy"]  # scripts: only 'self', by default-src
+    assert csp.startswith("default-src 'self';") and "script-src" not in csp
+    assert "<script>" not in r.text and '<script src="app.js">' in r.text
+    assert shared.call("GET", "/app.js", token=None).headers["content-type"].startswith("text/javascript")
