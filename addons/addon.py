@@ -24,7 +24,7 @@ from mitmproxy import ctx, exceptions, http, tcp, tls
 from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 
-from . import internals, keys, origins, scrubbing
+from . import internals, keys, origins, policy, scrubbing
 from .auth import Authenticator
 from .dial import Dialer
 from .egress import EgressPolicy, parse_cidrs
@@ -47,6 +47,15 @@ _REFUSED_OPTIONS = ("map_remote", "map_local", "modify_headers", "modify_body", 
                     "stream_large_bodies", "proxyauth", "upstream_auth", "ignore_hosts", "allow_hosts",
                     # flow files hold WebSocket messages as sent (filled), and flows in flight when it stops
                     "save_stream_file")
+_OPTIONS = (  # name, default, help (all text)
+    ("sealgate_data_dir", "", "Folder of sealgate's store and master key."),
+    ("sealgate_store_url", "", "sqlite:///file or postgresql://user@host:port/db (default: the data dir's file)."),
+    ("sealgate_on_disallowed", "block", "A placeholder bound for a destination its secret does not allow, when the "
+     "secret does not say: block (refuse the request) or forward (it goes as it is, the value never does)."),
+    ("sealgate_allow_private", "", "Comma-separated CIDRs the proxy may reach although loopback or private."),
+    ("sealgate_guard_ports", "", "Comma-separated ports of sealgate's own services (dashboard, metrics, API), "
+     "never reachable through it."),
+)
 HEAD_REFUSAL_BODY_MAX = 64 * 1024  # a refused request bringing more (or of unknown length) is closed, not answered
 WEBSOCKET_HISTORY = 100  # messages a WebSocket flow keeps (mitmproxy would keep all, for the socket's life)
 
@@ -86,17 +95,8 @@ class Sealgate:
     # lifecycle ----------------------------------------------------------------------------
 
     def load(self, loader) -> None:
-        loader.add_option("sealgate_data_dir", str, "", "Folder of sealgate's store and master key.")
-        loader.add_option("sealgate_store_url", str, "",
-                          "sqlite:///file or postgresql://user@host:port/db (default: the data dir's SQLite file).")
-        loader.add_option(
-            "sealgate_allow_private", str, "",
-            "Comma-separated CIDRs the proxy may reach although loopback or private.",
-        )
-        loader.add_option(
-            "sealgate_guard_ports", str, "",
-            "Comma-separated ports of sealgate's own services (dashboard, metrics), never reachable through it.",
-        )
+        for name, default, text in _OPTIONS:
+            loader.add_option(name, str, default, text)
 
     def configure(self, updated: set[str]) -> None:
         try:
@@ -118,6 +118,11 @@ class Sealgate:
             old, self.store = self.store, _open_store(self.key_source)
             if old is not None:
                 old.close()
+        if "sealgate_on_disallowed" in updated:
+            try:
+                self.releaser.on_disallowed = policy.parse_on_disallowed(ctx.options.sealgate_on_disallowed)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"sealgate_on_disallowed: {e}") from None
         if updated & {"sealgate_allow_private", "sealgate_guard_ports", "listen_port"}:
             self.dialer.policy = _egress_policy()
 

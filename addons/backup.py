@@ -14,13 +14,13 @@ import os
 import secrets
 from pathlib import Path
 
-from . import crypto, keys, seals
+from . import crypto, keys, seals, tokens
 from .errors import StoreError
 from .sql import Tx
 from .store import SecretStore
 
 FORMAT = "sealgate-backup-1"
-TABLES = ("meta", "data_keys", "owners", "secrets", "sessions", "audit")  # in the order a restore writes them
+TABLES = ("meta", "data_keys", "owners", "secrets", "sessions", "api_tokens", "audit")  # in the order a restore writes them
 SKIPPED = {"audit": {"id"}}  # columns a restore lets the target number anew
 
 
@@ -123,3 +123,5 @@ def _verify(store: SecretStore, tx: Tx) -> None:
         seals.verify_owner(tx, store.key, r["owner"])
     for r in tx.rows("select * from sessions"):
         seals.verified_session(store.key, r)
+    for r in tx.rows("select * from api_tokens"):
+        tokens.verified(store.key, r)

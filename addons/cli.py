@@ -67,10 +67,21 @@ def _warn(warnings: list[str]) -> None:
 
 
 def cmd_secret_add(args: argparse.Namespace) -> None:
+    scope = _scope(args)
     info, warnings = commands.add_secret(_store(args), args.user, args.name, lambda: _read_value(args.name),
-                                         args.origins, allow_http=args.allow_http, replace=args.replace)
+                                         args.origins, allow_http=args.allow_http, replace=args.replace, scope=scope)
     _warn(warnings)
-    print(f"added {info.name} for {info.owner}, allowed to {', '.join(map(str, info.origins))}")
+    print(f"added {info.name} for {info.owner}, allowed to {', '.join(map(str, info.origins))}"
+          + (f" ({info.scope.describe()})" if info.scope.to_json() else ""))
+
+
+def _scope(args: argparse.Namespace):
+    return commands.parse_scope(args.methods, args.paths, args.inject, args.on_disallowed)
+
+
+def cmd_secret_set_scope(args: argparse.Namespace) -> None:
+    info = commands.set_scope(_store(args), args.user, args.name, _scope(args) or commands.Scope())
+    print(f"{info.name} of {info.owner}: {info.scope.describe() if info.scope.to_json() else 'no scope beyond its origins'}")
 
 
 def cmd_secret_list(args: argparse.Namespace) -> None:
@@ -79,7 +90,7 @@ def cmd_secret_list(args: argparse.Namespace) -> None:
         print(json.dumps([commands.secret_json(i) for i in infos], indent=2))
         return
     for i in infos:
-        print(f"{i.name}\t{','.join(map(str, i.origins))}\tupdated {commands.iso(i.updated_at)}")
+        print(f"{i.name}\t{','.join(map(str, i.origins))}\t{i.scope.describe()}\tupdated {commands.iso(i.updated_at)}")
 
 
 def cmd_secret_rm(args: argparse.Namespace) -> None:
@@ -203,6 +214,16 @@ _ECHOED = re.compile(r"(invalid choice|invalid \w+ value|ignored explicit argume
                      r"not allowed with argument [^:]*):? ?'(?:[^'\\]|\\.)*'")
 
 
+def _scope_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scope (beyond the origins)")
+    g.add_argument("--methods", help="only these HTTP methods may carry the value, e.g. GET,HEAD")
+    g.add_argument("--paths", help="only request paths under these prefixes, e.g. /v1/chat/,/v1/models")
+    g.add_argument("--inject", help="where the value may be substituted: headers,query,body")
+    g.add_argument("--on-disallowed", choices=("block", "forward"),
+                   help="a request to a destination the secret does not allow: refused (block, the default) "
+                        "or sent with the placeholder as it is (forward)")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     g = common.add_argument_group("settings (override SEALGATE_* variables and config/sealgate.yaml)")
@@ -233,6 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--origins", required=True, help='comma-separated, e.g. "https://api.example.com"')
     add.add_argument("--allow-http", action="store_true", help="allow http:// origins (the value goes unencrypted)")
     add.add_argument("--replace", action="store_true", help="replace the value of an existing secret")
+    _scope_flags(add)
     add.set_defaults(func=cmd_secret_add)
     ls = secret.add_parser("list", parents=[common], help="list a user's secrets (never values)")
     ls.add_argument("--user", required=True)
@@ -248,6 +270,11 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--origins", required=True)
     so.add_argument("--allow-http", action="store_true")
     so.set_defaults(func=cmd_secret_set_origins)
+    sc = secret.add_parser("set-scope", parents=[common], help="replace a secret's scope (none given: no scope)")
+    sc.add_argument("--user", required=True)
+    sc.add_argument("--name", required=True)
+    _scope_flags(sc)
+    sc.set_defaults(func=cmd_secret_set_scope)
 
     session = sub.add_parser("session", help="issue worker sessions").add_subparsers(
         dest="action", required=True, parser_class=_Parser)

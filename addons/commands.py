@@ -9,7 +9,8 @@ import datetime
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import ca, origins, sessions, settings, validate
+from . import ca, origins, policy, sessions, settings, validate
+from .policy import Scope
 from .store import SecretInfo, SecretStore
 
 T = TypeVar("T")
@@ -44,15 +45,33 @@ def parse_origins(text: str, *, allow_http: bool) -> tuple[list[origins.Origin],
     return parsed, warnings
 
 
+def parse_scope(methods: str | None = None, paths: str | None = None, inject: str | None = None,
+                on_disallowed: str | None = None) -> Scope | None:
+    """A scope from the CLI's (and the API's) texts; None when none of them is given."""
+    if methods is None and paths is None and inject is None and on_disallowed is None:
+        return None
+    return Scope(checked("methods", policy.parse_methods, methods) if methods is not None else None,
+                 checked("paths", policy.parse_paths, paths) if paths is not None else None,
+                 checked("inject", policy.parse_inject, inject) if inject is not None else None,
+                 checked("on_disallowed", policy.parse_on_disallowed, on_disallowed) if on_disallowed else None)
+
+
 def add_secret(store: SecretStore, user: str, name: str, value: str | Callable[[], str], origin_text: str, *,
-               allow_http: bool = False, replace: bool = False) -> tuple[SecretInfo, list[str]]:
+               allow_http: bool = False, replace: bool = False, scope: Scope | None = None,
+               ) -> tuple[SecretInfo, list[str]]:
     """value: the value, or how to read it once every other field is known to be good (a prompt)."""
     name = checked("name", validate.secret_name, name)
     user = checked("user", validate.user_id, user)
     allowed, warnings = parse_origins(origin_text, allow_http=allow_http)
     value = checked("value", validate.secret_value, value() if callable(value) else value)
-    store.add_secret(user, name, value, allowed, replace=replace)
+    store.add_secret(user, name, value, allowed, replace=replace, scope=scope)
     return _info(store, user, name), warnings
+
+
+def set_scope(store: SecretStore, user: str, name: str, scope: Scope) -> SecretInfo:
+    user, name = checked("user", validate.user_id, user), checked("name", validate.secret_name, name)
+    store.set_scope(user, name, scope)
+    return _info(store, user, name)
 
 
 def set_origins(store: SecretStore, user: str, name: str, origin_text: str, *,
@@ -77,8 +96,11 @@ def _info(store: SecretStore, user: str, name: str) -> SecretInfo:
 
 def secret_json(info: SecretInfo) -> dict:
     """What may be shown of a secret: never its value."""
+    s = info.scope
     return {"name": info.name, "origins": [str(o) for o in info.origins], "created_at": iso(info.created_at),
-            "updated_at": iso(info.updated_at)}
+            "updated_at": iso(info.updated_at),
+            "methods": sorted(s.methods) if s.methods else None, "paths": list(s.paths) if s.paths else None,
+            "inject": sorted(s.inject) if s.inject else None, "on_disallowed": s.on_disallowed}
 
 
 def issue_session(store: SecretStore, s: settings.Settings, *, access: str, runchat: str, instance: str,

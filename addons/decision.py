@@ -9,13 +9,14 @@ gathers the facts and applies the result; nothing else decides.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import origins
 from .errors import Refusal
 from .origins import Origin, OriginError
 from .placeholders import Placeholder
+from .policy import Scope
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class RequestFacts:
     sni: str | None  # the client's TLS server name
     upstream_tls_error: str | None
     placeholders: tuple[Placeholder, ...]
+    method: str = "GET"
+    path: str = "/"  # as sent, query included
+    locations: Mapping[str, frozenset[str]] = field(default_factory=dict)  # secret name -> where it sits
+    on_disallowed: str = "block"  # the proxy's default for a secret that does not say
 
 
 class SessionLike(Protocol):
@@ -54,6 +59,8 @@ class SecretLike(Protocol):
     def value(self) -> str: ...
     @property
     def origins(self) -> tuple[Origin, ...]: ...
+    @property
+    def scope(self) -> Scope: ...
 
 
 class LookupFailed(Exception):
@@ -67,6 +74,7 @@ SecretLookup = Callable[[set[str]], Mapping[str, SecretLike]]
 class Allow:
     values: dict[str, str]  # placeholder text -> value
     secret_names: tuple[str, ...]  # the secrets (not globals) injected
+    forwarded: tuple[str, ...] = ()  # secrets whose placeholders go as they are (on-disallowed forward)
 
     def __repr__(self) -> str:
         return f"Allow({', '.join(self.secret_names) or 'globals only'})"
@@ -93,17 +101,24 @@ def decide(facts: RequestFacts, session: SessionLike, lookup: SecretLookup) -> A
         found = lookup(wanted)
     except LookupFailed as e:
         return Block(Refusal("store_unavailable", f"cannot read {', '.join(sorted(wanted))}: {e}"))
+    forwarded = []
     for name in sorted(wanted):
         secret = found.get(name)
         if secret is None:
             return Block(Refusal("unknown_placeholder", f"user {session.principal} has no secret named {name}"))
         allowed = secret.origins
         if not any(o.matches(dest.scheme, dest.host, dest.port) for o in allowed):
+            if (secret.scope.on_disallowed or facts.on_disallowed) == "forward":
+                forwarded.append(name)  # its placeholder goes as it is: the value never does
+                continue
             if dest.scheme == "http" and any(
                 o.matches("https", dest.host, 443 if dest.port == 80 else dest.port) for o in allowed
             ):
                 return Block(Refusal("insecure_upstream", f"{name} may only go over https, not to {dest}"))
             return Block(Refusal("origin_not_allowed", f"{name} may not go to {dest}"))
+        if why := secret.scope.denied(facts.method, facts.path, facts.locations.get(name, frozenset())):
+            return Block(Refusal("scope_denied", f"{name} may not go in this request: {why}"))
+    wanted -= set(forwarded)
     if dest.scheme == "https" and facts.upstream_tls_error:
         return Block(Refusal(
             "insecure_upstream",
@@ -112,7 +127,7 @@ def decide(facts: RequestFacts, session: SessionLike, lookup: SecretLookup) -> A
     for p in facts.placeholders:
         if p.name in wanted:
             values[p.text] = found[p.name].value
-    return Allow(values, tuple(sorted(wanted)))
+    return Allow(values, tuple(sorted(wanted)), tuple(forwarded))
 
 
 def _claimed_host_mismatch(dest: Destination, host_headers: tuple[str, ...], sni: str | None) -> str | None:

@@ -43,12 +43,14 @@ def escape(value: str, context: Context) -> bytes:
 
 
 def substitute(data: bytes, found: list[Found], values: Mapping[str, str], context: Context) -> bytes:
-    """data with each found placeholder replaced by its value escaped for context."""
+    """data with each found placeholder replaced by its value escaped for context (one without a value, a
+    forwarded one, stays as it is)."""
     out: list[bytes] = []
     pos = 0
     for f in found:
         out.append(data[pos : f.start])
-        out.append(escape(values[f.placeholder.text], context))
+        value = values.get(f.placeholder.text)
+        out.append(data[f.start : f.end] if value is None else escape(value, context))
         pos = f.end
     out.append(data[pos:])
     return b"".join(out)

@@ -22,6 +22,7 @@ from .errors import Refusal
 from .flowstate import FlowStates, Summary
 from .metrics import Metrics
 from .audit import AuditRecord
+from .decision import Allow
 from .store import SecretStore, StoreError
 
 log = logging.getLogger("sealgate")
@@ -60,9 +61,14 @@ class Recorder:
         self.metrics.blocks.labels(refusal.code).inc()
         self._write(flow, refusal, (), status)
 
-    def allowed(self, flow: http.HTTPFlow, names: tuple[str, ...]) -> Refusal | None:
+    def allowed(self, flow: http.HTTPFlow, result: Allow) -> Refusal | None:
         """A request may go, filled: log, count and audit it (its status comes later). A value never goes
-        unaudited: when the audit trail cannot take the row, the request is refused instead."""
+        unaudited: when the audit trail cannot take the row, the request is refused instead. Placeholders
+        forwarded as they are (on-disallowed forward) get a row of their own."""
+        if result.forwarded:
+            self._write(flow, Refusal("origin_not_allowed", "forwarded as a placeholder"), result.forwarded, None,
+                        decision="forward")
+        names = result.secret_names
         row_id = self._write(flow, None, names, None)
         if row_id is None and names:
             return Refusal("store_unavailable", "the audit trail cannot be written, and no secret goes unaudited")
@@ -84,14 +90,14 @@ class Recorder:
             self._audit_failed(e)
 
     def _write(self, flow: http.HTTPFlow, refusal: Refusal | None, names: tuple[str, ...],
-               status: int | None) -> int | None:
+               status: int | None, decision: str | None = None) -> int | None:
         state = self.states.get(flow)
         session = self.states.session_of(flow)
         # no state: refused before the flow was taken on (407, CONNECT), so nothing was filled
         summary = state.summary if state else Summary.of(flow.request)
         record = AuditRecord(
             at=time.time(), **_who(session), client=_client(flow), secrets=names, method=summary.method,
-            origin=summary.origin, path=summary.path, decision="block" if refusal else "allow",
+            origin=summary.origin, path=summary.path, decision=decision or ("block" if refusal else "allow"),
             code=refusal.code if refusal else None, status=status,
         )
         try:

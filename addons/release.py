@@ -36,9 +36,10 @@ class Refused(Exception):
 
 class Releaser:
     def __init__(self, store: Callable[[], SecretStore], scrubbers: Scrubbers,
-                 allowed: Callable[[http.HTTPFlow, tuple[str, ...]], Refusal | None],
+                 allowed: Callable[[http.HTTPFlow, decision.Allow], Refusal | None],
                  live: Callable[[Session], Session | Refusal]) -> None:
         self.store, self.scrubbers, self.allowed, self.live = store, scrubbers, allowed, live
+        self.on_disallowed = "block"  # for a secret that does not say (sealgate_on_disallowed)
 
     def request(self, flow: http.HTTPFlow, state: FlowState, *, with_body: bool) -> Refusal | None:
         """URL, headers, trailers and (with_body) the buffered body: fill them all, or refuse."""
@@ -50,7 +51,7 @@ class Releaser:
             return Refusal("unreadable_body", str(e))
         if not scan.found:
             return None
-        result = self._decide(flow, state, scan.placeholders)
+        result = self._decide(flow, state, scan.placeholders, scan.locations())
         if isinstance(result, Refusal):
             return result
         req = flow.request
@@ -72,11 +73,12 @@ class Releaser:
             for f in placeholders.find(buf):
                 text = f.placeholder.text
                 if text not in filled:
-                    result = self._decide(flow, state, (f.placeholder,))
+                    result = self._decide(flow, state, (f.placeholder,), {f.placeholder.name: frozenset({BODY})})
                     if isinstance(result, Refusal):
                         raise Refused(result)
                     self.scrubbers.learn(state, result)
-                    filled[text] = inject.escape(result.values[text], context[0])
+                    value = result.values.get(text)  # none: forwarded as it is
+                    filled[text] = f.placeholder.text.encode() if value is None else inject.escape(value, context[0])
                 yield f.start, f.end, filled[text]
 
         return StreamRewriter(find, lambda: placeholders.MAX_LEN)
@@ -87,7 +89,8 @@ class Releaser:
         found = find_in_fields(trailers.fields) if trailers else {}
         if not found:
             return None
-        result = self._decide(flow, state, distinct([f for fs in found.values() for f in fs]))
+        present = distinct([f for fs in found.values() for f in fs])
+        result = self._decide(flow, state, present, {p.name: frozenset({HEADERS}) for p in present})
         if isinstance(result, Refusal):
             return result
         self.scrubbers.learn(state, result)
@@ -101,7 +104,7 @@ class Releaser:
         found = placeholders.find(message.content)
         if not found:
             return None
-        result = self._decide(flow, state, distinct(found))
+        result = self._decide(flow, state, distinct(found), {f.placeholder.name: frozenset({BODY}) for f in found})
         if isinstance(result, Refusal):
             return result
         self.scrubbers.learn(state, result)
@@ -110,14 +113,15 @@ class Releaser:
         return None
 
     def _decide(self, flow: http.HTTPFlow, state: FlowState, found: tuple[placeholders.Placeholder, ...],
-                ) -> decision.Allow | Refusal:
+                locations: dict[str, frozenset[str]]) -> decision.Allow | Refusal:
         session = self.live(state.session)  # expired or revoked since the request began: nothing more is filled
         if isinstance(session, Refusal):
             return session
-        result = decision.decide(facts(flow, found), session, self._lookup(session.principal))
+        result = decision.decide(facts(flow, found, locations, self.on_disallowed), session,
+                                 self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return result.refusal
-        return self.allowed(flow, result.secret_names) or result
+        return self.allowed(flow, result) or result
 
     def _lookup(self, principal: str) -> decision.SecretLookup:
         def lookup(names: set[str]):
@@ -181,6 +185,17 @@ class Scan:
     def placeholders(self) -> tuple[placeholders.Placeholder, ...]:
         return distinct(self.found)
 
+    def locations(self) -> dict[str, frozenset[str]]:
+        """Where each secret's placeholders sit: the URL (query), a header (Basic and trailers too), the body."""
+        where: dict[str, set[str]] = {}
+        places = [(QUERY, self.path), (BODY, self.body_found),
+                  *((HEADERS, f) for f in [*self.headers.values(), *self.trailers.values()]),
+                  *((HEADERS, f) for _, f in self.basic.values())]
+        for place, found in places:
+            for f in found:
+                where.setdefault(f.placeholder.name, set()).add(place)
+        return {name: frozenset(places) for name, places in where.items()}
+
     def apply(self, req: http.Request, values: dict[str, str]) -> None:
         """Fill the request."""
         if self.path:
@@ -216,7 +231,11 @@ def fill_fields(fields: Fields, found: dict[int, list[Found]], values: dict[str,
     return tuple(out)
 
 
-def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...]) -> decision.RequestFacts:
+HEADERS, QUERY, BODY = "headers", "query", "body"  # where a placeholder sits (policy.LOCATIONS)
+
+
+def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...],
+          locations: dict[str, frozenset[str]] | None = None, on_disallowed: str = "block") -> decision.RequestFacts:
     """What `decide` needs to know about a flow: the destination as dialled and what the client claimed."""
     req = flow.request
     try:
@@ -239,4 +258,8 @@ def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...]) -> d
         sni=flow.client_conn.sni if flow.client_conn.tls else None,
         upstream_tls_error=tls_error,
         placeholders=found,
+        method=req.method,
+        path=req.path,
+        locations=locations or {},
+        on_disallowed=on_disallowed,
     )

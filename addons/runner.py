@@ -46,6 +46,7 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
         ssl_verify_upstream_trusted_ca=str(bundle) if bundle else None,
         sealgate_data_dir=str(settings.data_dir),
         sealgate_store_url=settings.store_url or "",
+        sealgate_on_disallowed=settings.on_disallowed,
         sealgate_allow_private=settings.allow_private,
         sealgate_guard_ports=",".join(str(p) for p in (settings.web_port, settings.metrics and settings.metrics[1],
                                                          settings.api and settings.api[1]) if p),

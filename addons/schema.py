@@ -95,7 +95,14 @@ def _v5_api_tokens(m: Step) -> None:
              f"created_at {m.t['real']}, seal TEXT)")
 
 
-MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys, _v5_api_tokens)
+def _v6_secret_scope(m: Step) -> None:
+    """secrets.policy: a secret's scope beyond its origins (methods, paths, where, what a disallowed request
+    gets), sealed with the row when set (a row without one keeps its seal)."""
+    if "policy" not in m.columns("secrets"):
+        m.tx.one("alter table secrets add column policy TEXT")
+
+
+MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys, _v5_api_tokens, _v6_secret_scope)
 SEALING_VERSION = 3  # from this version on rows are sealed; the key source then says so
 
 

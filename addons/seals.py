@@ -16,7 +16,8 @@ def secret_fields(row: dict) -> list:
     """What decides where a secret's value may go, and which ciphertext it goes with (an older value
     cannot be put back under a newer row's seal)."""
     sealed = hashlib.sha256(bytes(row["nonce"]) + bytes(row["ciphertext"])).hexdigest()
-    return [row["owner"], row["name"], row["origins"], row["key_id"], sealed]
+    fields = [row["owner"], row["name"], row["origins"], row["key_id"], sealed]
+    return fields + [row["policy"]] if row.get("policy") else fields  # (a row sealed before scopes has none)
 
 
 def session_fields(row: dict) -> list:

@@ -18,6 +18,7 @@ import yaml
 
 from . import keys
 from .egress import parse_cidrs
+from .policy import parse_on_disallowed
 from .origins import is_port_text
 
 DEFAULT_CONFIG = Path("config") / "sealgate.yaml"  # under the working directory, if it exists
@@ -36,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "api": "127.0.0.1:8082",  # the platform API; `run --no-api` turns it off
     "store_url": None,  # sqlite:///path or postgresql://user@host:port/db; unset: the data dir's SQLite file
     "key_hook": None,  # module:object whose wrap()/unwrap() call a KMS for the master key (keys.py)
+    "on_disallowed": "block",  # a placeholder bound for a destination its secret does not allow: block | forward
 }
 # The master key itself is never a config key: the file in the data dir, or SEALGATE_MASTER_KEY.
 
@@ -59,6 +61,7 @@ class Settings:
     api: tuple[str, int] | None = None  # host and port of the platform API; None: off
     store_url: str | None = None
     key_hook: str | None = None
+    on_disallowed: str = "block"
     master_key: str | None = field(default=None, repr=False)  # SEALGATE_MASTER_KEY's hex, if set
 
     def key_source(self) -> keys.KeySource:
@@ -128,6 +131,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "api": ("SEALGATE_API_PORT", _host_port),
     "store_url": ("SEALGATE_STORE_URL", _store_url),
     "key_hook": ("SEALGATE_KEY_HOOK", _hook),
+    "on_disallowed": ("SEALGATE_ON_DISALLOWED", lambda v: parse_on_disallowed(_text(v))),
 }
 _PATHS = ("data_dir", "certs_dir", "upstream_ca")
 
@@ -170,6 +174,7 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
         api=None if no_api else values["api"],
         store_url=values.get("store_url"),
         key_hook=values.get("key_hook"),
+        on_disallowed=values["on_disallowed"],
         master_key=env.get(keys.ENV_VAR) or None,
     )
 

@@ -19,6 +19,7 @@ from . import crypto, keys, schema, seals
 from .errors import Conflict, NotFound, StoreError
 from .origins import Origin
 from .origins import parse as parse_origin
+from .policy import Scope
 from .audit import AuditTrail
 from .sql import Backend, Tx, open_backend
 
@@ -38,6 +39,7 @@ class SecretInfo:
     created_at: float
     updated_at: float
     key_id: str = ""
+    scope: Scope = Scope()
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class Secret:
     @property
     def origins(self) -> tuple[Origin, ...]:
         return self.info.origins
+
+    @property
+    def scope(self) -> Scope:
+        return self.info.scope
 
     def __repr__(self) -> str:  # keep values out of tracebacks and debug output
         return f"Secret({self.info.owner}/{self.info.name})"
@@ -66,7 +72,8 @@ class SessionRecord:
     expires_at: float
 
 
-_SECRET_COLUMNS = ("owner", "name", "key_id", "nonce", "ciphertext", "origins", "created_at", "updated_at", "seal")
+_SECRET_COLUMNS = ("owner", "name", "key_id", "nonce", "ciphertext", "origins", "created_at", "updated_at", "policy",
+                   "seal")
 _SECRET_UPSERT = (f"insert into secrets ({', '.join(_SECRET_COLUMNS)}) "
                   f"values ({', '.join('?' * len(_SECRET_COLUMNS))}) on conflict(owner, name) do update set "
                   + ", ".join(f"{c} = excluded.{c}" for c in _SECRET_COLUMNS[2:]))
@@ -88,7 +95,12 @@ def _origins(stored: str) -> tuple[Origin, ...]:
 
 def _info(row: dict) -> SecretInfo:
     return SecretInfo(row["owner"], row["name"], _origins(row["origins"]), row["created_at"], row["updated_at"],
-                      row["key_id"])
+                      row["key_id"], _scope(row.get("policy")))
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope(stored: str | None) -> Scope:
+    return Scope.from_json(stored)
 
 
 def open_store(settings, *, listen: bool = False) -> SecretStore:
@@ -181,14 +193,18 @@ class SecretStore:
 
     # secrets ------------------------------------------------------------------------
 
-    def add_secret(self, owner: str, name: str, value: str, origins: list[Origin], *, replace: bool = False) -> None:
+    def add_secret(self, owner: str, name: str, value: str, origins: list[Origin], *, replace: bool = False,
+                   scope: Scope | None = None) -> None:
+        """scope None: none for a new secret, the one it had for a replaced one."""
         with self.write() as tx:
             existing = self._row(tx, owner, name)
             if existing and not replace:
                 raise Conflict(f"secret {name} of user {owner} exists already; use --replace to change its value")
             now = time.time()
+            policy = scope.to_json() if scope is not None else existing.get("policy") if existing else None
             self._put(tx, {"owner": owner, "name": name, "origins": json.dumps([str(o) for o in origins]),
-                           "created_at": existing["created_at"] if existing else now, "updated_at": now}, value)
+                           "created_at": existing["created_at"] if existing else now, "updated_at": now,
+                           "policy": policy}, value)
 
     def _put(self, tx: Tx, row: dict, value: str) -> None:
         """Write a secret's row with value sealed under the current data key, and reseal its owner."""
@@ -200,14 +216,22 @@ class SecretStore:
         seals.reseal_owner(tx, self.key, row["owner"])
 
     def set_origins(self, owner: str, name: str, origins: list[Origin]) -> None:
+        self._update(owner, name, origins=json.dumps([str(o) for o in origins]))
+
+    def set_scope(self, owner: str, name: str, scope: Scope) -> None:
+        self._update(owner, name, policy=scope.to_json())
+
+    def _update(self, owner: str, name: str, **fields: str | None) -> None:
+        """Change a secret's deciding fields (never its value), resealed."""
         with self.write() as tx:
             row = self._row(tx, owner, name)
             if not row:
                 raise NotFound(f"user {owner} has no secret named {name}")
             seals.verified_secret(self.key, row)
-            row = {**row, "origins": json.dumps([str(o) for o in origins]), "updated_at": time.time()}
-            _changed(tx.count("update secrets set origins = ?, updated_at = ?, seal = ? where owner = ? and name = ?",
-                              [row["origins"], row["updated_at"], seals.secret_seal(self.key, row), owner, name]))
+            row = {**row, **fields, "updated_at": time.time()}
+            _changed(tx.count("update secrets set origins = ?, policy = ?, updated_at = ?, seal = ? "
+                              "where owner = ? and name = ?", [row["origins"], row["policy"], row["updated_at"],
+                                                               seals.secret_seal(self.key, row), owner, name]))
             seals.reseal_owner(tx, self.key, owner)
 
     def remove_secret(self, owner: str, name: str) -> None:
@@ -293,7 +317,7 @@ class SecretStore:
                                          crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
         except crypto.EnvelopeError as e:
             raise StoreError(str(e)) from None
-        self._put(tx, {c: row[c] for c in ("owner", "name", "origins", "created_at", "updated_at")}, value)
+        self._put(tx, {c: row[c] for c in ("owner", "name", "origins", "created_at", "updated_at", "policy")}, value)
 
     # sessions -----------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def _seal(key: bytes, row: dict) -> str:
     return crypto.row_seal(key, "api_token", [row["name"], row["token_hash"], row["scopes"], row["created_at"]])
 
 
-def _token(key: bytes, row: dict) -> Token:
+def verified(key: bytes, row: dict) -> Token:
     if not crypto.seal_matches(key, "api_token", [row["name"], row["token_hash"], row["scopes"], row["created_at"]],
                                row["seal"]):
         raise StoreError(f"API token {row['name']} was changed without the master key; it is refused")
@@ -64,7 +64,7 @@ def issue(store: SecretStore, name: str, scopes: tuple[str, ...]) -> str:
 def list_tokens(store: SecretStore) -> list[Token]:
     with store.read() as tx:
         rows = tx.rows("select * from api_tokens order by name")
-    return [_token(store.key, r) for r in rows]
+    return [verified(store.key, r) for r in rows]
 
 
 def revoke(store: SecretStore, name: str) -> None:
@@ -79,4 +79,4 @@ def check(store: SecretStore, token: str) -> Token | None:
         return None
     with store.read() as tx:
         rows = tx.rows("select * from api_tokens where token_hash = ?", [_hash(token)])
-    return _token(store.key, rows[0]) if rows else None
+    return verified(store.key, rows[0]) if rows else None

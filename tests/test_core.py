@@ -120,9 +120,11 @@ def test_egress_allow_private_and_own_ports():
 # --- decision -------------------------------------------------------------------------------
 
 class FakeSecret:
-    def __init__(self, value, allowed):
+    def __init__(self, value, allowed, scope=None):
+        from sealgate.policy import Scope
         self.value = value
         self.origins = tuple(origins.parse(o, allow_http=True) for o in allowed)
+        self.scope = scope or Scope()
 
 
 @pytest.fixture

@@ -1,0 +1,118 @@
+"""A secret's scope beyond its origins (pure): which methods may carry it, under which paths, where in a
+request it may be substituted, and what a request to a destination it does not allow gets.
+
+Paths are matched on the normalised path: percent-encoded unreserved characters (`.` among them) decoded
+first; a path that then holds a `.` or `..` segment or an empty one (`//`), an encoded slash or a
+backslash is under no prefix at all, so `/v1/models/../admin`, `/v1/models/%2e%2e/admin`,
+`/v1/models//x` and `/v1/models/%2F..%2Fadmin` never pass as `/v1/models/...`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+LOCATIONS = ("headers", "query", "body")  # query: the whole URL (path and query string)
+POLICIES = ("block", "forward")
+_METHOD = re.compile(r"[A-Z][A-Z-]{0,19}")
+_UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")  # A-Z a-z 0-9 - . _ ~
+_SLASHES = re.compile(r"%2[fF]|%5[cC]|\\")  # an encoded slash, or a backslash: servers differ on what they are
+
+
+@dataclass(frozen=True)
+class Scope:
+    methods: frozenset[str] | None = None  # None: any
+    paths: tuple[str, ...] | None = None
+    inject: frozenset[str] | None = None
+    on_disallowed: str | None = None  # None: the proxy's default
+
+    def to_json(self) -> str | None:
+        """As stored (sealed with the row); None for a secret with no scope beyond its origins."""
+        data = {k: v for k, v in (("methods", sorted(self.methods) if self.methods else None),
+                                  ("paths", list(self.paths) if self.paths else None),
+                                  ("inject", sorted(self.inject) if self.inject else None),
+                                  ("on_disallowed", self.on_disallowed)) if v}
+        return json.dumps(data, sort_keys=True) if data else None
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Scope:
+        data = json.loads(text) if text else {}
+        return cls(frozenset(data["methods"]) if "methods" in data else None,
+                   tuple(data["paths"]) if "paths" in data else None,
+                   frozenset(data["inject"]) if "inject" in data else None, data.get("on_disallowed"))
+
+    def describe(self) -> str:
+        parts = [f"methods={','.join(sorted(self.methods))}" if self.methods else "",
+                 f"paths={','.join(self.paths)}" if self.paths else "",
+                 f"inject={','.join(sorted(self.inject))}" if self.inject else "",
+                 f"on-disallowed={self.on_disallowed}" if self.on_disallowed else ""]
+        return " ".join(p for p in parts if p) or "-"
+
+    def denied(self, method: str, raw_path: str, locations: frozenset[str]) -> str | None:
+        """Why this request may not carry the secret, or None."""
+        if self.methods is not None and method.upper() not in self.methods:
+            return f"method {method} is not one of {', '.join(sorted(self.methods))}"
+        if self.paths is not None and not path_allowed(self.paths, raw_path):
+            return f"the path is not under {', '.join(self.paths)}"
+        if self.inject is not None and (outside := sorted(locations - self.inject)):
+            return f"it may be substituted only in {', '.join(sorted(self.inject))}, not in {', '.join(outside)}"
+        return None
+
+
+def _items(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{what} is empty")
+    return items
+
+
+def parse_methods(text: str) -> frozenset[str]:
+    methods = [m.upper() for m in _items(text, "the method list")]
+    if bad := [m for m in methods if not _METHOD.fullmatch(m)]:
+        raise ValueError(f"{bad[0]!r} is not an HTTP method")
+    return frozenset(methods)
+
+
+def parse_paths(text: str) -> tuple[str, ...]:
+    paths = _items(text, "the path list")
+    for p in paths:
+        if not p.startswith("/") or normalised_path(p) != p or "?" in p or "#" in p:
+            raise ValueError(f"{p!r} is not a plain path prefix (starting with /, no . or .. or // segments, "
+                             "no query)")
+    return tuple(dict.fromkeys(paths))
+
+
+def parse_inject(text: str) -> frozenset[str]:
+    where = _items(text, "the inject list")
+    if bad := [w for w in where if w not in LOCATIONS]:
+        raise ValueError(f"{bad[0]!r} is not a place to substitute (one of {', '.join(LOCATIONS)})")
+    return frozenset(where)
+
+
+def parse_on_disallowed(text: str) -> str:
+    if text not in POLICIES:
+        raise ValueError(f"{text!r} must be one of {', '.join(POLICIES)}")
+    return text
+
+
+def normalised_path(raw: str) -> str | None:
+    """The path without its query, percent-encoded unreserved characters (`.` among them) decoded; None if
+    it then holds a `.`, `..` or empty segment, an encoded slash or a backslash (a trick, or a path no prefix
+    should match: what the upstream makes of it is not what sealgate checked)."""
+    path = raw.split("?", 1)[0].split("#", 1)[0]
+    if _SLASHES.search(path):
+        return None
+    path = _UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), path)
+    segments = path.split("/")[1:]
+    if not path.startswith("/") or any(s in ("", ".", "..") for s in segments[:-1]) or segments[-1] in (".", ".."):
+        return None
+    return path
+
+
+def path_allowed(prefixes: tuple[str, ...], raw_path: str) -> bool:
+    """Under one of the prefixes, segment by segment (`/v1/models` covers `/v1/models/x`, not `/v1/modelsx`)."""
+    path = normalised_path(raw_path)
+    if path is None:
+        return False
+    return any(path == p or path.startswith(p if p.endswith("/") else p + "/") for p in prefixes)
