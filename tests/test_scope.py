@@ -1,0 +1,167 @@
+"""A secret's scope beyond its origins: methods, path prefixes, where it may be substituted, and what a
+request to a destination it does not allow gets (block, or forward the placeholder as it is). Each rule
+at its boundary, through the real proxy, checking what the upstream and the worker received."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import curl, make_proxy
+from test_proxy import assert_problem, leaks
+from test_store import Place
+
+from sealgate import policy
+
+# --- the rules, as tables --------------------------------------------------------------------------
+
+PATHS = ("/v1/models", "/v1/chat/")
+
+
+@pytest.mark.parametrize("raw, allowed", [
+    ("/v1/models", True), ("/v1/models/gpt", True), ("/v1/models?x=1", True), ("/v1/%6Dodels/x", True),
+    ("/v1/chat/", True), ("/v1/chat/completions", True),
+    ("/v1/modelsx", False), ("/v1/chat", False), ("/v2/models", False), ("/", False),
+    ("/v1/models/../admin", False), ("/v1/models/%2e%2e/admin", False), ("/v1/models/%2E%2E/admin", False),
+    ("/v1/models/./x", False), ("/v1/models//x", False), ("//v1/models", False),
+    ("/v1/models/%2F..%2Fadmin", False), ("/v1/models/%2f", False), ("/v1/models\\..\\admin", False),
+    ("/v1/models/%5c..%5cadmin", False), ("/v1/models/..", False),
+])
+def test_paths_are_matched_on_the_normalised_path(raw, allowed):
+    assert policy.path_allowed(PATHS, raw) is allowed
+
+
+@pytest.mark.parametrize("parse, text, says", [
+    (policy.parse_methods, "GET,P OST", "'P OST' is not an HTTP method"),
+    (policy.parse_methods, " , ", "is empty"),
+    (policy.parse_paths, "v1/models", "is not a plain path prefix"),
+    (policy.parse_paths, "/v1/../admin", "is not a plain path prefix"),
+    (policy.parse_paths, "/v1?x=1", "is not a plain path prefix"),
+    (policy.parse_inject, "headers,cookies", "'cookies' is not a place to substitute"),
+    (policy.parse_on_disallowed, "allow", "must be one of block, forward"),
+])
+def test_bad_scope_is_a_clear_error(parse, text, says):
+    with pytest.raises(ValueError, match=says):
+        parse(text)
+
+
+def test_a_scope_round_trips_and_says_what_it_is():
+    s = policy.Scope(frozenset({"GET", "HEAD"}), ("/v1/models",), frozenset({"headers"}), "forward")
+    assert policy.Scope.from_json(s.to_json()) == s
+    assert s.describe() == "methods=GET,HEAD paths=/v1/models inject=headers on-disallowed=forward"
+    assert policy.Scope().to_json() is None and policy.Scope().describe() == "-"
+
+
+# --- through the proxy ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scoped(tmp_path_factory, pki, make_upstream):
+    """A proxy, an upstream, and secrets with one rule each."""
+    p = make_proxy(tmp_path_factory.mktemp("scope"), pki)
+    api, other = make_upstream("127.0.0.1"), make_upstream("127.0.0.1")
+    p.start()
+    yield p, api, other
+    p.stop()
+
+
+def _session(p, api, user, value, *flags):
+    p.add_secret(user, "K", value, api.origin, *flags)
+    return p.issue(user=user)
+
+
+def _through(api, s, path="/v1/models", *args, header=True):
+    before = len(api.received)
+    r = curl(s, api.url(path), *(["-H", f"X-Key: {s['env']['K']}"] if header else []), *args)
+    got = api.received[before:]
+    return r, got
+
+
+def test_methods_at_their_boundary(scoped, user, value):
+    p, api, _ = scoped
+    s = _session(p, api, user, value, "--methods", "GET,HEAD")
+    r, got = _through(api, s)
+    assert r.status == 200 and got[0].header("X-Key") == value
+    r, got = _through(api, s, "/v1/models", "-X", "POST", "-d", "x")
+    assert_problem(r, 403, "scope_denied", "method POST is not one of GET, HEAD")
+    assert got == [] and not leaks(value, r.seen())
+
+
+def test_paths_at_their_boundary_and_their_tricks(scoped, user, value):
+    p, api, _ = scoped
+    s = _session(p, api, user, value, "--paths", "/v1/models,/v1/chat/")
+    for path in ("/v1/models", "/v1/models/x", "/v1/chat/completions"):
+        r, got = _through(api, s, path)
+        assert r.status == 200 and got[0].header("X-Key") == value, path
+    for path in ("/v1/modelsx", "/v1/chat", "/v1/models/../admin", "/v1/models/%2e%2e/admin", "/v1/models//x",
+                 "/v1/models/%2F..%2Fadmin"):
+        r, got = _through(api, s, path, "--path-as-is")
+        assert_problem(r, 403, "scope_denied", "the path is not under /v1/models, /v1/chat/")
+        assert got == [], path
+
+
+def test_inject_only_in_headers(scoped, user, value):
+    """A value that may only go in headers cannot be posted into a body on an allowed origin and published."""
+    p, api, _ = scoped
+    s = _session(p, api, user, value, "--inject", "headers")
+    r, got = _through(api, s)
+    assert r.status == 200 and got[0].header("X-Key") == value
+    ph = s["env"]["K"]
+    r, got = _through(api, s, "/post", "-d", json.dumps({"text": ph}), "-H", "Content-Type: application/json",
+                      header=False)
+    assert_problem(r, 403, "scope_denied", "only in headers, not in body")
+    r2, got2 = _through(api, s, f"/q?k={ph}", header=False)
+    assert_problem(r2, 403, "scope_denied", "not in query")
+    assert got == got2 == [] and not leaks(value, r.seen(), r2.seen())
+
+
+def test_forward_sends_the_placeholder_as_it_is_and_audits_it(scoped, user, value):
+    p, api, other = scoped
+    s = _session(p, api, user, value, "--on-disallowed", "forward")
+    r, got = _through(other, s, "/chat")
+    assert r.status == 200 and got[0].header("X-Key") == s["env"]["K"]  # the placeholder, not the value
+    assert not leaks(value, *(g.dump() for g in got), r.seen())
+    rows = json.loads(p.cli("audit", "--user", user, "--json").stdout)
+    assert any(a["decision"] == "forward" and a["code"] == "origin_not_allowed" and a["secrets"] == ["K"]
+               for a in rows)
+    r, got = _through(api, s)  # the allowed origin still gets the value
+    assert got[0].header("X-Key") == value
+
+
+def test_the_default_policy_comes_from_the_config(tmp_path, pki, make_upstream, user, value):
+    api, other = make_upstream("127.0.0.1"), make_upstream("127.0.0.1")
+    p = make_proxy(tmp_path, pki, SEALGATE_ON_DISALLOWED="forward")
+    p.add_secret(user, "K", value, api.origin)
+    p.add_secret(user, "STRICT", value + "-s", api.origin, "--on-disallowed", "block")
+    s = p.issue(user=user)
+    p.start()
+    try:
+        r, got = _through(other, s, "/x")
+        assert r.status == 200 and got[0].header("X-Key") == s["env"]["K"]
+        r = curl(s, other.url("/y"), "-H", f"X-Key: {s['env']['STRICT']}")
+        assert_problem(r, 403, "origin_not_allowed")
+    finally:
+        p.stop()
+    p.env["SEALGATE_ON_DISALLOWED"] = "allow"
+    r = p.cli("secret", "list", "--user", user, check=False)
+    assert r.returncode == 1 and "SEALGATE_ON_DISALLOWED: 'allow' must be one of block, forward" in r.stderr
+
+
+def test_the_cli_sets_lists_and_clears_a_scope_and_the_scope_is_sealed(tmp_path, pki, user, value):
+    p = make_proxy(tmp_path, pki)
+    p.add_secret(user, "K", value, "https://api.example")
+    assert "methods=GET paths=/v1/ inject=headers" in p.cli(
+        "secret", "set-scope", "--user", user, "--name", "K", "--methods", "get", "--paths", "/v1/",
+        "--inject", "headers").stdout
+    assert "\tmethods=GET paths=/v1/ inject=headers\t" in p.cli("secret", "list", "--user", user).stdout
+    listed = json.loads(p.cli("secret", "list", "--user", user, "--json").stdout)[0]
+    assert (listed["methods"], listed["paths"], listed["inject"]) == (["GET"], ["/v1/"], ["headers"])
+    p.add_secret(user, "K", value + "-2", "https://api.example", "--replace")  # a new value keeps the scope
+    assert "methods=GET" in p.cli("secret", "list", "--user", user).stdout
+    Place(p.data_dir, None).sql("update secrets set policy = ?", ['{"methods": ["GET", "POST"]}'])
+    r = p.cli("secret", "list", "--user", user, check=False)
+    assert r.returncode == 1 and "changed without the master key" in r.stderr
+    Place(p.data_dir, None).sql("update secrets set policy = null")  # a scope dropped without the key: refused too
+    assert "changed without the master key" in p.cli("secret", "list", "--user", user, check=False).stderr
+    r = p.cli("secret", "set-scope", "--user", user, "--name", "K", "--paths", "v1", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("sealgate: error: --paths: 'v1' is not a plain path prefix")
