@@ -106,17 +106,30 @@ class _Input(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SecretIn(_Input):
+class ScopeIn(_Input):
+    """A secret's scope beyond its origins (each field as the CLI's flag of the same name)."""
+
+    methods: list[str] | None = None
+    paths: list[str] | None = None
+    inject: list[str] | None = None
+    on_disallowed: str | None = None
+    cap: str | None = None
+    rate: str | None = None
+
+    def scope(self):
+        lists = {k: ",".join(v) if v is not None else None for k, v in
+                 (("methods", self.methods), ("paths", self.paths), ("inject", self.inject))}
+        return commands.parse_scope(**lists, on_disallowed=self.on_disallowed, cap=self.cap, rate=self.rate)
+
+
+class SecretReplace(ScopeIn):
+    value: str = Field(repr=False)
+    origins: list[str]
+    allow_http: bool = False
+
+
+class SecretIn(SecretReplace):
     name: str
-    value: str = Field(repr=False)
-    origins: list[str]
-    allow_http: bool = False
-
-
-class SecretReplace(_Input):
-    value: str = Field(repr=False)
-    origins: list[str]
-    allow_http: bool = False
 
 
 class OriginsIn(_Input):
@@ -138,6 +151,13 @@ class SecretOut(BaseModel):
     origins: list[str]
     created_at: str
     updated_at: str
+    methods: list[str] | None = None
+    paths: list[str] | None = None
+    inject: list[str] | None = None
+    on_disallowed: str | None = None
+    cap: str | None = None
+    rate: str | None = None
+    used: dict[str, str] = {}  # per limit: used/allowed in the current window
     warnings: list[str] = []  # what the CLI warns of (a wildcard origin)
 
 
@@ -231,26 +251,36 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
               dependencies=[scope("secrets:write")], summary="Add a secret (409 if it exists)")
     async def add_secret(user: str, body: SecretIn) -> Any:
         info, warnings = commands.add_secret(store, user, body.name, body.value, _origin_text(body.origins),
-                                             allow_http=body.allow_http)
-        return {**commands.secret_json(info), "warnings": warnings}
+                                             allow_http=body.allow_http, scope=body.scope())
+        return shown(info, warnings)
 
     @app.put(secret_path, response_model=SecretOut, dependencies=[scope("secrets:write")],
              summary="Add or replace a secret's value and origins")
     async def replace_secret(user: str, name: str, body: SecretReplace) -> Any:
         info, warnings = commands.add_secret(store, user, name, body.value, _origin_text(body.origins),
-                                             allow_http=body.allow_http, replace=True)
-        return {**commands.secret_json(info), "warnings": warnings}
+                                             allow_http=body.allow_http, replace=True, scope=body.scope())
+        return shown(info, warnings)
 
     @app.get("/v1/users/{user}/secrets", response_model=list[SecretOut], dependencies=[scope("secrets:read")],
              summary="A user's secrets: names, origins, times (never a value)")
     async def list_secrets(user: str) -> Any:
-        return [commands.secret_json(i) for i in commands.list_secrets(store, user)]
+        infos = commands.list_secrets(store, user)
+        usage = store.usage(infos[0].owner) if infos else {}
+        return [shown(i, [], usage) for i in infos]
 
     @app.put(secret_path + "/origins", response_model=SecretOut, dependencies=[scope("secrets:write")],
              summary="Replace a secret's allowed origins")
     async def set_origins(user: str, name: str, body: OriginsIn) -> Any:
         info, warnings = commands.set_origins(store, user, name, _origin_text(body.origins), allow_http=body.allow_http)
-        return {**commands.secret_json(info), "warnings": warnings}
+        return shown(info, warnings)
+
+    @app.put(secret_path + "/scope", response_model=SecretOut, dependencies=[scope("secrets:write")],
+             summary="Replace a secret's scope (methods, paths, inject, on_disallowed, cap, rate; none: no scope)")
+    async def set_scope(user: str, name: str, body: ScopeIn) -> Any:
+        return shown(commands.set_scope(store, user, name, body.scope() or commands.Scope()), [])
+
+    def shown(info, warnings: list[str], usage: dict | None = None) -> dict:
+        return {**commands.secret_json(info), **commands.scope_json(store, info, usage), "warnings": warnings}
 
     @app.delete(secret_path, status_code=204, dependencies=[scope("secrets:write")], summary="Remove a secret")
     async def remove_secret(user: str, name: str) -> Response:

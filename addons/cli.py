@@ -76,7 +76,7 @@ def cmd_secret_add(args: argparse.Namespace) -> None:
 
 
 def _scope(args: argparse.Namespace):
-    return commands.parse_scope(args.methods, args.paths, args.inject, args.on_disallowed)
+    return commands.parse_scope(args.methods, args.paths, args.inject, args.on_disallowed, args.cap, args.rate)
 
 
 def cmd_secret_set_scope(args: argparse.Namespace) -> None:
@@ -85,12 +85,17 @@ def cmd_secret_set_scope(args: argparse.Namespace) -> None:
 
 
 def cmd_secret_list(args: argparse.Namespace) -> None:
-    infos = commands.list_secrets(_store(args), args.user)
+    store = _store(args)
+    infos = commands.list_secrets(store, args.user)
+    usage = store.usage(args.user) if infos else {}
+    shown = [{**commands.secret_json(i), **commands.scope_json(store, i, usage)} for i in infos]
     if args.json:
-        print(json.dumps([commands.secret_json(i) for i in infos], indent=2))
+        print(json.dumps(shown, indent=2))
         return
-    for i in infos:
-        print(f"{i.name}\t{','.join(map(str, i.origins))}\t{i.scope.describe()}\tupdated {commands.iso(i.updated_at)}")
+    for i, s in zip(infos, shown, strict=True):
+        used = " ".join(f"{kind} used {u}" for kind, u in s["used"].items())
+        print(f"{i.name}\t{','.join(map(str, i.origins))}\t{i.scope.describe()}{' (' + used + ')' if used else ''}"
+              f"\tupdated {commands.iso(i.updated_at)}")
 
 
 def cmd_secret_rm(args: argparse.Namespace) -> None:
@@ -219,6 +224,8 @@ def _scope_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", help="only these HTTP methods may carry the value, e.g. GET,HEAD")
     g.add_argument("--paths", help="only request paths under these prefixes, e.g. /v1/chat/,/v1/models")
     g.add_argument("--inject", help="where the value may be substituted: headers,query,body")
+    g.add_argument("--cap", help="at most this many requests per window, e.g. 1000/day (minute, hour, day)")
+    g.add_argument("--rate", help="at most this many requests per second (or window), e.g. 5/s")
     g.add_argument("--on-disallowed", choices=("block", "forward"),
                    help="a request to a destination the secret does not allow: refused (block, the default) "
                         "or sent with the placeholder as it is (forward)")

@@ -6,6 +6,7 @@ problem+json with `field`). Values are never echoed.
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -46,14 +47,28 @@ def parse_origins(text: str, *, allow_http: bool) -> tuple[list[origins.Origin],
 
 
 def parse_scope(methods: str | None = None, paths: str | None = None, inject: str | None = None,
-                on_disallowed: str | None = None) -> Scope | None:
+                on_disallowed: str | None = None, cap: str | None = None, rate: str | None = None) -> Scope | None:
     """A scope from the CLI's (and the API's) texts; None when none of them is given."""
-    if methods is None and paths is None and inject is None and on_disallowed is None:
+    given = {"methods": (methods, policy.parse_methods), "paths": (paths, policy.parse_paths),
+             "inject": (inject, policy.parse_inject), "on_disallowed": (on_disallowed, policy.parse_on_disallowed),
+             "cap": (cap, policy.parse_limit), "rate": (rate, policy.parse_limit)}
+    if all(text is None for text, _ in given.values()):
         return None
-    return Scope(checked("methods", policy.parse_methods, methods) if methods is not None else None,
-                 checked("paths", policy.parse_paths, paths) if paths is not None else None,
-                 checked("inject", policy.parse_inject, inject) if inject is not None else None,
-                 checked("on_disallowed", policy.parse_on_disallowed, on_disallowed) if on_disallowed else None)
+    return Scope(**{field: checked(field, parse, text) if text is not None else None
+                    for field, (text, parse) in given.items()})
+
+
+def scope_json(store: SecretStore, info: SecretInfo, usage: dict | None = None) -> dict:
+    """A secret's scope and, for its limits, how much of the current window is used."""
+    s, now = info.scope, time.time()
+    usage = store.usage(info.owner) if usage is None else usage
+    used = {}
+    for kind, limit in s.limits():
+        start, count = usage.get((info.name, kind), (None, 0))
+        used[kind] = f"{count if start == limit.window(now)[0] else 0}/{limit.text}"
+    return {"methods": sorted(s.methods) if s.methods else None, "paths": list(s.paths) if s.paths else None,
+            "inject": sorted(s.inject) if s.inject else None, "on_disallowed": s.on_disallowed,
+            "cap": s.cap and s.cap.text, "rate": s.rate and s.rate.text, "used": used}
 
 
 def add_secret(store: SecretStore, user: str, name: str, value: str | Callable[[], str], origin_text: str, *,
@@ -96,11 +111,8 @@ def _info(store: SecretStore, user: str, name: str) -> SecretInfo:
 
 def secret_json(info: SecretInfo) -> dict:
     """What may be shown of a secret: never its value."""
-    s = info.scope
     return {"name": info.name, "origins": [str(o) for o in info.origins], "created_at": iso(info.created_at),
-            "updated_at": iso(info.updated_at),
-            "methods": sorted(s.methods) if s.methods else None, "paths": list(s.paths) if s.paths else None,
-            "inject": sorted(s.inject) if s.inject else None, "on_disallowed": s.on_disallowed}
+            "updated_at": iso(info.updated_at)}
 
 
 def issue_session(store: SecretStore, s: settings.Settings, *, access: str, runchat: str, instance: str,

@@ -60,6 +60,7 @@ class Refusal:
 
     code: str
     detail: str
+    retry_after: int | None = None  # seconds (rate_limited)
 
     def __post_init__(self) -> None:
         if self.code not in CODES:
@@ -92,4 +93,6 @@ class Refusal:
         h = {"Content-Type": "application/problem+json", "X-Sealgate-Error": self.code}
         if self.code == "proxy_auth_required":
             h["Proxy-Authenticate"] = 'Basic realm="sealgate"'
+        if self.retry_after is not None:
+            h["Retry-After"] = str(self.retry_after)
         return h

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 LOCATIONS = ("headers", "query", "body")  # query: the whole URL (path and query string)
+WINDOWS = {"s": 1, "second": 1, "minute": 60, "m": 60, "hour": 3600, "h": 3600, "day": 86400, "d": 86400}
 POLICIES = ("block", "forward")
 _METHOD = re.compile(r"[A-Z][A-Z-]{0,19}")
 _UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")  # A-Z a-z 0-9 - . _ ~
@@ -26,13 +27,19 @@ class Scope:
     paths: tuple[str, ...] | None = None
     inject: frozenset[str] | None = None
     on_disallowed: str | None = None  # None: the proxy's default
+    cap: Limit | None = None  # requests per minute, hour or day
+    rate: Limit | None = None  # requests per second (or any window)
+
+    def limits(self) -> list[tuple[str, Limit]]:
+        return [(kind, limit) for kind, limit in (("cap", self.cap), ("rate", self.rate)) if limit]
 
     def to_json(self) -> str | None:
         """As stored (sealed with the row); None for a secret with no scope beyond its origins."""
         data = {k: v for k, v in (("methods", sorted(self.methods) if self.methods else None),
                                   ("paths", list(self.paths) if self.paths else None),
                                   ("inject", sorted(self.inject) if self.inject else None),
-                                  ("on_disallowed", self.on_disallowed)) if v}
+                                  ("on_disallowed", self.on_disallowed),
+                                  ("cap", self.cap and self.cap.text), ("rate", self.rate and self.rate.text)) if v}
         return json.dumps(data, sort_keys=True) if data else None
 
     @classmethod
@@ -40,13 +47,16 @@ class Scope:
         data = json.loads(text) if text else {}
         return cls(frozenset(data["methods"]) if "methods" in data else None,
                    tuple(data["paths"]) if "paths" in data else None,
-                   frozenset(data["inject"]) if "inject" in data else None, data.get("on_disallowed"))
+                   frozenset(data["inject"]) if "inject" in data else None, data.get("on_disallowed"),
+                   parse_limit(data["cap"]) if "cap" in data else None,
+                   parse_limit(data["rate"]) if "rate" in data else None)
 
     def describe(self) -> str:
         parts = [f"methods={','.join(sorted(self.methods))}" if self.methods else "",
                  f"paths={','.join(self.paths)}" if self.paths else "",
                  f"inject={','.join(sorted(self.inject))}" if self.inject else "",
-                 f"on-disallowed={self.on_disallowed}" if self.on_disallowed else ""]
+                 f"on-disallowed={self.on_disallowed}" if self.on_disallowed else "",
+                 f"cap={self.cap.text}" if self.cap else "", f"rate={self.rate.text}" if self.rate else ""]
         return " ".join(p for p in parts if p) or "-"
 
     def denied(self, method: str, raw_path: str, locations: frozenset[str]) -> str | None:
@@ -58,6 +68,27 @@ class Scope:
         if self.inject is not None and (outside := sorted(locations - self.inject)):
             return f"it may be substituted only in {', '.join(sorted(self.inject))}, not in {', '.join(outside)}"
         return None
+
+
+@dataclass(frozen=True)
+class Limit:
+    """At most `count` requests carrying the secret per fixed window of `seconds`."""
+
+    count: int
+    seconds: int
+    text: str  # as given: 1000/day
+
+    def window(self, now: float) -> tuple[float, float]:
+        """This window's start, and the seconds until the next one."""
+        start = now - now % self.seconds
+        return start, start + self.seconds - now
+
+
+def parse_limit(text: str) -> Limit:
+    count, _, per = text.strip().partition("/")
+    if not (count.isascii() and count.isdigit()) or int(count) < 1 or per not in WINDOWS:
+        raise ValueError(f"{text!r} is not a limit like 1000/day or 5/s (windows: s, minute, hour, day)")
+    return Limit(int(count), WINDOWS[per], f"{int(count)}/{per}")
 
 
 def _items(text: str, what: str) -> list[str]:

@@ -121,7 +121,24 @@ class Releaser:
                                  self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return result.refusal
-        return self.allowed(flow, result) or result
+        return self._counted(session.principal, result.secret_names) or self.allowed(flow, result) or result
+
+    def _counted(self, principal: str, names: tuple[str, ...]) -> Refusal | None:
+        """Count the request against each filled secret's cap and rate (on the store: every node's count);
+        past one, rate_limited with when to retry."""
+        if not names:
+            return None
+        try:
+            store = self.store()
+            for name, secret in sorted(store.secrets_for(principal, set(names)).items()):
+                for kind, limit in secret.scope.limits():
+                    count, retry = store.count_use(principal, name, kind, limit)
+                    if count > limit.count:
+                        return Refusal("rate_limited", f"{name} may be used {limit.text} ({kind}); that is used up, "
+                                       f"retry in {retry} s", retry_after=retry)
+        except StoreError as e:
+            return Refusal("store_unavailable", f"cannot count the use of {', '.join(names)}: {e}")
+        return None
 
     def _lookup(self, principal: str) -> decision.SecretLookup:
         def lookup(names: set[str]):

@@ -100,6 +100,9 @@ def _v6_secret_scope(m: Step) -> None:
     gets), sealed with the row when set (a row without one keeps its seal)."""
     if "policy" not in m.columns("secrets"):
         m.tx.one("alter table secrets add column policy TEXT")
+    # requests counted against each secret's cap and rate, per fixed window: shared by every node on the store
+    m.tx.one(f"create table if not exists secret_usage (owner TEXT, name TEXT, kind TEXT, start {m.t['real']}, "
+             "count INTEGER, PRIMARY KEY (owner, name, kind))")
 
 
 MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys, _v5_api_tokens, _v6_secret_scope)

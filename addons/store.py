@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import crypto, keys, schema, seals
 from .errors import Conflict, NotFound, StoreError
 from .origins import Origin
 from .origins import parse as parse_origin
-from .policy import Scope
+from .policy import Limit, Scope
 from .audit import AuditTrail
 from .sql import Backend, Tx, open_backend
 
@@ -77,6 +78,11 @@ _SECRET_COLUMNS = ("owner", "name", "key_id", "nonce", "ciphertext", "origins", 
 _SECRET_UPSERT = (f"insert into secrets ({', '.join(_SECRET_COLUMNS)}) "
                   f"values ({', '.join('?' * len(_SECRET_COLUMNS))}) on conflict(owner, name) do update set "
                   + ", ".join(f"{c} = excluded.{c}" for c in _SECRET_COLUMNS[2:]))
+_COUNT_USE = ("insert into secret_usage (owner, name, kind, start, count) values (?, ?, ?, ?, 1) "
+              "on conflict(owner, name, kind) do update set "
+              "count = case when secret_usage.start >= excluded.start then secret_usage.count + 1 else 1 end, "
+              "start = case when secret_usage.start >= excluded.start then secret_usage.start else excluded.start end "
+              "returning count")  # a node whose clock is behind counts in the newest window, never resets it
 _SESSION_COLUMNS = (*SessionRecord.__dataclass_fields__, "seal")
 
 
@@ -305,6 +311,19 @@ class SecretStore:
                    [rows[0][c] for c in ("key_id", "nonce", "wrapped", "created_at")])
         ring = keys.open_data_keys(self.key, rows)
         return rows[0]["key_id"], ring[rows[0]["key_id"]]
+
+    def count_use(self, owner: str, name: str, kind: str, limit: Limit, now: float | None = None) -> tuple[int, int]:
+        """One more request against a secret's limit, atomically on every node: (the count in this window, the
+        seconds until the next window)."""
+        start, left = limit.window(time.time() if now is None else now)
+        (count,) = self.backend.one(_COUNT_USE, [owner, name, kind, start])
+        return count, max(1, math.ceil(left))
+
+    def usage(self, owner: str) -> dict[tuple[str, str], tuple[float, int]]:
+        """(name, kind) -> (window start, count): what `secret list` shows against the limits."""
+        with self.backend.read() as tx:
+            return {(r["name"], r["kind"]): (r["start"], r["count"])
+                    for r in tx.rows("select * from secret_usage where owner = ?", [owner])}
 
     def keyring(self, tx: Tx) -> dict[str, bytes]:
         return keys.open_data_keys(self.key, tx.rows("select * from data_keys"))
