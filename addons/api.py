@@ -265,7 +265,7 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
              summary="A user's secrets: names, origins, times (never a value)")
     async def list_secrets(user: str) -> Any:
         infos = commands.list_secrets(store, user)
-        usage = store.usage(infos[0].owner) if infos else {}
+        usage = store.usage.of(infos[0].owner) if infos else {}
         return [shown(i, [], usage) for i in infos]
 
     @app.put(secret_path + "/origins", response_model=SecretOut, dependencies=[scope("secrets:write")],

@@ -79,6 +79,21 @@ def _scope(args: argparse.Namespace):
     return commands.parse_scope(args.methods, args.paths, args.inject, args.on_disallowed, args.cap, args.rate)
 
 
+def cmd_secret_check(args: argparse.Namespace) -> None:
+    """Exit 1 when it warns (main maps _Warned to 1)."""
+    store = _store(args)
+    warnings = commands.check_secrets(store, args.user)
+    for w in warnings:
+        print(f"warning: {w}")
+    if warnings:
+        raise _Warned(f"{len(warnings)} warning(s)")
+    print("no warnings")
+
+
+class _Warned(Exception):
+    pass
+
+
 def cmd_secret_set_scope(args: argparse.Namespace) -> None:
     info = commands.set_scope(_store(args), args.user, args.name, _scope(args) or commands.Scope())
     print(f"{info.name} of {info.owner}: {info.scope.describe() if info.scope.to_json() else 'no scope beyond its origins'}")
@@ -87,7 +102,7 @@ def cmd_secret_set_scope(args: argparse.Namespace) -> None:
 def cmd_secret_list(args: argparse.Namespace) -> None:
     store = _store(args)
     infos = commands.list_secrets(store, args.user)
-    usage = store.usage(args.user) if infos else {}
+    usage = store.usage.of(infos[0].owner) if infos else {}
     shown = [{**commands.secret_json(i), **commands.scope_json(store, i, usage)} for i in infos]
     if args.json:
         print(json.dumps(shown, indent=2))
@@ -277,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     so.add_argument("--origins", required=True)
     so.add_argument("--allow-http", action="store_true")
     so.set_defaults(func=cmd_secret_set_origins)
+    ck = secret.add_parser("check", parents=[common], help="lint secrets against the docs' advice (exit 1: warnings)")
+    ck.add_argument("--user", help="only this user's secrets (default: every user's)")
+    ck.set_defaults(func=cmd_secret_check)
     sc = secret.add_parser("set-scope", parents=[common], help="replace a secret's scope (none given: no scope)")
     sc.add_argument("--user", required=True)
     sc.add_argument("--name", required=True)
@@ -351,6 +369,9 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     except KeyboardInterrupt:
         print("sealgate: interrupted", file=sys.stderr)
         return 130
+    except _Warned as e:
+        print(f"sealgate: {e}", file=sys.stderr)
+        return 1
     except commands.Invalid as e:
         print(f"sealgate: error: --{e.field}: {e}", file=sys.stderr)
         return 1

@@ -61,7 +61,7 @@ def parse_scope(methods: str | None = None, paths: str | None = None, inject: st
 def scope_json(store: SecretStore, info: SecretInfo, usage: dict | None = None) -> dict:
     """A secret's scope and, for its limits, how much of the current window is used."""
     s, now = info.scope, time.time()
-    usage = store.usage(info.owner) if usage is None else usage
+    usage = store.usage.of(info.owner) if usage is None else usage
     used = {}
     for kind, limit in s.limits():
         start, count = usage.get((info.name, kind), (None, 0))
@@ -145,6 +145,17 @@ def audit(store: SecretStore, *, user: str | None, runchat: str | None, since: s
     user = checked("user", validate.user_id, user) if user else None
     return [{**r.__dict__, "at": iso(r.at), "secrets": list(r.secrets)}
             for r in store.audit(user=user, runchat=runchat, since=when, limit=limit)]
+
+
+def check_secrets(store: SecretStore, user: str | None) -> list:
+    """`secret check`: every secret of user (of every user for None), linted against the audit trail."""
+    from . import lint
+    owners = [checked("user", validate.user_id, user)] if user else store.owners()
+    infos = [i for owner in owners for i in store.list_secrets(owner)]
+    since = time.time() - lint.UNUSED_DAYS * 86400
+    records = [r for owner in owners for r in store.audit(user=owner, since=since, limit=1_000_000)]
+    used = {(r.principal, name, r.origin) for r in records if r.decision == "allow" for name in r.secrets}
+    return lint.check(infos, used if store.audit(limit=1) else None)
 
 
 def parse_since(text: str) -> float:

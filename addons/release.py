@@ -132,7 +132,7 @@ class Releaser:
             store = self.store()
             for name, secret in sorted(store.secrets_for(principal, set(names)).items()):
                 for kind, limit in secret.scope.limits():
-                    count, retry = store.count_use(principal, name, kind, limit)
+                    count, retry = store.usage.count(principal, name, kind, limit)
                     if count > limit.count:
                         return Refusal("rate_limited", f"{name} may be used {limit.text} ({kind}); that is used up, "
                                        f"retry in {retry} s", retry_after=retry)

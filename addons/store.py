@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,9 @@ from . import crypto, keys, schema, seals
 from .errors import Conflict, NotFound, StoreError
 from .origins import Origin
 from .origins import parse as parse_origin
-from .policy import Limit, Scope
+from .policy import Scope
 from .audit import AuditTrail
+from .usage import UsageCounters
 from .sql import Backend, Tx, open_backend
 
 DB_NAME = "sealgate.db"
@@ -78,11 +78,6 @@ _SECRET_COLUMNS = ("owner", "name", "key_id", "nonce", "ciphertext", "origins", 
 _SECRET_UPSERT = (f"insert into secrets ({', '.join(_SECRET_COLUMNS)}) "
                   f"values ({', '.join('?' * len(_SECRET_COLUMNS))}) on conflict(owner, name) do update set "
                   + ", ".join(f"{c} = excluded.{c}" for c in _SECRET_COLUMNS[2:]))
-_COUNT_USE = ("insert into secret_usage (owner, name, kind, start, count) values (?, ?, ?, ?, 1) "
-              "on conflict(owner, name, kind) do update set "
-              "count = case when secret_usage.start >= excluded.start then secret_usage.count + 1 else 1 end, "
-              "start = case when secret_usage.start >= excluded.start then secret_usage.start else excluded.start end "
-              "returning count")  # a node whose clock is behind counts in the newest window, never resets it
 _SESSION_COLUMNS = (*SessionRecord.__dataclass_fields__, "seal")
 
 
@@ -125,6 +120,7 @@ class SecretStore:
         self._ring: dict[str, bytes] = {}
         self._cached: dict[tuple, tuple[object, object]] = {}  # secrets_for and session, by what was asked
         self.audit = AuditTrail(self.backend)  # store.audit(user=...) reads it; .add and .set_status write it
+        self.usage = UsageCounters(self.backend)  # requests counted against caps and rates
         self._revoked: dict[str, float] = {}  # sessions seen revoked by this process, until they would expire
         try:
             schema.migrate(self.backend, self.source, self._existing_key)
@@ -248,6 +244,10 @@ class SecretStore:
             _changed(tx.count("delete from secrets where owner = ? and name = ?", [owner, name]))
             seals.reseal_owner(tx, self.key, owner)
 
+    def owners(self) -> list[str]:
+        with self.read() as tx:
+            return [r["owner"] for r in tx.rows("select distinct owner from secrets order by owner")]
+
     def list_secrets(self, owner: str) -> list[SecretInfo]:
         with self.read() as tx:
             seals.verify_owner(tx, self.key, owner)
@@ -311,19 +311,6 @@ class SecretStore:
                    [rows[0][c] for c in ("key_id", "nonce", "wrapped", "created_at")])
         ring = keys.open_data_keys(self.key, rows)
         return rows[0]["key_id"], ring[rows[0]["key_id"]]
-
-    def count_use(self, owner: str, name: str, kind: str, limit: Limit, now: float | None = None) -> tuple[int, int]:
-        """One more request against a secret's limit, atomically on every node: (the count in this window, the
-        seconds until the next window)."""
-        start, left = limit.window(time.time() if now is None else now)
-        (count,) = self.backend.one(_COUNT_USE, [owner, name, kind, start])
-        return count, max(1, math.ceil(left))
-
-    def usage(self, owner: str) -> dict[tuple[str, str], tuple[float, int]]:
-        """(name, kind) -> (window start, count): what `secret list` shows against the limits."""
-        with self.backend.read() as tx:
-            return {(r["name"], r["kind"]): (r["start"], r["count"])
-                    for r in tx.rows("select * from secret_usage where owner = ?", [owner])}
 
     def keyring(self, tx: Tx) -> dict[str, bytes]:
         return keys.open_data_keys(self.key, tx.rows("select * from data_keys"))

@@ -165,3 +165,136 @@ def test_the_cli_sets_lists_and_clears_a_scope_and_the_scope_is_sealed(tmp_path,
     assert "changed without the master key" in p.cli("secret", "list", "--user", user, check=False).stderr
     r = p.cli("secret", "set-scope", "--user", user, "--name", "K", "--paths", "v1", check=False)
     assert r.returncode == 1 and r.stderr.startswith("sealgate: error: --paths: 'v1' is not a plain path prefix")
+
+
+# --- caps and rates ------------------------------------------------------------------------------------
+
+def test_a_cap_at_its_boundary_with_retry_after(scoped, user, value):
+    p, api, _ = scoped
+    s = _session(p, api, user, value, "--cap", "3/minute")
+    for _ in range(3):
+        r, got = _through(api, s)
+        assert r.status == 200 and got[0].header("X-Key") == value
+    r, got = _through(api, s)
+    problem = assert_problem(r, 429, "rate_limited", "K may be used 3/minute (cap)")
+    assert problem and got == [] and 1 <= int(r.headers["retry-after"]) <= 60
+    listed = json.loads(p.cli("secret", "list", "--user", user, "--json").stdout)[0]
+    assert listed["cap"] == "3/minute" and listed["used"] == {"cap": "4/3/minute"}
+
+
+def test_a_rate_counts_per_window(tmp_path, user, value):
+    from sealgate import origins
+    from sealgate.store import SecretStore
+    store = SecretStore(tmp_path)
+    store.add_secret(user, "K", value, [origins.parse("https://a.example")], scope=policy.Scope(
+        rate=policy.parse_limit("2/s")))
+    limit = store.secrets_for(user)["K"].scope.rate
+    counts = [store.usage.count(user, "K", "rate", limit, now=t)[0] for t in (100.1, 100.5, 100.9, 101.0, 99.5)]
+    assert counts == [1, 2, 3, 1, 2]  # a new second starts again; a node whose clock is behind counts in the newest
+
+
+def test_no_more_requests_pass_than_the_cap_under_concurrent_load(scoped, user, value):
+    """Six connections at once, thirty requests: exactly the cap goes out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    p, api, _ = scoped
+    s = _session(p, api, user, value, "--cap", "10/day")
+    before = len(api.received)
+
+    def run(_: int) -> list[int]:
+        with requests.Session() as http:
+            http.trust_env = False
+            return [http.get(api.url("/c"), headers={"X-Key": s["env"]["K"]}, proxies={"https": s["proxy_url"]},
+                             verify=s["ca_cert"], timeout=20).status_code for _ in range(5)]
+    with ThreadPoolExecutor(6) as pool:
+        statuses = [st for got in pool.map(run, range(6)) for st in got]
+    assert sorted(statuses).count(200) == 10 and statuses.count(429) == 20
+    assert [r.header("X-Key") for r in api.received[before:]] == [value] * 10
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_counts_survive_a_restart_and_are_shared_by_every_proxy(request, backend, tmp_path, pki, make_upstream,
+                                                                user, value):
+    from test_shared_store import nodes, via
+    api = make_upstream("127.0.0.1")
+    if backend == "postgresql":  # a second proxy on the store counts on the same counters
+        a, b = nodes(tmp_path, pki, request.getfixturevalue("pg").database())
+    else:  # a SQLite store serves one machine: the same proxy, started again
+        a = b = make_proxy(tmp_path, pki)
+    a.add_secret(user, "K", value, api.origin, "--cap", "3/day")
+    s = a.issue(user=user)
+    a.start()
+    try:
+        assert _through(api, s)[0].status == 200
+    finally:
+        a.stop()
+    a.start()  # restarted: the count is kept
+    try:
+        assert _through(api, s)[0].status == 200
+    finally:
+        a.stop()
+    b.start()
+    try:
+        sb = via(s, a, b) if b is not a else s
+        assert _through(api, sb)[0].status == 200
+        assert_problem(_through(api, sb)[0], 429, "rate_limited")
+    finally:
+        b.stop()
+
+
+# --- secret check ------------------------------------------------------------------------------------
+
+def test_secret_check_lints_and_explains(tmp_path, pki, make_upstream, user, value):
+    api = make_upstream("127.0.0.1")
+    p = make_proxy(tmp_path, pki)
+    p.add_secret(user, "WIDE", value, "https://*.example.com,http://plain.example,https://10.1.2.3,"
+                 "https://a.example,https://b.example,https://c.example", "--allow-http")
+    p.add_secret(user, "GOOD", value + "-g", api.origin, "--inject", "headers", "--cap", "100/day")
+    r = p.cli("secret", "check", "--user", user, check=False)
+    assert r.returncode == 1
+    says = r.stdout
+    for text in ("WIDE: https://*.example.com allows every subdomain", "WIDE: http://plain.example is http",
+                 "WIDE: https://10.1.2.3 is an IP address", "WIDE: 6 allowed origins",
+                 "WIDE: no scope beyond its origins", "WIDE: no cap or rate"):
+        assert text in says, says
+    good = [line for line in says.splitlines() if "/GOOD:" in line]
+    assert good == [f"warning: {user}/GOOD: {api.origin} is an IP address: it names no one, and its owner may "
+                    "change; use the API's host name"]  # (the test's upstream); no trail yet: no judgement on use
+    s = p.issue(user=user)
+    p.start()
+    try:
+        assert curl(s, api.url("/x"), "-H", f"X-Key: {s['env']['GOOD']}").status == 200  # GOOD's origin is used
+    finally:
+        p.stop()
+    r = p.cli("secret", "check", "--user", user, check=False)
+    assert "no request used" not in "".join(line for line in r.stdout.splitlines() if "/GOOD:" in line)
+    assert "WIDE: https://a.example: no request used it in 30 days" in r.stdout
+    assert not leaks(value, r.stdout.encode(), r.stderr.encode())
+    p.cli("secret", "rm", "--user", user, "--name", "WIDE")
+    p.cli("secret", "rm", "--user", user, "--name", "GOOD")
+    p.add_secret(user, "FINE", value + "-f", "https://api.example", "--inject", "headers", "--rate", "5/s")
+    p.cli("audit")  # (the trail holds GOOD's use; FINE's origin, never used, is warned of)
+    r = p.cli("secret", "check", check=False)  # every user's
+    assert r.returncode == 1 and r.stdout.strip() == (f"warning: {user}/FINE: https://api.example: no request used "
+                                                      "it in 30 days; remove it if nothing needs it")
+
+
+def test_the_api_sets_a_scope_and_shows_the_use(tmp_path, pki, user, value):
+    from test_api import Api
+    a = Api(make_proxy(tmp_path, pki))
+    try:
+        path = f"/v1/users/{user}/secrets"
+        r = a.call("POST", path, json={"name": "K", "value": value, "origins": ["https://a.example"],
+                                       "methods": ["get"], "cap": "5/day"})
+        assert r.status_code == 201 and (r.json()["methods"], r.json()["cap"]) == (["GET"], "5/day")
+        r = a.call("PUT", f"{path}/K/scope", json={"inject": ["headers"], "rate": "2/s"})
+        assert (r.json()["inject"], r.json()["rate"], r.json()["cap"], r.json()["used"]) == (
+            ["headers"], "2/s", None, {"rate": "0/2/s"})
+        r = a.call("PUT", f"{path}/K/scope", json={"paths": ["v1"]})
+        assert r.status_code == 422 and r.json()["field"] == "paths"
+        r = a.call("PUT", f"{path}/K/scope", json={"cap": "lots"})
+        assert r.status_code == 422 and r.json()["field"] == "cap"
+        assert not leaks(value, *a.seen)
+    finally:
+        a.stop()
