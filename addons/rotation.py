@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import crypto, keys
+from . import crypto, keys, seals
 from .errors import NotFound, StoreError
+from .sql import Tx
 from .store import SecretStore
 
 BATCH = 100  # secrets re-encrypted per transaction
@@ -48,12 +49,23 @@ def finish(store: SecretStore, key_id: str, *, batch: int = BATCH, progress: Cal
             rows = tx.rows("select * from secrets where key_id <> ? order by owner, name limit ?", [key_id, batch])
             ring = store.keyring(tx)
             for r in rows:
-                store.reseal(tx, r, ring)
+                _reseal(store, tx, r, ring)
         moved += len(rows)
         if progress:
             progress(moved)
         if len(rows) < batch:
             return key_id
+
+
+def _reseal(store: SecretStore, tx: Tx, row: dict, ring: dict[str, bytes]) -> None:
+    """One secret's value opened and sealed again under the current data key."""
+    seals.verified_secret(store.key, row)
+    try:
+        value = crypto.open_envelope(ring, row["owner"], row["name"],
+                                     crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
+    except crypto.EnvelopeError as e:
+        raise StoreError(str(e)) from None
+    store.put(tx, {c: row[c] for c in ("owner", "name", "origins", "created_at", "updated_at", "policy")}, value)
 
 
 def retire(store: SecretStore, key_id: str) -> None:

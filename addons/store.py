@@ -204,11 +204,11 @@ class SecretStore:
                 raise Conflict(f"secret {name} of user {owner} exists already; use --replace to change its value")
             now = time.time()
             policy = scope.to_json() if scope is not None else existing.get("policy") if existing else None
-            self._put(tx, {"owner": owner, "name": name, "origins": json.dumps([str(o) for o in origins]),
+            self.put(tx, {"owner": owner, "name": name, "origins": json.dumps([str(o) for o in origins]),
                            "created_at": existing["created_at"] if existing else now, "updated_at": now,
                            "policy": policy}, value)
 
-    def _put(self, tx: Tx, row: dict, value: str) -> None:
+    def put(self, tx: Tx, row: dict, value: str) -> None:
         """Write a secret's row with value sealed under the current data key, and reseal its owner."""
         key_id, data_key = self.current_key(tx)
         env = crypto.seal(data_key, row["owner"], row["name"], value)
@@ -314,16 +314,6 @@ class SecretStore:
 
     def keyring(self, tx: Tx) -> dict[str, bytes]:
         return keys.open_data_keys(self.key, tx.rows("select * from data_keys"))
-
-    def reseal(self, tx: Tx, row: dict, ring: dict[str, bytes]) -> None:
-        """One secret's value opened and sealed again under the current data key (rotation)."""
-        seals.verified_secret(self.key, row)
-        try:
-            value = crypto.open_envelope(ring, row["owner"], row["name"],
-                                         crypto.Envelope(row["key_id"], row["nonce"], row["ciphertext"]))
-        except crypto.EnvelopeError as e:
-            raise StoreError(str(e)) from None
-        self._put(tx, {c: row[c] for c in ("owner", "name", "origins", "created_at", "updated_at", "policy")}, value)
 
     # sessions -----------------------------------------------------------------------
 
