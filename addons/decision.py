@@ -42,6 +42,7 @@ class RequestFacts:
     path: str = "/"  # as sent, query included
     locations: Mapping[str, frozenset[str]] = field(default_factory=dict)  # secret name -> where it sits
     on_disallowed: str = "block"  # the proxy's default for a secret that does not say
+    overrides: tuple[str, ...] = ()  # what claims another method or path (policy.OVERRIDES, _method=)
 
 
 class SessionLike(Protocol):
@@ -116,7 +117,8 @@ def decide(facts: RequestFacts, session: SessionLike, lookup: SecretLookup) -> A
             ):
                 return Block(Refusal("insecure_upstream", f"{name} may only go over https, not to {dest}"))
             return Block(Refusal("origin_not_allowed", f"{name} may not go to {dest}"))
-        if why := secret.scope.denied(facts.method, facts.path, facts.locations.get(name, frozenset())):
+        if why := secret.scope.denied(facts.method, facts.path, facts.locations.get(name, frozenset()),
+                                      facts.overrides):
             return Block(Refusal("scope_denied", f"{name} may not go in this request: {why}"))
     wanted -= set(forwarded)
     if dest.scheme == "https" and facts.upstream_tls_error:

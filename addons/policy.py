@@ -3,8 +3,10 @@ request it may be substituted, and what a request to a destination it does not a
 
 Paths are matched on the normalised path: percent-encoded unreserved characters (`.` among them) decoded
 first; a path that then holds a `.` or `..` segment or an empty one (`//`), an encoded slash or a
-backslash is under no prefix at all, so `/v1/models/../admin`, `/v1/models/%2e%2e/admin`,
-`/v1/models//x` and `/v1/models/%2F..%2Fadmin` never pass as `/v1/models/...`.
+backslash, a `;` path parameter, a `#` or an encoded `%` is under no prefix at all, so `/v1/models/../admin`,
+`/v1/models/%2e%2e/admin`, `/v1/models//x`, `/v1/models/%2F..%2Fadmin`, `/v1/models/..;/admin` and
+`/v1/models/%252e%252e/admin` never pass as `/v1/models/...`. A request that claims another method or path
+(X-HTTP-Method-Override and its kin, X-Original-URL, `_method=`) never carries a secret scoped by either.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ WINDOWS = {"s": 1, "second": 1, "minute": 60, "m": 60, "hour": 3600, "h": 3600, 
 POLICIES = ("block", "forward")
 _METHOD = re.compile(r"[A-Z][A-Z-]{0,19}")
 _UNRESERVED = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")  # A-Z a-z 0-9 - . _ ~
-_SLASHES = re.compile(r"%2[fF]|%5[cC]|\\")  # an encoded slash, or a backslash: servers differ on what they are
+_AMBIGUOUS = re.compile(r"%2[fF]|%5[cC]|\\|;|#|%25")
+# an encoded slash, a backslash, a path parameter (`..;` is `..` to Tomcat and Jetty), a fragment (some servers
+# clean the path after it), an encoded percent (decoded twice by some gateways): servers differ on what they
+# mean, so a path that holds one is under no prefix
+OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url")
+# headers (and the query parameter _method) by which frameworks let a request claim another method or path
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,12 @@ class Scope:
                  f"cap={self.cap.text}" if self.cap else "", f"rate={self.rate.text}" if self.rate else ""]
         return " ".join(p for p in parts if p) or "-"
 
-    def denied(self, method: str, raw_path: str, locations: frozenset[str]) -> str | None:
-        """Why this request may not carry the secret, or None."""
+    def denied(self, method: str, raw_path: str, locations: frozenset[str], overrides: tuple[str, ...] = ()
+               ) -> str | None:
+        """Why this request may not carry the secret, or None. overrides: what in the request claims another
+        method or path (OVERRIDES present, or _method in the query)."""
+        if (self.methods is not None or self.paths is not None) and overrides:
+            return f"it carries {overrides[0]}, which could make it another method or path than the one checked"
         if self.methods is not None and method.upper() not in self.methods:
             return f"method {method} is not one of {', '.join(sorted(self.methods))}"
         if self.paths is not None and not path_allowed(self.paths, raw_path):
@@ -129,10 +140,10 @@ def parse_on_disallowed(text: str) -> str:
 
 def normalised_path(raw: str) -> str | None:
     """The path without its query, percent-encoded unreserved characters (`.` among them) decoded; None if
-    it then holds a `.`, `..` or empty segment, an encoded slash or a backslash (a trick, or a path no prefix
-    should match: what the upstream makes of it is not what sealgate checked)."""
-    path = raw.split("?", 1)[0].split("#", 1)[0]
-    if _SLASHES.search(path):
+    it then holds a `.`, `..` or empty segment, or anything of _AMBIGUOUS (a trick, or a path no prefix
+    should match: what the upstream makes of it may not be what sealgate checked)."""
+    path = raw.split("?", 1)[0]
+    if _AMBIGUOUS.search(path):
         return None
     path = _UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), path)
     segments = path.split("/")[1:]

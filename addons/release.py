@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from mitmproxy import http, websocket
 
-from . import bodies, decision, inject, origins, placeholders
+from . import bodies, decision, inject, origins, placeholders, policy
 from .errors import Refusal
 from .flowstate import Fields, FlowState, Sent
 from .inject import Context
@@ -279,4 +279,12 @@ def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...],
         path=req.path,
         locations=locations or {},
         on_disallowed=on_disallowed,
+        overrides=_overrides(req),
     )
+
+
+def _overrides(req: http.Request) -> tuple[str, ...]:
+    """What in the request claims another method or path than its own."""
+    found = tuple(name for name in policy.OVERRIDES if name in req.headers)
+    query = req.path.partition("?")[2].lower()
+    return found + (("_method=",) if "_method=" in query or "_method%3d" in query else ())

@@ -27,6 +27,9 @@ PATHS = ("/v1/models", "/v1/chat/")
     ("/v1/models/./x", False), ("/v1/models//x", False), ("//v1/models", False),
     ("/v1/models/%2F..%2Fadmin", False), ("/v1/models/%2f", False), ("/v1/models\\..\\admin", False),
     ("/v1/models/%5c..%5cadmin", False), ("/v1/models/..", False),
+    # the red team's (round 10): path parameters, a fragment, double encoding
+    ("/v1/models/..;/admin", False), ("/v1/models/%2e%2e;/admin", False), ("/v1/models;x=1", False),
+    ("/v1/models/x#/../../admin", False), ("/v1/models/%252e%252e/admin", False),
 ])
 def test_paths_are_matched_on_the_normalised_path(raw, allowed):
     assert policy.path_allowed(PATHS, raw) is allowed
@@ -298,3 +301,24 @@ def test_the_api_sets_a_scope_and_shows_the_use(tmp_path, pki, user, value):
         assert not leaks(value, *a.seen)
     finally:
         a.stop()
+
+
+
+@pytest.mark.parametrize("args", [
+    ("-X", "POST", "-H", "X-HTTP-Method-Override: DELETE", "-d", "x"),
+    ("-X", "POST", "-H", "X-HTTP-Method: DELETE", "-d", "x"),
+    ("-X", "POST", "-H", "X-Method-Override: DELETE", "-d", "x"),
+    ("-H", "X-Original-URL: /admin/delete-all"),
+    ("-H", "X-Rewrite-URL: /admin/delete-all"),
+], ids=["x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"])
+def test_a_method_or_path_override_never_carries_a_scoped_secret(scoped, user, value, args):
+    """(red team, round 10) The upstream would take the override for the method or path."""
+    p, api, _ = scoped
+    s = _session(p, api, user, value, "--methods", "GET,POST", "--paths", "/v1/models")
+    r, got = _through(api, s, "/v1/models", *args)
+    assert_problem(r, 403, "scope_denied", "which could make it another method or path")
+    assert got == []
+    r, got = _through(api, s, "/v1/models?_method=DELETE", "-X", "POST", "-d", "x")
+    assert_problem(r, 403, "scope_denied", "_method=")
+    r, got = _through(api, s, "/v1/models", "-X", "POST", "-d", "x")
+    assert r.status == 200 and got[0].header("X-Key") == value  # without one, as scoped
