@@ -106,7 +106,7 @@ class _Input(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ScopeIn(_Input):
+class _Scope(BaseModel):
     """A secret's scope beyond its origins (each field as the CLI's flag of the same name)."""
 
     methods: list[str] | None = None
@@ -116,7 +116,10 @@ class ScopeIn(_Input):
     cap: str | None = None
     rate: str | None = None
 
+
+class ScopeIn(_Scope, _Input):
     def scope(self):
+        """As the CLI's scope: lists joined as its comma-separated flags are."""
         lists = {k: ",".join(v) if v is not None else None for k, v in
                  (("methods", self.methods), ("paths", self.paths), ("inject", self.inject))}
         return commands.parse_scope(**lists, on_disallowed=self.on_disallowed, cap=self.cap, rate=self.rate)
@@ -146,17 +149,11 @@ class SessionIn(_Input):
     ttl: int | None = None
 
 
-class SecretOut(BaseModel):
+class SecretOut(_Scope):
     name: str
     origins: list[str]
     created_at: str
     updated_at: str
-    methods: list[str] | None = None
-    paths: list[str] | None = None
-    inject: list[str] | None = None
-    on_disallowed: str | None = None
-    cap: str | None = None
-    rate: str | None = None
     used: dict[str, str] = {}  # per limit: used/allowed in the current window
     warnings: list[str] = []  # what the CLI warns of (a wildcard origin)
 

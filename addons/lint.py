@@ -4,10 +4,10 @@ explained (pure: the secrets and the origins the audit trail saw them used at ar
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import origins
 from .store import SecretInfo
 
 MANY_ORIGINS = 5  # more than this: probably not one API's key
@@ -36,7 +36,7 @@ def check(infos: Iterable[SecretInfo], used: set[tuple[str, str, str]] | None) -
                 warn(f"{o} allows every subdomain of {o.host[2:]}: list the exact hosts the key is for")
             if o.scheme == "http":
                 warn(f"{o} is http: the value crosses the network in clear")
-            if _is_ip(o.host):
+            if origins.is_ip(o.host):
                 warn(f"{o} is an IP address: it names no one, and its owner may change; use the API's host name")
         if len(info.origins) > MANY_ORIGINS:
             warn(f"{len(info.origins)} allowed origins: a key for one API needs one or two")
@@ -53,9 +53,3 @@ def check(infos: Iterable[SecretInfo], used: set[tuple[str, str, str]] | None) -
     return out
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

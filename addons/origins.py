@@ -154,7 +154,7 @@ def parse(text: str, *, allow_http: bool = False) -> Origin:
         port = int(port_text)
     if host_part.startswith("*."):
         base = normalise_host(host_part[2:])
-        if base.count(".") < 1 or _is_ip(base):
+        if base.count(".") < 1 or is_ip(base):
             raise OriginError(f"{raw!r}: a wildcard needs a domain of at least two labels, like *.example.com")
         return Origin(scheme, "*." + base, port)
     if "*" in host_part:
@@ -175,7 +175,7 @@ def parse_list(text: str, *, allow_http: bool = False) -> list[Origin]:
     return list(dict.fromkeys(parse(item, allow_http=allow_http) for item in items))
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
