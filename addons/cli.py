@@ -12,12 +12,14 @@ import getpass
 import json
 import logging
 import re
+import shutil
 import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from . import backup, ca, commands, logfmt, rotation, sessions, settings, tokens, validate
+from .egress_lock import LockError
 from .store import SecretStore, StoreError, open_store
 
 
@@ -198,6 +200,20 @@ def cmd_run(args: argparse.Namespace) -> None:
         pass
 
 
+def cmd_egress_lock(args: argparse.Namespace) -> None:
+    from . import egress_lock
+    if args.remove:
+        print(f"removed sealgate's egress rules ({egress_lock.remove()})")
+        return
+    lock = egress_lock.Lock(commands.checked("proxy-uid", egress_lock.parse_uid, args.proxy_uid or ""), args.allow_dns,
+                            commands.checked("allow-cidr", egress_lock.parse_cidrs, args.allow_cidr))
+    if args.dry_run:
+        nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin") or not shutil.which("iptables")
+        print(lock.nft() if nft else "\n".join(" ".join(c) for c in lock.iptables()))
+        return
+    print(f"egress locked ({egress_lock.install(lock)}): only uid {lock.proxy_uid} leaves this network namespace")
+
+
 def cmd_api(args: argparse.Namespace) -> None:
     s = _settings(args)
     if s.api is None:
@@ -352,6 +368,14 @@ def _parser() -> argparse.ArgumentParser:
     apis.add_argument("--api-port", dest="api", help="[host:]port of the platform API [SEALGATE_API_PORT]")
     apis.add_argument("--no-api", action="store_true", help="run without the platform API")
     run.set_defaults(func=cmd_run)
+    lock = sub.add_parser("egress-lock", help="let only the proxy's uid open connections that leave this network "
+                          "namespace (an init container's job; needs NET_ADMIN)")
+    lock.add_argument("--proxy-uid", help="the numeric uid `sealgate run` runs as (required unless --remove)")
+    lock.add_argument("--allow-dns", action="store_true", help="let every process reach port 53 (DNS)")
+    lock.add_argument("--allow-cidr", help="comma-separated CIDRs every process may reach (cluster services)")
+    lock.add_argument("--dry-run", action="store_true", help="print the rules, change nothing")
+    lock.add_argument("--remove", action="store_true", help="take the rules out")
+    lock.set_defaults(func=cmd_egress_lock)
     api = sub.add_parser("api", parents=[common], help="serve only the platform API (`run` starts it too)")
     api.add_argument("--api-port", dest="api", help="[host:]port [SEALGATE_API_PORT]")
     api.set_defaults(func=cmd_api)
@@ -375,7 +399,7 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
     except commands.Invalid as e:
         print(f"sealgate: error: --{e.field}: {e}", file=sys.stderr)
         return 1
-    except (UsageError, ValueError, StoreError, settings.ConfigError, ca.CertError) as e:
+    except (UsageError, ValueError, StoreError, settings.ConfigError, ca.CertError, LockError) as e:
         print(f"sealgate: error: {e}", file=sys.stderr)
         return 1
     except sqlite3.Error as e:
