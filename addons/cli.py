@@ -205,7 +205,9 @@ def cmd_egress_lock(args: argparse.Namespace) -> None:
     if args.remove:
         print(f"removed sealgate's egress rules ({egress_lock.remove()})")
         return
-    lock = egress_lock.Lock(commands.checked("proxy-uid", egress_lock.parse_uid, args.proxy_uid or ""), args.allow_dns,
+    dns = (commands.checked("dns-server", egress_lock.parse_cidrs, args.dns_server) if args.dns_server
+           else egress_lock.resolvers() if args.allow_dns else ())
+    lock = egress_lock.Lock(commands.checked("proxy-uid", egress_lock.parse_uid, args.proxy_uid or ""), dns,
                             commands.checked("allow-cidr", egress_lock.parse_cidrs, args.allow_cidr))
     if args.dry_run:
         nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin") or not shutil.which("iptables")
@@ -371,7 +373,9 @@ def _parser() -> argparse.ArgumentParser:
     lock = sub.add_parser("egress-lock", help="let only the proxy's uid open connections that leave this network "
                           "namespace (an init container's job; needs NET_ADMIN)")
     lock.add_argument("--proxy-uid", help="the numeric uid `sealgate run` runs as (required unless --remove)")
-    lock.add_argument("--allow-dns", action="store_true", help="let every process reach port 53 (DNS)")
+    lock.add_argument("--allow-dns", action="store_true",
+                      help="let every process reach port 53 of the nameservers in /etc/resolv.conf (DNS)")
+    lock.add_argument("--dns-server", help="comma-separated: these nameservers instead (implies --allow-dns)")
     lock.add_argument("--allow-cidr", help="comma-separated CIDRs every process may reach (cluster services)")
     lock.add_argument("--dry-run", action="store_true", help="print the rules, change nothing")
     lock.add_argument("--remove", action="store_true", help="take the rules out")

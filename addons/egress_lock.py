@@ -25,19 +25,28 @@ class LockError(Exception):
     """The rules cannot be installed or removed here; says why."""
 
 
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+ND = ("nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit", "nd-router-advert")  # IPv6 needs these
+ND_IPTABLES = ("neighbour-solicitation", "neighbour-advertisement", "router-solicitation", "router-advertisement")
+
+
 @dataclass(frozen=True)
 class Lock:
     proxy_uid: int
-    allow_dns: bool = False
-    allow_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    dns_servers: tuple[Net, ...] = ()  # port 53 of these (the resolvers), for every process
+    allow_cidrs: tuple[Net, ...] = ()
 
     def nft(self) -> str:
-        """The nftables ruleset: declared, deleted and declared again in one transaction (idempotent)."""
-        rules = ['oifname "lo" accept', f"meta skuid {self.proxy_uid} accept", "ct state established,related accept"]
-        if self.allow_dns:
-            rules += ["udp dport 53 accept", "tcp dport 53 accept"]
+        """The nftables ruleset: declared, deleted and declared again in one transaction (idempotent).
+        Established traffic of other processes is accepted only in the reply direction: a worker that
+        reuses the 5-tuple of a UDP flow the proxy left behind is sending in the original direction."""
+        rules = ['oifname "lo" accept', f"meta skuid {self.proxy_uid} accept",
+                 "ct direction reply ct state established,related accept",
+                 f"icmpv6 type {{ {', '.join(ND)} }} accept"]
+        for net in self.dns_servers:
+            rules += [f"{_family(net)} daddr {net} {proto} dport 53 accept" for proto in ("udp", "tcp")]
         for net in self.allow_cidrs:
-            rules.append(f"{'ip' if net.version == 4 else 'ip6'} daddr {net} accept")
+            rules.append(f"{_family(net)} daddr {net} accept")
         rules += ["meta l4proto tcp reject with tcp reset", "reject with icmpx type admin-prohibited"]
         body = "\n".join(f"        {r}" for r in rules)
         return (f"table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n"
@@ -45,17 +54,22 @@ class Lock:
                 "    }\n}\n")
 
     def iptables(self) -> list[list[str]]:
-        """The same as iptables and ip6tables commands (their own chain, flushed and filled again)."""
+        """The same as iptables and ip6tables commands. A new chain is filled whole, jumped to first, and only
+        then is the old one taken out and the new one renamed: a second run never leaves a moment unlocked."""
         out = []
         for tool, version in (("iptables", 4), ("ip6tables", 6)):
             rules = [["-o", "lo", "-j", "ACCEPT"], ["-m", "owner", "--uid-owner", str(self.proxy_uid), "-j", "ACCEPT"],
-                     ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]]
-            if self.allow_dns:
-                rules += [["-p", "udp", "--dport", "53", "-j", "ACCEPT"], ["-p", "tcp", "--dport", "53", "-j", "ACCEPT"]]
+                     ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "--ctdir", "REPLY", "-j", "ACCEPT"]]
+            if version == 6:
+                rules += [["-p", "ipv6-icmp", "--icmpv6-type", t, "-j", "ACCEPT"] for t in ND_IPTABLES]
+            for net in (n for n in self.dns_servers if n.version == version):
+                rules += [["-d", str(net), "-p", proto, "--dport", "53", "-j", "ACCEPT"] for proto in ("udp", "tcp")]
             rules += [["-d", str(n), "-j", "ACCEPT"] for n in self.allow_cidrs if n.version == version]
             rules += [["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"], ["-j", "REJECT"]]
-            out += [[tool, "-N", CHAIN], [tool, "-F", CHAIN]] + [[tool, "-A", CHAIN, *r] for r in rules]
-            out.append([tool, "-C", "OUTPUT", "-j", CHAIN, "||", tool, "-I", "OUTPUT", "1", "-j", CHAIN])
+            new = CHAIN + "_NEW"
+            out += [[tool, "-N", new], [tool, "-F", new]] + [[tool, "-A", new, *r] for r in rules]
+            out += [[tool, "-I", "OUTPUT", "1", "-j", new], [tool, "-D", "OUTPUT", "-j", CHAIN, "?"],
+                    [tool, "-F", CHAIN, "?"], [tool, "-X", CHAIN, "?"], [tool, "-E", new, CHAIN]]
         return out
 
 
@@ -65,7 +79,24 @@ def parse_uid(text: str) -> int:
     return int(text)
 
 
-def parse_cidrs(text: str | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def _family(net: Net) -> str:
+    return "ip" if net.version == 4 else "ip6"
+
+
+def resolvers(path: str = "/etc/resolv.conf") -> tuple[Net, ...]:
+    """The nameservers this namespace resolves with: --allow-dns opens port 53 to these, not to every host."""
+    try:
+        lines = open(path).read().splitlines()  # noqa: SIM115 - one small file
+    except OSError as e:
+        raise LockError(f"--allow-dns: {path} cannot be read ({e.strerror}); name the servers with --dns-server")
+    found = parse_cidrs(",".join(line.split()[1] for line in lines if line.startswith("nameserver ") and
+                                 len(line.split()) > 1 and "%" not in line.split()[1]))
+    if not found:
+        raise LockError(f"--allow-dns: {path} names no nameserver; name the servers with --dns-server")
+    return found
+
+
+def parse_cidrs(text: str | None) -> tuple[Net, ...]:
     nets = []
     for item in filter(None, (c.strip() for c in (text or "").split(","))):
         try:
@@ -76,11 +107,14 @@ def parse_cidrs(text: str | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv
 
 
 def tool() -> str:
-    """nft, else iptables; LockError when there is neither."""
-    for name in ("nft", "iptables"):
-        if shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin"):
-            return name
-    raise LockError("neither nft nor iptables is installed (apt-get install nftables)")
+    """nft, else iptables with ip6tables (both: IPv6 must not stay open); LockError when there is neither."""
+    def found(name: str) -> bool:
+        return bool(shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin"))
+    if found("nft"):
+        return "nft"
+    if found("iptables") and found("ip6tables"):
+        return "iptables"
+    raise LockError("neither nft nor iptables with ip6tables is installed (apt-get install nftables)")
 
 
 def install(lock: Lock) -> str:
@@ -90,10 +124,8 @@ def install(lock: Lock) -> str:
         _run(["nft", "-f", "-"], lock.nft())
     else:
         for cmd in lock.iptables():
-            if "||" in cmd:
-                i = cmd.index("||")
-                if subprocess.run(_bin(cmd[:i]), capture_output=True).returncode != 0:
-                    _run(cmd[i + 1:])
+            if cmd[-1] == "?":  # what may not be there (a first run has no old chain)
+                subprocess.run(_bin(cmd[:-1]), capture_output=True)
             else:
                 _run(cmd, ok_codes=(0, 1) if cmd[1] == "-N" else (0,))
     return using

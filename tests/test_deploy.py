@@ -43,11 +43,14 @@ def test_the_sidecar_pod_locks_egress_and_keeps_the_keys_to_the_sidecar():
     proxy_uid = containers["sealgate"]["securityContext"]["runAsUser"]
     image_uid = int(re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.M).group(1))
     [init] = spec["initContainers"]
-    assert init["command"][:4] == ["sealgate", "egress-lock", "--proxy-uid", str(proxy_uid)] and proxy_uid == image_uid
+    assert init["command"] == ["sealgate", "egress-lock", "--proxy-uid", str(proxy_uid), "--allow-dns"]
+    assert proxy_uid == image_uid  # (no --allow-cidr of the Service range: the API server is in it)
     caps = init["securityContext"]["capabilities"]
     assert caps == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     worker, sidecar = containers["worker"], containers["sealgate"]
     assert worker["securityContext"]["runAsUser"] != proxy_uid
+    assert worker["securityContext"]["runAsGroup"] != proxy_uid and "fsGroup" not in spec["securityContext"]
+    assert all(not c["image"].endswith(":latest") for c in [*containers.values(), init])
     secret_volumes = {v["name"] for v in spec["volumes"] if "secret" in v}
     assert not {m["name"] for m in worker.get("volumeMounts", [])} & secret_volumes  # no CA key for the worker
     assert not [e for e in worker["env"] if "secretKeyRef" in e.get("valueFrom", {})
@@ -64,7 +67,8 @@ def test_the_sidecar_pod_locks_egress_and_keeps_the_keys_to_the_sidecar():
 
 
 def test_the_gateway_is_reached_only_by_workers():
-    deployment, service, policy = docs(K8S / "gateway" / "deployment.yaml")
+    deployment, service, policy, workers = docs(K8S / "gateway" / "deployment.yaml")
+    assert workers["spec"]["policyTypes"] == ["Egress"] and len(workers["spec"]["egress"]) == 2
     assert [p["port"] for p in service["spec"]["ports"]] == [8080]
     [rule] = policy["spec"]["ingress"]
     assert rule["from"] == [{"podSelector": {"matchLabels": {"sealgate.io/worker": "true"}}}]

@@ -14,6 +14,12 @@ import pytest
 from conftest import SEALGATE
 
 PROXY_UID, WORKER_UID = 4242, 4343
+UDP_ECHO = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 9999))\n"
+            "while True:\n    data, peer = s.recvfrom(100); s.sendto(data, peer)")
+UDP_FROM_PORT = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
+                 "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('', 40000))\n"
+                 "s.connect((sys.argv[1], 9999))\n"
+                 "try:\n    s.send(b'x'); s.recv(10); print('out')\nexcept OSError:\n    print('blocked')")
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,9 +45,11 @@ def namespaces():
             sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        for ns, host, port in ((b, f"{net}.2", 8000), (a, "127.0.0.1", 8001)):
+        for ns, host, port in ((b, f"{net}.2", 8000), (a, "127.0.0.1", 8001), (b, f"{net}.2", 53)):
             servers.append(subprocess.Popen(["ip", "netns", "exec", ns, "python3", "-m", "http.server", str(port),
                                              "--bind", host], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        servers.append(subprocess.Popen(["ip", "netns", "exec", b, "/usr/bin/python3", "-c", UDP_ECHO, f"{net}.2"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         yield a, b, f"{net}.2"
     finally:
         for s in servers:
@@ -90,6 +98,29 @@ def test_only_the_proxy_uid_leaves_the_namespace(namespaces):
 
 
 @pytest.mark.e2e
+def udp_from_40000(ns: str, uid: int, server: str) -> str:
+    """A UDP exchange with the echo server from local port 40000, as uid: 'out' or 'blocked'."""
+    return sh("ip", "netns", "exec", ns, "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+              "/usr/bin/python3", "-c", UDP_FROM_PORT, server, check=False).stdout.strip()
+
+
+@pytest.mark.e2e
+def test_dns_is_its_resolvers_only_and_a_flow_the_proxy_left_is_not_a_way_out(namespaces):
+    """(red team, round 12) --allow-dns opened port 53 of every host (a tunnel); a worker reusing the 5-tuple
+    of a UDP flow the proxy made matched 'established' and got out."""
+    a, _, server = namespaces
+    resolver = server.rsplit(".", 1)[0] + ".3"
+    assert lock(a, "--proxy-uid", str(PROXY_UID), "--dns-server", resolver).returncode == 0
+    assert fetch(a, WORKER_UID, f"http://{server}:53/") == 7  # port 53, but not of a resolver
+    assert lock(a, "--proxy-uid", str(PROXY_UID), "--dns-server", server).returncode == 0
+    assert fetch(a, WORKER_UID, f"http://{server}:53/") == 0  # the resolver's port 53
+    assert lock(a, "--proxy-uid", str(PROXY_UID)).returncode == 0
+    assert udp_from_40000(a, WORKER_UID, server) == "blocked"
+    assert udp_from_40000(a, PROXY_UID, server) == "out"  # the proxy's flow: a conntrack entry
+    assert udp_from_40000(a, WORKER_UID, server) == "blocked"  # the same 5-tuple, from the worker
+
+
+@pytest.mark.e2e
 def test_without_net_admin_it_says_so_in_one_line(namespaces):
     a, _, _ = namespaces
     r = lock(a, "--proxy-uid", str(PROXY_UID), net_admin=False)
@@ -97,9 +128,10 @@ def test_without_net_admin_it_says_so_in_one_line(namespaces):
 
 
 def test_dry_run_prints_the_rules_and_bad_input_is_one_line():
-    r = sh(str(SEALGATE), "egress-lock", "--proxy-uid", "1000", "--allow-dns", "--allow-cidr", "10.96.0.0/12",
-           "--dry-run")
-    assert "meta skuid 1000 accept" in r.stdout and "udp dport 53 accept" in r.stdout
+    r = sh(str(SEALGATE), "egress-lock", "--proxy-uid", "1000", "--dns-server", "10.96.0.10", "--allow-cidr",
+           "10.96.0.0/12", "--dry-run")
+    assert "meta skuid 1000 accept" in r.stdout and "ip daddr 10.96.0.10/32 udp dport 53 accept" in r.stdout
+    assert "ct direction reply ct state established,related accept" in r.stdout
     assert "ip daddr 10.96.0.0/12 accept" in r.stdout and r.stdout.startswith("table inet sealgate_egress\n")
     for args, says in ((("--proxy-uid", "0"), "--proxy-uid: '0' must be a numeric user id above 0"),
                        (("--proxy-uid", "root"), "--proxy-uid: 'root' must be a numeric user id"),
@@ -110,10 +142,15 @@ def test_dry_run_prints_the_rules_and_bad_input_is_one_line():
 
 def test_the_iptables_form_says_the_same():
     from sealgate import egress_lock
-    cmds = [" ".join(c) for c in egress_lock.Lock(1000, True, egress_lock.parse_cidrs("10.0.0.0/8,fd00::/8"))
-            .iptables()]
-    assert "iptables -A SEALGATE_EGRESS -m owner --uid-owner 1000 -j ACCEPT" in cmds
-    assert "iptables -A SEALGATE_EGRESS -d 10.0.0.0/8 -j ACCEPT" in cmds
-    assert "ip6tables -A SEALGATE_EGRESS -d fd00::/8 -j ACCEPT" in cmds
+    lock = egress_lock.Lock(1000, egress_lock.parse_cidrs("10.9.9.9"), egress_lock.parse_cidrs("10.0.0.0/8,fd00::/8"))
+    cmds = [" ".join(c) for c in lock.iptables()]
+    assert "iptables -A SEALGATE_EGRESS_NEW -m owner --uid-owner 1000 -j ACCEPT" in cmds
+    assert "iptables -A SEALGATE_EGRESS_NEW -m conntrack --ctstate ESTABLISHED,RELATED --ctdir REPLY -j ACCEPT" in cmds
+    assert "iptables -A SEALGATE_EGRESS_NEW -d 10.9.9.9/32 -p udp --dport 53 -j ACCEPT" in cmds
+    assert "ip6tables -A SEALGATE_EGRESS_NEW -p ipv6-icmp --icmpv6-type neighbour-solicitation -j ACCEPT" in cmds
+    assert "ip6tables -A SEALGATE_EGRESS_NEW -d fd00::/8 -j ACCEPT" in cmds
     assert not any("ip6tables" in c and "10.0.0.0/8" in c for c in cmds)
-    assert cmds[-1] == "ip6tables -C OUTPUT -j SEALGATE_EGRESS || ip6tables -I OUTPUT 1 -j SEALGATE_EGRESS"
+    # the new chain is jumped to before the old one goes: a second run is never unlocked for a moment
+    v4 = [c for c in cmds if c.startswith("iptables ")]
+    assert v4.index("iptables -I OUTPUT 1 -j SEALGATE_EGRESS_NEW") < v4.index("iptables -D OUTPUT -j SEALGATE_EGRESS ?")
+    assert v4[-1] == "iptables -E SEALGATE_EGRESS_NEW SEALGATE_EGRESS"
