@@ -16,7 +16,7 @@ from . import origins
 from .errors import Refusal
 from .origins import Origin, OriginError
 from .placeholders import Placeholder
-from .policy import Scope
+from .policy import Limit, Scope
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ class Allow:
     values: dict[str, str]  # placeholder text -> value
     secret_names: tuple[str, ...]  # the secrets (not globals) injected
     forwarded: tuple[str, ...] = ()  # secrets whose placeholders go as they are (on-disallowed forward)
+    limits: tuple[tuple[str, str, Limit], ...] = ()  # (secret, cap or rate, limit) the request counts against
 
     def __repr__(self) -> str:
         return f"Allow({', '.join(self.secret_names) or 'globals only'})"
@@ -129,7 +130,8 @@ def decide(facts: RequestFacts, session: SessionLike, lookup: SecretLookup) -> A
     for p in facts.placeholders:
         if p.name in wanted:
             values[p.text] = found[p.name].value
-    return Allow(values, tuple(sorted(wanted)), tuple(forwarded))
+    limits = tuple((name, kind, limit) for name in sorted(wanted) for kind, limit in found[name].scope.limits())
+    return Allow(values, tuple(sorted(wanted)), tuple(forwarded), limits)
 
 
 def _claimed_host_mismatch(dest: Destination, host_headers: tuple[str, ...], sni: str | None) -> str | None:

@@ -73,7 +73,7 @@ class Releaser:
             for f in placeholders.find(buf):
                 text = f.placeholder.text
                 if text not in filled:
-                    result = self._decide(flow, state, (f.placeholder,), {f.placeholder.name: frozenset({BODY})})
+                    result = self._decide(flow, state, (f.placeholder,), _all_in(BODY, (f.placeholder,)))
                     if isinstance(result, Refusal):
                         raise Refused(result)
                     self.scrubbers.learn(state, result)
@@ -90,7 +90,7 @@ class Releaser:
         if not found:
             return None
         present = distinct([f for fs in found.values() for f in fs])
-        result = self._decide(flow, state, present, {p.name: frozenset({HEADERS}) for p in present})
+        result = self._decide(flow, state, present, _all_in(HEADERS, present))
         if isinstance(result, Refusal):
             return result
         self.scrubbers.learn(state, result)
@@ -104,7 +104,8 @@ class Releaser:
         found = placeholders.find(message.content)
         if not found:
             return None
-        result = self._decide(flow, state, distinct(found), {f.placeholder.name: frozenset({BODY}) for f in found})
+        present = distinct(found)
+        result = self._decide(flow, state, present, _all_in(BODY, present))
         if isinstance(result, Refusal):
             return result
         self.scrubbers.learn(state, result)
@@ -121,23 +122,19 @@ class Releaser:
                                  self._lookup(session.principal))
         if isinstance(result, decision.Block):
             return result.refusal
-        return self._counted(session.principal, result.secret_names) or self.allowed(flow, result) or result
+        return self._counted(session.principal, result.limits) or self.allowed(flow, result) or result
 
-    def _counted(self, principal: str, names: tuple[str, ...]) -> Refusal | None:
+    def _counted(self, principal: str, limits: tuple[tuple[str, str, policy.Limit], ...]) -> Refusal | None:
         """Count the request against each filled secret's cap and rate (on the store: every node's count);
         past one, rate_limited with when to retry."""
-        if not names:
-            return None
         try:
-            store = self.store()
-            for name, secret in sorted(store.secrets_for(principal, set(names)).items()):
-                for kind, limit in secret.scope.limits():
-                    count, retry = store.usage.count(principal, name, kind, limit)
-                    if count > limit.count:
-                        return Refusal("rate_limited", f"{name} may be used {limit.text} ({kind}); that is used up, "
-                                       f"retry in {retry} s", retry_after=retry)
+            for name, kind, limit in limits:
+                count, retry = self.store().usage.count(principal, name, kind, limit)
+                if count > limit.count:
+                    return Refusal("rate_limited", f"{name} may be used {limit.text} ({kind}); that is used up, "
+                                   f"retry in {retry} s", retry_after=retry)
         except StoreError as e:
-            return Refusal("store_unavailable", f"cannot count the use of {', '.join(names)}: {e}")
+            return Refusal("store_unavailable", f"cannot count the use of {', '.join(n for n, _, _ in limits)}: {e}")
         return None
 
     def _lookup(self, principal: str) -> decision.SecretLookup:
@@ -281,6 +278,11 @@ def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...],
         on_disallowed=on_disallowed,
         overrides=_overrides(req),
     )
+
+
+def _all_in(place: str, present: tuple[placeholders.Placeholder, ...]) -> dict[str, frozenset[str]]:
+    """Locations of placeholders that all sit in one place (a streamed body, trailers, a WebSocket message)."""
+    return {p.name: frozenset({place}) for p in present}
 
 
 def _overrides(req: http.Request) -> tuple[str, ...]:

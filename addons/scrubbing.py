@@ -108,7 +108,7 @@ def response_head(flow: http.HTTPFlow, current: Current) -> None:
     resp = flow.response
     assert resp is not None
     try:
-        current()
+        scrubber = current()
     except StoreError:
         resp.stream = False  # held whole, and refused in `response` unless the store is back by then
         return
@@ -117,7 +117,7 @@ def response_head(flow: http.HTTPFlow, current: Current) -> None:
     if bodies.transfer_codings(resp.headers.get("transfer-encoding", "")):
         resp.stream = False  # buffered, to be refused whole in `response`: nothing of it goes out
     elif has_body and (streams(resp.headers, unknown_length=True) or _large_single_coding(resp.headers, coding)):
-        scrub_head(current(), resp)
+        scrub_head(scrubber, resp)
         rewriter = stream_rewriter(current)
         if coding not in ([], ["identity"]):
             del resp.headers["content-encoding"]  # forwarded decoded, as it was checked

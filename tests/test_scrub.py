@@ -132,28 +132,19 @@ IN_HTML = [
 ]
 
 
-@pytest.mark.parametrize("name,encode", IN_JSON, ids=[n for n, _ in IN_JSON])
-def test_value_in_a_json_string(name, encode):
+# (where a value is echoed: what comes before and after it, the encodings it is echoed in there)
+SURROUNDINGS = {
+    "json": (b'{"data": {"echo": "', b'", "n": 1}}', IN_JSON),
+    "url": (b"https://api.example.com/v1/cb?state=xyz&token=", b"&next=%2Fhome", IN_URL),
+    "html": (b'<div class="x"><input value="', b'"></div>', IN_HTML),
+}
+ECHOES = [(where, name, encode) for where, (_, _, cases) in SURROUNDINGS.items() for name, encode in cases]
+
+
+@pytest.mark.parametrize("where,name,encode", ECHOES, ids=[f"{w}-{n}" for w, n, _ in ECHOES])
+def test_value_echoed_in_json_a_url_or_html(where, name, encode):
     v = new_value()
-    before, after = b'{"data": {"echo": "', b'", "n": 1}}'
-    out = scrubber(v).scrub(before + encode(v).encode() + after)
-    exact = out == before + PH + after
-    assert exact, "not replaced by the placeholder exactly"
-
-
-@pytest.mark.parametrize("name,encode", IN_URL, ids=[n for n, _ in IN_URL])
-def test_value_in_a_url(name, encode):
-    v = new_value()
-    before, after = b"https://api.example.com/v1/cb?state=xyz&token=", b"&next=%2Fhome"
-    out = scrubber(v).scrub(before + encode(v).encode() + after)
-    exact = out == before + PH + after
-    assert exact, "not replaced by the placeholder exactly"
-
-
-@pytest.mark.parametrize("name,encode", IN_HTML, ids=[n for n, _ in IN_HTML])
-def test_value_in_html(name, encode):
-    v = new_value()
-    before, after = b'<div class="x"><input value="', b'"></div>'
+    before, after, _ = SURROUNDINGS[where]
     out = scrubber(v).scrub(before + encode(v).encode() + after)
     exact = out == before + PH + after
     assert exact, "not replaced by the placeholder exactly"
