@@ -24,15 +24,17 @@ from mitmproxy import ctx, exceptions, http, tcp, tls
 from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 
-from . import internals, keys, origins, policy, scrubbing
+from . import internals, keys, oauth, origins, outbound, policy, providers, scrubbing
 from .auth import Authenticator
 from .dial import Dialer
 from .egress import EgressPolicy, parse_cidrs
 from .errors import Refusal, error_page
 from .flowstate import FlowStates
+from .linked import Linked
 from .metrics import Metrics
 from .record import Answer, Recorder
 from .release import Refused, Releaser, encoded_body_refusal
+from .resend import Resender
 from .scrub import Scrubber
 from .scrubbing import Scrubbers
 from .sessions import Session
@@ -55,6 +57,9 @@ _OPTIONS = (  # name, default, help (all text)
     ("sealgate_allow_private", "", "Comma-separated CIDRs the proxy may reach although loopback or private."),
     ("sealgate_guard_ports", "", "Comma-separated ports of sealgate's own services (dashboard, metrics, API), "
      "never reachable through it."),
+    ("sealgate_providers_file", str(Path("config") / providers.FILE_NAME), "The linked-account providers shipped "
+     "(absent: none)."),
+    ("sealgate_providers", "", "A YAML file of linked-account providers added to (or overriding) those shipped."),
 )
 HEAD_REFUSAL_BODY_MAX = 64 * 1024  # a refused request bringing more (or of unknown length) is closed, not answered
 WEBSOCKET_HISTORY = 100  # messages a WebSocket flow keeps (mitmproxy would keep all, for the socket's life)
@@ -88,9 +93,11 @@ class Sealgate:
         self.metrics = Metrics()
         self.dialer = Dialer()
         self.auth = Authenticator(self._store, self.states)
-        self.scrubbers = Scrubbers(self._store)
+        self.linked = Linked(self._store)
+        self.scrubbers = Scrubbers(self._store, self.linked.values)
         self.recorder = Recorder(self._store, self.metrics, self.states)
-        self.releaser = Releaser(self._store, self.scrubbers, self.recorder.allowed, self.auth.live)
+        self.releaser = Releaser(self._store, self.scrubbers, self.recorder.allowed, self.auth.live, self.linked)
+        self.resender = Resender(self.releaser.request, self.states)
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -99,21 +106,7 @@ class Sealgate:
             loader.add_option(name, str, default, text)
 
     def configure(self, updated: set[str]) -> None:
-        try:
-            internals.require()
-        except internals.InternalsMissing as e:
-            raise exceptions.OptionsError(str(e)) from None
-        if ctx.options.ssl_insecure:
-            raise exceptions.OptionsError("sealgate refuses ssl_insecure: secrets must only go over verified TLS")
-        for name in _REFUSED_OPTIONS:
-            if getattr(ctx.options, name, None):
-                raise exceptions.OptionsError(
-                    f"sealgate refuses {name}: it would change requests after sealgate checked them")
-        if getattr(ctx.options, "flow_detail", 0) > 2:
-            raise exceptions.OptionsError("sealgate refuses flow_detail above 2: it would print WebSocket messages as "
-                                          "sent, filled with values")
-        if any(not mode.startswith("regular") for mode in getattr(ctx.options, "mode", ["regular"])):
-            raise exceptions.OptionsError("sealgate runs only as a regular (forward) proxy")
+        _refuse_unsafe_options()
         if updated & {"sealgate_data_dir", "sealgate_store_url"}:
             old, self.store = self.store, _open_store(self.key_source)
             if old is not None:
@@ -125,6 +118,11 @@ class Sealgate:
                 raise exceptions.OptionsError(f"sealgate_on_disallowed: {e}") from None
         if updated & {"sealgate_allow_private", "sealgate_guard_ports", "listen_port"}:
             self.dialer.policy = _egress_policy()
+        if updated & {"sealgate_providers_file", "sealgate_providers"}:
+            self.linked.registry = _registry()
+        if updated & {"sealgate_allow_private", "sealgate_guard_ports", "listen_port", "ssl_verify_upstream_trusted_ca"}:
+            self.resender.context = outbound.trust(ctx.options.ssl_verify_upstream_trusted_ca)
+            self.linked.post = oauth.poster(self.dialer.policy, self.resender.context)
 
     def running(self) -> None:
         for handler in logging.getLogger().handlers:
@@ -189,7 +187,8 @@ class Sealgate:
             flow.request.headers.pop("Range", None)
             flow.request.headers.pop("If-Range", None)
             flow.request.headers.pop("Request-Range", None)  # an older name some servers still honour
-        if scrubbing.streams(flow.request.headers, unknown_length=_body_of_unknown_length(flow.request)):
+        if scrubbing.streams(flow.request.headers, unknown_length=_body_of_unknown_length(flow.request)) and not \
+                self.releaser.holds_body(flow, state):
             # The head goes out when this hook returns: check URL and headers now, the body as it flows.
             if await self._release(flow, with_body=False, refuse=self._refuse_head):
                 flow.request.stream = StreamFilter(
@@ -218,7 +217,7 @@ class Sealgate:
         refusal = None
         if not flow.server_conn.connected:
             refusal = await self.dialer.check_ahead(flow.client_conn, flow.request.host, flow.request.port)
-        refusal = refusal or self.releaser.request(flow, state, with_body=with_body)
+        refusal = refusal or await self.releaser.request(flow, state, with_body=with_body)
         if refusal is not None:
             (refuse or self.recorder.refuse)(flow, refusal)
         return refusal is None
@@ -248,17 +247,27 @@ class Sealgate:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.states.restore_request(flow)
         if (state := self.states.get(flow)) is not None and flow.response is not None:
-            scrubbing.response_head(flow, lambda: self.scrubbers.for_session(state.session))
+            state.retry = self.resender.wanted(flow, state)
+            if state.retry:
+                flow.response.stream = False  # held whole: the answer to the request sent again replaces it
+                return
+            scrubbing.response_head(flow, lambda: self.scrubbers.for_session(state.session), state.signatures)
 
     @_fail_closed
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         self.states.restore_request(flow)
         state = self.states.get(flow)
         if state is None or flow.response is None:
             return
+        if state.retry:  # a linked account's token was refused: refresh it, send once more
+            state.retry = False
+            self.recorder.answered(flow, 401)
+            if (refusal := await self.resender.resend(flow, state)) is not None:
+                return self.recorder.refuse(flow, refusal)
         self.metrics.latency.observe(time.time() - flow.request.timestamp_start)
         self.recorder.answered(flow, flow.response.status_code)
-        if (refusal := scrubbing.response(flow, lambda: self.scrubbers.for_session(state.session))) is not None:
+        if (refusal := scrubbing.response(flow, lambda: self.scrubbers.for_session(state.session),
+                                          state.signatures)) is not None:
             self.recorder.refuse(flow, refusal)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -342,6 +351,32 @@ def _open_store(source: keys.KeySource | None) -> SecretStore:
         source = source or keys.source(data_dir / KEY_NAME, os.environ.get(keys.ENV_VAR), os.environ.get(keys.HOOK_VAR))
         return SecretStore(data_dir, ctx.options.sealgate_store_url or None, source, listen=True)
     except StoreError as e:
+        raise exceptions.OptionsError(str(e)) from None
+
+
+def _refuse_unsafe_options() -> None:
+    """Options (of mitmproxy or its stock addons) under which a value could go elsewhere or be shown."""
+    try:
+        internals.require()
+    except internals.InternalsMissing as e:
+        raise exceptions.OptionsError(str(e)) from None
+    if ctx.options.ssl_insecure:
+        raise exceptions.OptionsError("sealgate refuses ssl_insecure: secrets must only go over verified TLS")
+    for name in _REFUSED_OPTIONS:
+        if getattr(ctx.options, name, None):
+            raise exceptions.OptionsError(f"sealgate refuses {name}: it would change requests after sealgate checked them")
+    if getattr(ctx.options, "flow_detail", 0) > 2:
+        raise exceptions.OptionsError("sealgate refuses flow_detail above 2: it would print WebSocket messages as "
+                                      "sent, filled with values")
+    if any(not mode.startswith("regular") for mode in getattr(ctx.options, "mode", ["regular"])):
+        raise exceptions.OptionsError("sealgate runs only as a regular (forward) proxy")
+
+
+def _registry() -> providers.Registry:
+    base = ctx.options.sealgate_providers_file
+    try:
+        return providers.load(Path(base) if base else None, Path(p) if (p := ctx.options.sealgate_providers) else None)
+    except providers.ProviderError as e:
         raise exceptions.OptionsError(str(e)) from None
 
 

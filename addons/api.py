@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import commands, tokens
+from . import commands, oauth, tokens
 from .errors import TYPE_BASE, Conflict, NotFound, StoreError
 from .settings import Settings
 from .store import SecretStore
@@ -36,6 +37,7 @@ PROBLEMS = {  # code -> (status, title)
     "too_large": (413, "The body is larger than 1 MiB"),
     "invalid": (422, "A field is invalid"),
     "store_unavailable": (503, "Secret store unavailable"),
+    "token_endpoint_failed": (502, "The provider's token endpoint could not be used"),
 }
 
 
@@ -129,6 +131,13 @@ class SecretReplace(ScopeIn):
     value: str = Field(repr=False)
     origins: list[str]
     allow_http: bool = False
+    sign: str | None = None  # hmac-sha256 | aws-sigv4 (set when added, kept after)
+    sign_header: str | None = None
+    region: str | None = None
+    service: str | None = None
+
+    def signing(self):
+        return commands.parse_signing(self.sign, self.sign_header, self.region, self.service)
 
 
 class SecretIn(SecretReplace):
@@ -150,6 +159,7 @@ class SessionIn(_Input):
 
 
 class SecretOut(_Scope):
+    sign: dict[str, str] | None = None
     name: str
     origins: list[str]
     created_at: str
@@ -166,6 +176,42 @@ class SessionOut(BaseModel):
     session_id: str
     principal: str
     access: str
+
+
+class LinkStartIn(_Input):
+    redirect_uri: str
+
+
+class LinkStartOut(BaseModel):
+    authorization_url: str
+    state: str
+    provider: str
+    user: str
+
+
+class LinkFinishIn(_Input):
+    state: str
+    code: str = Field(repr=False)
+
+
+class TokensIn(_Input):
+    """A token response, as a platform that ran the consent itself got it."""
+
+    access_token: str = Field(repr=False)
+    refresh_token: str | None = Field(default=None, repr=False)
+    expires_in: int | None = None
+    token_type: str | None = None
+    scope: str | None = None
+
+
+class LinkOut(BaseModel):
+    provider: str
+    env: str
+    status: str
+    detail: str | None
+    expires_at: str | None
+    created_at: str
+    updated_at: str
 
 
 class AuditOut(BaseModel):
@@ -225,6 +271,10 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
             return problem("conflict", str(e))
         return problem("store_unavailable", str(e))
 
+    @app.exception_handler(oauth.TokenUnavailable)
+    async def _token_endpoint(request: Request, e: oauth.TokenUnavailable) -> JSONResponse:
+        return problem("token_endpoint_failed", str(e))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         """FastAPI's and Starlette's own refusals (a body that is not UTF-8, no such route) as problem+json."""
@@ -248,14 +298,15 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
               dependencies=[scope("secrets:write")], summary="Add a secret (409 if it exists)")
     async def add_secret(user: str, body: SecretIn) -> Any:
         info, warnings = commands.add_secret(store, user, body.name, body.value, _origin_text(body.origins),
-                                             allow_http=body.allow_http, scope=body.scope())
+                                             allow_http=body.allow_http, scope=body.scope(), signing=body.signing())
         return shown(info, warnings)
 
     @app.put(secret_path, response_model=SecretOut, dependencies=[scope("secrets:write")],
              summary="Add or replace a secret's value and origins")
     async def replace_secret(user: str, name: str, body: SecretReplace) -> Any:
         info, warnings = commands.add_secret(store, user, name, body.value, _origin_text(body.origins),
-                                             allow_http=body.allow_http, replace=True, scope=body.scope())
+                                             allow_http=body.allow_http, replace=True, scope=body.scope(),
+                                             signing=body.signing())
         return shown(info, warnings)
 
     @app.get("/v1/users/{user}/secrets", response_model=list[SecretOut], dependencies=[scope("secrets:read")],
@@ -282,6 +333,36 @@ def create_app(settings: Settings, store: SecretStore) -> FastAPI:
     @app.delete(secret_path, status_code=204, dependencies=[scope("secrets:write")], summary="Remove a secret")
     async def remove_secret(user: str, name: str) -> Response:
         commands.remove_secret(store, user, name)
+        return Response(status_code=204)
+
+    link_path = "/v1/users/{user}/links/{provider}"
+
+    @app.post(link_path + "/start", response_model=LinkStartOut, dependencies=[scope("secrets:write")],
+              summary="Begin linking an account: the authorization URL to send the user to (state, PKCE S256)")
+    async def link_start(user: str, provider: str, body: LinkStartIn) -> Any:
+        return commands.link_start(store, settings, user=user, provider=provider, redirect_uri=body.redirect_uri)
+
+    @app.post("/v1/links/finish", response_model=LinkOut, dependencies=[scope("secrets:write")],
+              summary="Finish linking: exchange the code the redirect URI received")
+    async def link_finish(body: LinkFinishIn) -> Any:
+        pending, provider = commands.link_begun(store, settings, body.state)
+        tokens = await run_in_threadpool(commands.link_exchange, settings, provider, pending, body.code)
+        return commands.link_json(commands.link_keep(store, pending.owner, provider.name, tokens))
+
+    @app.put(link_path, response_model=LinkOut, dependencies=[scope("secrets:write")],
+             summary="Link an account with tokens the platform got itself (a token response)")
+    async def link_add(user: str, provider: str, body: TokensIn) -> Any:
+        return commands.link_json(commands.link_add(store, settings, user=user, provider=provider,
+                                                    token_json=body.model_dump_json(exclude_none=True).encode()))
+
+    @app.get("/v1/users/{user}/links", response_model=list[LinkOut], dependencies=[scope("secrets:read")],
+             summary="A user's linked accounts and their state (never a token)")
+    async def link_list(user: str) -> Any:
+        return [commands.link_json(i) for i in commands.link_list(store, user)]
+
+    @app.delete(link_path, status_code=204, dependencies=[scope("secrets:write")], summary="Remove a link")
+    async def link_remove(user: str, provider: str) -> Response:
+        commands.link_remove(store, user, provider)
         return Response(status_code=204)
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionOut, dependencies=[scope("sessions:write")],

@@ -20,7 +20,7 @@ from .sql import Tx
 from .store import SecretStore
 
 FORMAT = "sealgate-backup-1"
-TABLES = ("meta", "data_keys", "owners", "secrets", "sessions", "api_tokens", "audit")  # in the order a restore writes them
+TABLES = ("meta", "data_keys", "owners", "secrets", "links", "sessions", "api_tokens", "audit")  # in the order a restore writes them
 SKIPPED = {"audit": {"id"}}  # columns a restore lets the target number anew
 
 

@@ -43,5 +43,9 @@ def upstream_bundle(certs_dir: Path, extra: Path | None) -> Path | None:
     except ValueError:
         raise CertError(f"upstream CA file {extra} holds no PEM certificate") from None
     bundle = certs_dir / UPSTREAM_BUNDLE
-    bundle.write_bytes(Path(certifi.where()).read_bytes().rstrip(b"\n") + b"\n" + pem)
+    try:
+        certs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # (`link finish` may come before any `run`)
+        bundle.write_bytes(Path(certifi.where()).read_bytes().rstrip(b"\n") + b"\n" + pem)
+    except OSError as e:
+        raise CertError(f"the upstream trust bundle {bundle} cannot be written ({e.strerror})") from None
     return bundle

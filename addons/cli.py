@@ -18,7 +18,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import backup, ca, commands, logfmt, rotation, sessions, settings, tokens, validate
+from . import (
+    backup,
+    ca,
+    commands,
+    logfmt,
+    oauth,
+    rotation,
+    sessions,
+    settings,
+    tokens,
+    validate,
+)
 from .egress_lock import LockError
 from .store import SecretStore, StoreError, open_store
 
@@ -70,8 +81,10 @@ def _warn(warnings: list[str]) -> None:
 
 def cmd_secret_add(args: argparse.Namespace) -> None:
     scope = _scope(args)
+    signing = commands.parse_signing(args.sign, args.sign_header, args.region, args.service)
     info, warnings = commands.add_secret(_store(args), args.user, args.name, lambda: _read_value(args.name),
-                                         args.origins, allow_http=args.allow_http, replace=args.replace, scope=scope)
+                                         args.origins, allow_http=args.allow_http, replace=args.replace, scope=scope,
+                                         signing=signing)
     _warn(warnings)
     print(f"added {info.name} for {info.owner}, allowed to {', '.join(map(str, info.origins))}"
           + (f" ({info.scope.describe()})" if info.scope.to_json() else ""))
@@ -136,6 +149,46 @@ def cmd_session_issue(args: argparse.Namespace) -> None:
 def cmd_session_revoke(args: argparse.Namespace) -> None:
     _store(args).revoke_session(args.id)
     print(f"revoked session {args.id}; every proxy on this store refuses it within a second")
+
+
+def cmd_link_start(args: argparse.Namespace) -> None:
+    s = _settings(args)
+    print(commands.link_start(_store(args, s), s, user=args.user, provider=args.provider,
+                              redirect_uri=args.redirect_uri)["authorization_url"])
+
+
+def cmd_link_finish(args: argparse.Namespace) -> None:
+    s = _settings(args)
+    _print_link(commands.link_finish(_store(args, s), s, state=args.state, code=args.code))
+
+
+def cmd_link_add(args: argparse.Namespace) -> None:
+    s = _settings(args)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("the token response (JSON) is read from stdin")
+    _print_link(commands.link_add(_store(args, s), s, user=args.user, provider=args.provider,
+                                  token_json=sys.stdin.buffer.read()))
+
+
+def _print_link(info) -> None:
+    shown = commands.link_json(info)
+    print(f"linked {info.provider} for {info.owner} (in a session's env as {shown['env']})"
+          + (f", token expires {shown['expires_at']}" if shown["expires_at"] else ""))
+
+
+def cmd_link_list(args: argparse.Namespace) -> None:
+    shown = [commands.link_json(i) for i in commands.link_list(_store(args), args.user)]
+    if args.json:
+        print(json.dumps(shown, indent=2))
+        return
+    for link in shown:
+        status = link["status"] + (f" ({link['detail']})" if link["detail"] else "")
+        print("\t".join([link["provider"], link["env"], status, f"expires {link['expires_at'] or 'never'}"]))
+
+
+def cmd_link_rm(args: argparse.Namespace) -> None:
+    commands.link_remove(_store(args), args.user, args.provider)
+    print(f"removed the link of {args.user} to {args.provider}")
 
 
 def cmd_token_issue(args: argparse.Namespace) -> None:
@@ -295,6 +348,14 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--allow-http", action="store_true", help="allow http:// origins (the value goes unencrypted)")
     add.add_argument("--replace", action="store_true", help="replace the value of an existing secret")
     _scope_flags(add)
+    g = add.add_argument_group("signing (the value signs requests and never goes in one; set here only)")
+    g.add_argument("--sign", choices=("hmac-sha256", "aws-sigv4"),
+                   help="hmac-sha256: the placeholder in a header becomes the hex HMAC of the body; aws-sigv4: an "
+                        "Authorization header that is the placeholder becomes an AWS SigV4 signature (value "
+                        "ACCESS_KEY_ID:SECRET_ACCESS_KEY)")
+    g.add_argument("--sign-header", help="hmac-sha256: the one header its placeholder may stand in, e.g. X-Signature")
+    g.add_argument("--region", help="aws-sigv4: the region, e.g. us-east-1")
+    g.add_argument("--service", help="aws-sigv4: the service, e.g. s3, execute-api")
     add.set_defaults(func=cmd_secret_add)
     ls = secret.add_parser("list", parents=[common], help="list a user's secrets (never values)")
     ls.add_argument("--user", required=True)
@@ -339,6 +400,30 @@ def _parser() -> argparse.ArgumentParser:
     ti.set_defaults(func=cmd_token_issue)
     command(token, "list", cmd_token_list, "names and scopes (never a token)")
     command(token, "revoke", cmd_token_revoke, "revoke a token by name", "name")
+
+    link = sub.add_parser("link", help="linked accounts: OAuth tokens the proxy keeps fresh").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    ls_ = link.add_parser("start", parents=[common], help="print the authorization URL to send the user to")
+    ls_.add_argument("--user", required=True)
+    ls_.add_argument("--provider", required=True, help="a provider of config/providers.yaml or SEALGATE_PROVIDERS")
+    ls_.add_argument("--redirect-uri", required=True, help="where the provider sends the user back with a code")
+    ls_.set_defaults(func=cmd_link_start)
+    lf = link.add_parser("finish", parents=[common], help="exchange the code the redirect URI received")
+    lf.add_argument("--state", required=True)
+    lf.add_argument("--code", required=True)
+    lf.set_defaults(func=cmd_link_finish)
+    la = link.add_parser("add", parents=[common], help="keep tokens got elsewhere: a token response JSON on stdin")
+    la.add_argument("--user", required=True)
+    la.add_argument("--provider", required=True)
+    la.set_defaults(func=cmd_link_add)
+    ll = link.add_parser("list", parents=[common], help="a user's links and their state (never a token)")
+    ll.add_argument("--user", required=True)
+    ll.add_argument("--json", action="store_true")
+    ll.set_defaults(func=cmd_link_list)
+    lr = link.add_parser("rm", parents=[common], help="remove a link")
+    lr.add_argument("--user", required=True)
+    lr.add_argument("--provider", required=True)
+    lr.set_defaults(func=cmd_link_rm)
 
     key = sub.add_parser("key", help="rotate and retire the keys values are sealed under").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -401,9 +486,10 @@ def main(argv: list[str] | None = None, env: dict[str, str] | None = None) -> in
         print(f"sealgate: {e}", file=sys.stderr)
         return 1
     except commands.Invalid as e:
-        print(f"sealgate: error: --{e.field}: {e}", file=sys.stderr)
+        print(f"sealgate: error: --{e.field.replace('_', '-')}: {e}", file=sys.stderr)
         return 1
-    except (UsageError, ValueError, StoreError, settings.ConfigError, ca.CertError, LockError) as e:
+    except (UsageError, ValueError, StoreError, settings.ConfigError, ca.CertError, LockError,
+            oauth.TokenUnavailable) as e:
         print(f"sealgate: error: {e}", file=sys.stderr)
         return 1
     except sqlite3.Error as e:

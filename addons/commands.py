@@ -5,13 +5,28 @@ problem+json with `field`). Values are never echoed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
-from . import ca, origins, policy, sessions, settings, validate
+from . import (
+    ca,
+    oauth,
+    origins,
+    outbound,
+    policy,
+    providers,
+    sessions,
+    settings,
+    validate,
+)
+from . import signing as signing_module
+from .links import LinkInfo, Pending, Tokens
 from .policy import Scope
+from .providers import Provider, ProviderError
 from .store import SecretInfo, SecretStore
 
 T = TypeVar("T")
@@ -46,6 +61,16 @@ def parse_origins(text: str, *, allow_http: bool) -> tuple[list[origins.Origin],
     return parsed, warnings
 
 
+def parse_signing(sign: str | None, header: str | None = None, region: str | None = None,
+                  service: str | None = None) -> policy.Signing | None:
+    """How a secret signs (`--sign`), or None."""
+    if sign is None:
+        if header or region or service:
+            raise Invalid("sign", "--sign-header, --region and --service go with --sign")
+        return None
+    return checked("sign", policy.parse_signing, sign, header, region, service)
+
+
 def parse_scope(methods: str | None = None, paths: str | None = None, inject: str | None = None,
                 on_disallowed: str | None = None, cap: str | None = None, rate: str | None = None) -> Scope | None:
     """A scope from the CLI's (and the API's) texts; None when none of them is given."""
@@ -68,25 +93,44 @@ def scope_json(store: SecretStore, info: SecretInfo, usage: dict | None = None) 
         used[kind] = f"{count if start == limit.window(now)[0] else 0}/{limit.text}"
     return {"methods": sorted(s.methods) if s.methods else None, "paths": list(s.paths) if s.paths else None,
             "inject": sorted(s.inject) if s.inject else None, "on_disallowed": s.on_disallowed,
-            "cap": s.cap and s.cap.text, "rate": s.rate and s.rate.text, "used": used}
+            "cap": s.cap and s.cap.text, "rate": s.rate and s.rate.text, "used": used,
+            "sign": s.sign.as_dict() if s.sign else None}
 
 
 def add_secret(store: SecretStore, user: str, name: str, value: str | Callable[[], str], origin_text: str, *,
                allow_http: bool = False, replace: bool = False, scope: Scope | None = None,
-               ) -> tuple[SecretInfo, list[str]]:
+               signing: policy.Signing | None = None) -> tuple[SecretInfo, list[str]]:
     """value: the value, or how to read it once every other field is known to be good (a prompt)."""
     name = checked("name", validate.secret_name, name)
     user = checked("user", validate.user_id, user)
     allowed, warnings = parse_origins(origin_text, allow_http=allow_http)
+    if name in (p := {providers.env_name(p): p for p in store.links.providers(user)}):
+        raise Invalid("name", f"user {user} has linked {p[name]}, which appears as {name}; choose another name")
+    scope, sign = _kept_signing(store, user, name, scope, signing)
     value = checked("value", validate.secret_value, value() if callable(value) else value)
+    if sign and sign.kind == "aws-sigv4":
+        checked("value", signing_module.parse_sigv4_value, value)
     store.add_secret(user, name, value, allowed, replace=replace, scope=scope)
     return _info(store, user, name), warnings
 
 
 def set_scope(store: SecretStore, user: str, name: str, scope: Scope) -> SecretInfo:
     user, name = checked("user", validate.user_id, user), checked("name", validate.secret_name, name)
-    store.set_scope(user, name, scope)
+    store.set_scope(user, name, _kept_signing(store, user, name, scope, None)[0] or scope)
     return _info(store, user, name)
+
+
+def _kept_signing(store: SecretStore, user: str, name: str, scope: Scope | None, signing: policy.Signing | None,
+                  ) -> tuple[Scope | None, policy.Signing | None]:
+    """The scope to store (None: the one it has), and how the secret signs. That is set when it is added and
+    kept by every change after: a scope or a value replaced without it would let the key go into requests."""
+    info = next((i for i in store.list_secrets(user) if i.name == name), None)
+    if info is None:
+        return (dataclasses.replace(scope or Scope(), sign=signing) if signing else scope), signing
+    old = info.scope.sign
+    if signing is not None and signing != old:
+        raise Invalid("sign", f"how {name} signs is set when it is added; remove it and add it again to change that")
+    return (dataclasses.replace(scope, sign=old) if scope is not None and old else scope), old
 
 
 def set_origins(store: SecretStore, user: str, name: str, origin_text: str, *,
@@ -137,6 +181,110 @@ def issue_session(store: SecretStore, s: settings.Settings, *, access: str, runc
         "principal": record.principal,
         "access": record.access,
     }
+
+
+# linked accounts ---------------------------------------------------------------------------
+
+def link_start(store: SecretStore, s: settings.Settings, *, user: str, provider: str, redirect_uri: str) -> dict:
+    """Begin linking: the authorization URL (state, PKCE S256) to send the user to."""
+    user = checked("user", validate.user_id, user)
+    p = _provider(s, provider, user, store)
+    redirect_uri = checked("redirect_uri", _redirect_uri, redirect_uri)
+    verifier, challenge = oauth.pkce()
+    state = store.links.begin(user, p.name, redirect_uri, verifier)
+    return {"authorization_url": oauth.authorization_url(p, redirect_uri, state, challenge), "state": state,
+            "provider": p.name, "user": user}
+
+
+def link_finish(store: SecretStore, s: settings.Settings, *, state: str, code: str) -> LinkInfo:
+    """Exchange the code the provider sent back to the redirect URI, and keep the tokens."""
+    pending, p = link_begun(store, s, state)
+    return link_keep(store, pending.owner, p.name, link_exchange(s, p, pending, code))
+
+
+def link_begun(store: SecretStore, s: settings.Settings, state: str) -> tuple[Pending, Provider]:
+    """The linking a state names (used up), and its provider."""
+    pending = store.links.take(checked("state", _token_text, state, "state"))
+    return pending, _provider(s, pending.provider, pending.owner, store)
+
+
+def link_exchange(s: settings.Settings, p: Provider, pending: Pending, code: str) -> Tokens:
+    """The code exchanged at the provider's token endpoint (network only: the API runs it in a thread)."""
+    try:
+        return oauth.code_grant(p, checked("code", _token_text, code, "code"), pending.redirect_uri,
+                                pending.verifier, _post(s))
+    except oauth.TokenRefused as e:
+        raise Invalid("code", f"{p.name} refused the code ({e.code}); run `sealgate link start` again") from None
+
+
+def link_add(store: SecretStore, s: settings.Settings, *, user: str, provider: str, token_json: bytes) -> LinkInfo:
+    """Keep tokens a platform got itself (a token response: access_token, refresh_token, expires_in)."""
+    user = checked("user", validate.user_id, user)
+    p = _provider(s, provider, user, store, complete=False)
+    try:
+        tokens = oauth.parse_tokens(outbound.Reply(200, "", [], token_json), time.time(), None)
+    except (oauth.TokenRefused, oauth.TokenUnavailable) as e:
+        raise Invalid("tokens", f"not a usable token response ({e}); give JSON with access_token, and "
+                                "refresh_token and expires_in where the provider gave them") from None
+    return link_keep(store, user, p.name, tokens)
+
+
+def link_list(store: SecretStore, user: str) -> list[LinkInfo]:
+    return store.links.list(checked("user", validate.user_id, user))
+
+
+def link_remove(store: SecretStore, user: str, provider: str) -> None:
+    store.links.remove(checked("user", validate.user_id, user), provider)
+
+
+def link_json(info: LinkInfo) -> dict:
+    """What may be shown of a link: never a token."""
+    return {"provider": info.provider, "env": providers.env_name(info.provider), "status": info.status,
+            "detail": info.detail or None, "expires_at": iso(info.expires_at) if info.expires_at else None,
+            "created_at": iso(info.created_at), "updated_at": iso(info.updated_at)}
+
+
+def link_keep(store: SecretStore, user: str, provider: str, tokens: Tokens) -> LinkInfo:
+    store.links.put(user, provider, tokens)
+    return next(i for i in store.links.list(user) if i.provider == provider)
+
+
+def _provider(s: settings.Settings, name: str, user: str, store: SecretStore, *, complete: bool = True) -> Provider:
+    """The provider, usable (complete: for the consent and the exchange), whose env name none of user's
+    secrets has."""
+    try:
+        p = s.registry().get(name)
+        p = p.usable() if complete else p
+    except ProviderError as e:
+        raise Invalid("provider", str(e)) from None
+    if any(i.name == p.env_name for i in store.list_secrets(user)):
+        raise Invalid("provider", f"user {user} has a secret named {p.env_name}, which a link to {p.name} would "
+                                  "appear as; rename or remove it first")
+    return p
+
+
+def _post(s: settings.Settings) -> oauth.Post:
+    return oauth.poster(s.egress_policy(), outbound.trust(ca.upstream_bundle(s.certs_dir, s.upstream_ca)))
+
+
+def _redirect_uri(text: str) -> str:
+    """https, or http on loopback (a native app's, RFC 8252); no fragment."""
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+    except ValueError:
+        parts, host = None, ""
+    loopback = host in ("localhost", "127.0.0.1", "::1")
+    if parts is None or not host or parts.fragment or (parts.scheme != "https" and not (
+            parts.scheme == "http" and loopback)) or any(ord(c) <= 0x20 for c in text):
+        raise ValueError("the redirect URI must be an https:// URL (http:// only on loopback) without a fragment")
+    return text
+
+
+def _token_text(text: str, what: str) -> str:
+    if not 1 <= len(text) <= 2048 or any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in text):
+        raise ValueError(f"the {what} must be 1 to 2048 printable ASCII characters")
+    return text
 
 
 def audit(store: SecretStore, *, user: str | None, runchat: str | None, since: str | None,

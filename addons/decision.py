@@ -16,7 +16,7 @@ from . import origins
 from .errors import Refusal
 from .origins import Origin, OriginError
 from .placeholders import Placeholder
-from .policy import Limit, Scope
+from .policy import Limit, Scope, Signing
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ class RequestFacts:
     locations: Mapping[str, frozenset[str]] = field(default_factory=dict)  # secret name -> where it sits
     on_disallowed: str = "block"  # the proxy's default for a secret that does not say
     overrides: tuple[str, ...] = ()  # what claims another method or path (policy.OVERRIDES, _method=)
+    sites: Mapping[str, frozenset[tuple[str, bool]]] = field(default_factory=dict)
+    # secret name -> the headers it sits in (lower case; policy.BASIC, policy.TRAILER), each with whether the
+    # placeholder is the whole value
+    buffered: bool = True  # the body is held whole (it can be hashed for a signature)
+    can_refresh: bool = True  # the request can wait for a linked account's token to be refreshed
 
 
 class SessionLike(Protocol):
@@ -56,12 +61,18 @@ class SessionLike(Protocol):
 
 
 class SecretLike(Protocol):
+    """A stored secret, or a linked account's current token (`linked.LinkCredential`)."""
+
     @property
     def value(self) -> str: ...
     @property
     def origins(self) -> tuple[Origin, ...]: ...
     @property
     def scope(self) -> Scope: ...
+    header_form: tuple[str, str] | None  # (header, prefix): standing alone in that header, it gets the prefix
+    refresh_due: bool  # a token to refresh before it is sent
+    expired: bool
+    broken: str | None  # why a linked account's token cannot be had
 
 
 class LookupFailed(Exception):
@@ -72,11 +83,27 @@ SecretLookup = Callable[[set[str]], Mapping[str, SecretLike]]
 
 
 @dataclass(frozen=True)
+class Signer:
+    """A signing secret's placeholder, to be replaced by a signature over the request as sent."""
+
+    text: str  # the placeholder
+    name: str
+    signing: Signing
+    key: str
+
+    def __repr__(self) -> str:
+        return f"Signer({self.name}, {self.signing.kind})"
+
+
+@dataclass(frozen=True)
 class Allow:
     values: dict[str, str]  # placeholder text -> value
-    secret_names: tuple[str, ...]  # the secrets (not globals) injected
+    secret_names: tuple[str, ...]  # the secrets (not globals) injected or signing
     forwarded: tuple[str, ...] = ()  # secrets whose placeholders go as they are (on-disallowed forward)
     limits: tuple[tuple[str, str, Limit], ...] = ()  # (secret, cap or rate, limit) the request counts against
+    signers: tuple[Signer, ...] = ()
+    header_forms: dict[str, tuple[str, str]] = field(default_factory=dict)  # placeholder text -> (header, prefix)
+    refresh: tuple[str, ...] = ()  # linked accounts whose token is to be refreshed first (then decide again)
 
     def __repr__(self) -> str:
         return f"Allow({', '.join(self.secret_names) or 'globals only'})"
@@ -121,17 +148,33 @@ def decide(facts: RequestFacts, session: SessionLike, lookup: SecretLookup) -> A
         if why := secret.scope.denied(facts.method, facts.path, facts.locations.get(name, frozenset()),
                                       facts.overrides):
             return Block(Refusal("scope_denied", f"{name} may not go in this request: {why}"))
+        if secret.scope.sign and (no := secret.scope.sign.denied(
+                name, facts.locations.get(name, frozenset()), facts.sites.get(name, frozenset()), facts.buffered)):
+            return Block(Refusal(*no))
+        if secret.broken is not None:
+            return Block(Refusal("link_refresh_failed", f"{name}: {secret.broken}"))
+        if secret.expired and not facts.can_refresh:
+            return Block(Refusal("link_refresh_failed", f"{name}: the token expired, and this part of a request (a "
+                                 "streamed body, trailers, a WebSocket message) cannot wait for its refresh"))
     wanted -= set(forwarded)
     if dest.scheme == "https" and facts.upstream_tls_error:
         return Block(Refusal(
             "insecure_upstream",
             f"TLS to {dest} could not be verified ({facts.upstream_tls_error}); not sending {', '.join(sorted(wanted))}",
         ))
+    signers, forms = [], {}
     for p in facts.placeholders:
         if p.name in wanted:
-            values[p.text] = found[p.name].value
+            secret = found[p.name]
+            if secret.scope.sign:  # the value never goes in the request: a signature over it does
+                signers.append(Signer(p.text, p.name, secret.scope.sign, secret.value))
+                continue
+            values[p.text] = secret.value
+            if secret.header_form:
+                forms[p.text] = secret.header_form
     limits = tuple((name, kind, limit) for name in sorted(wanted) for kind, limit in found[name].scope.limits())
-    return Allow(values, tuple(sorted(wanted)), tuple(forwarded), limits)
+    refresh = tuple(n for n in sorted(wanted) if found[n].refresh_due and facts.can_refresh)
+    return Allow(values, tuple(sorted(wanted)), tuple(forwarded), limits, tuple(signers), forms, refresh)
 
 
 def _claimed_host_mismatch(dest: Destination, host_headers: tuple[str, ...], sni: str | None) -> str | None:

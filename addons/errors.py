@@ -23,6 +23,8 @@ CODES: dict[str, tuple[int, str]] = {
     "scope_denied": (403, "Request outside the secret's scope"),
     "unreadable_body": (400, "Request body cannot be read"),
     "rate_limited": (429, "Rate limit reached"),
+    "unsignable_request": (413, "Request body cannot be signed before it goes out"),
+    "link_refresh_failed": (502, "The linked account's token could not be refreshed"),
     "internal_error": (500, "sealgate could not check this request"),
     "unscrubbable_response": (502, "Response cannot be checked for secret values"),
     "store_unavailable": (503, "Secret store unavailable"),

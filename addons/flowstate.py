@@ -5,7 +5,7 @@ the dashboard copy."""
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import connection, http
 
@@ -56,6 +56,9 @@ class FlowState:
     sent: Sent | None = None  # the placeholder form, until the request has gone out
     injected: bool = False  # a value went out with this flow
     audit_id: int | None = None  # the audit row of its latest allow, awaiting the status
+    links: dict[str, str] = field(default_factory=dict, repr=False)  # linked accounts filled: env name -> token
+    retry: bool = False  # answered 401 with a linked account's token: refresh and send again once
+    signatures: Scrubber | None = None  # the signatures made for its request, kept out of its response
 
 
 class FlowStates:

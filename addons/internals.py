@@ -128,6 +128,16 @@ def cut_connections(master: Any, client: Any, server: Any) -> None:
         handler.close_connection(client)
 
 
+def close_client(master: Any, client: Any) -> None:
+    """Close the worker's connection now. A flow killed while its client is still sending the body (no
+    `Expect: 100-continue`) would otherwise leave the worker waiting for an answer until its own timeout."""
+    proxy = master.addons.get("proxyserver")
+    handler = proxy.connections.get(client.id) if proxy else None
+    if handler is not None and client in handler.transports:
+        handler.transports[client].writer.close()
+        handler.close_connection(client)
+
+
 def keep_only_addons(master: Any, allowed: Iterable[str]) -> list[str]:
     """Remove every addon whose class is not allowed, with its commands, before any ran.
 

@@ -15,6 +15,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from . import signing
+
 LOCATIONS = ("headers", "query", "body")  # query: the whole URL (path and query string)
 WINDOWS = {"s": 1, "second": 1, "minute": 60, "m": 60, "hour": 3600, "h": 3600, "day": 86400, "d": 86400}
 POLICIES = ("block", "forward")
@@ -28,6 +30,79 @@ OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override", "x-
 # headers (and the query parameter _method) by which frameworks let a request claim another method or path
 
 
+SIGNERS = ("hmac-sha256", "aws-sigv4")
+_REGION = re.compile(r"[a-z0-9-]{1,32}")
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+BASIC, TRAILER = "(basic auth)", "(trailer)"  # header sites that are not a header value of the head
+
+
+@dataclass(frozen=True)
+class Signing:
+    """A secret that signs requests instead of going in them: its value never leaves the proxy."""
+
+    kind: str  # hmac-sha256 | aws-sigv4
+    header: str | None = None  # hmac-sha256: the one header its placeholder may stand in
+    region: str | None = None  # aws-sigv4
+    service: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in (("kind", self.kind), ("header", self.header), ("region", self.region),
+                                  ("service", self.service)) if v}
+
+    def describe(self) -> str:
+        return " ".join([f"sign={self.kind}"] + [f"{k}={v}" for k, v in self.as_dict().items() if k != "kind"])
+
+    def denied(self, name: str, locations: frozenset[str], sites: frozenset[tuple[str, bool]], buffered: bool,
+               ) -> tuple[str, str] | None:
+        """(code, why) when this request cannot be signed with the secret: its placeholder stands where the
+        signature cannot go, or the body it must cover streams past before it could be hashed."""
+        if outside := sorted(locations - {"headers"}):
+            return "scope_denied", (f"{name} only signs requests; its placeholder may stand in a header, not in "
+                                    f"the {', '.join(outside)}")
+        if self.kind == "aws-sigv4":
+            if any(site != ("authorization", True) for site in sites):
+                return "scope_denied", (f"{name} signs with AWS SigV4: its placeholder must be the whole "
+                                        "Authorization header and stand nowhere else")
+            if not buffered and self.service != "s3":
+                return "unsignable_request", (f"{name} signs the body, which streams (over 16 MiB, or of unknown "
+                                              f"length); only service s3 accepts UNSIGNED-PAYLOAD, not {self.service}")
+            return None
+        if bad := sorted(h for h, _ in sites if h in (BASIC, TRAILER) or (self.header and h != self.header.lower())):
+            return "scope_denied", (f"{name} signs with HMAC-SHA256; its placeholder may stand only in "
+                                    f"{self.header or 'a header of the request head'}, not in {bad[0]}")
+        if not buffered:
+            return "unsignable_request", (f"{name} signs the body with HMAC-SHA256, and a body that streams (over "
+                                          "16 MiB, or of unknown length) cannot be hashed before its head goes out: "
+                                          "send it with a Content-Length of at most 16 MiB")
+        return None
+
+    def parts(self, value: str) -> list[str]:
+        """What of the value is kept out of responses besides the whole: an AWS key's two halves."""
+        if self.kind != "aws-sigv4":
+            return []
+        key = signing.parse_sigv4_value(value)
+        return [key.access_key_id, key.secret_access_key]
+
+
+def parse_signing(kind: str, header: str | None = None, region: str | None = None,
+                  service: str | None = None) -> Signing:
+    if kind not in SIGNERS:
+        raise ValueError(f"{kind!r} is not a way to sign (one of {', '.join(SIGNERS)})")
+    if kind == "aws-sigv4":
+        if header:
+            raise ValueError("--sign-header is for hmac-sha256; aws-sigv4 signs the Authorization header")
+        for what, text in (("region", region), ("service", service)):
+            if not text or not _REGION.fullmatch(text):
+                raise ValueError(f"aws-sigv4 needs --{what} (lower-case letters, digits and -), e.g. "
+                                 f"{'us-east-1' if what == 'region' else 's3'}")
+        return Signing(kind, None, region, service)
+    if region or service:
+        raise ValueError("--region and --service are for aws-sigv4")
+    if header is not None and not _HEADER.fullmatch(header):
+        raise ValueError(f"{header!r} is not a header name")
+    return Signing(kind, header)
+
+
 @dataclass(frozen=True)
 class Scope:
     methods: frozenset[str] | None = None  # None: any
@@ -36,6 +111,7 @@ class Scope:
     on_disallowed: str | None = None  # None: the proxy's default
     cap: Limit | None = None  # requests per minute, hour or day
     rate: Limit | None = None  # requests per second (or any window)
+    sign: Signing | None = None  # the value signs requests, never goes in one
 
     def limits(self) -> list[tuple[str, Limit]]:
         return [(kind, limit) for kind, limit in (("cap", self.cap), ("rate", self.rate)) if limit]
@@ -46,7 +122,8 @@ class Scope:
                                   ("paths", list(self.paths) if self.paths else None),
                                   ("inject", sorted(self.inject) if self.inject else None),
                                   ("on_disallowed", self.on_disallowed),
-                                  ("cap", self.cap and self.cap.text), ("rate", self.rate and self.rate.text)) if v}
+                                  ("cap", self.cap and self.cap.text), ("rate", self.rate and self.rate.text),
+                                  ("sign", self.sign and self.sign.as_dict())) if v}
         return json.dumps(data, sort_keys=True) if data else None
 
     @classmethod
@@ -56,14 +133,16 @@ class Scope:
                    tuple(data["paths"]) if "paths" in data else None,
                    frozenset(data["inject"]) if "inject" in data else None, data.get("on_disallowed"),
                    parse_limit(data["cap"]) if "cap" in data else None,
-                   parse_limit(data["rate"]) if "rate" in data else None)
+                   parse_limit(data["rate"]) if "rate" in data else None,
+                   Signing(**data["sign"]) if "sign" in data else None)
 
     def describe(self) -> str:
         parts = [f"methods={','.join(sorted(self.methods))}" if self.methods else "",
                  f"paths={','.join(self.paths)}" if self.paths else "",
                  f"inject={','.join(sorted(self.inject))}" if self.inject else "",
                  f"on-disallowed={self.on_disallowed}" if self.on_disallowed else "",
-                 f"cap={self.cap.text}" if self.cap else "", f"rate={self.rate.text}" if self.rate else ""]
+                 f"cap={self.cap.text}" if self.cap else "", f"rate={self.rate.text}" if self.rate else "",
+                 self.sign.describe() if self.sign else ""]
         return " ".join(p for p in parts if p) or "-"
 
     def denied(self, method: str, raw_path: str, locations: frozenset[str], overrides: tuple[str, ...] = ()

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from mitmproxy import ctx, http
 
 from . import internals, logfmt, sessions
+from .audit import AuditRecord
+from .decision import Allow
 from .errors import Refusal
 from .flowstate import FlowStates, Summary
 from .metrics import Metrics
-from .audit import AuditRecord
-from .decision import Allow
 from .store import SecretStore, StoreError
 
 log = logging.getLogger("sealgate")
@@ -58,6 +58,8 @@ class Recorder:
                 flow.websocket.close_code, flow.websocket.close_reason = 1008, refusal.code
             if flow.killable:
                 flow.kill()
+            if answer is Answer.KILL:
+                internals.close_client(ctx.master, flow.client_conn)
         self.metrics.blocks.labels(refusal.code).inc()
         self._write(flow, refusal, (), status)
 

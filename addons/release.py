@@ -8,15 +8,17 @@ A refusal is returned (or, inside a stream, raised as `Refused`) for the one exi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mitmproxy import http, websocket
 
-from . import bodies, decision, inject, origins, placeholders, policy
+from . import bodies, decision, inject, origins, placeholders, policy, signing
 from .errors import Refusal
 from .flowstate import Fields, FlowState, Sent
 from .inject import Context
+from .linked import Linked
 from .placeholders import Found
 from .scrubbing import Scrubbers
 from .sessions import Session
@@ -25,6 +27,7 @@ from .streams import StreamRewriter
 
 REQUEST_BODY_LIMIT = 64 * 1024 * 1024  # decoded bytes scanned for placeholders
 ENCODED_REQUEST_LIMIT = 16 * 1024 * 1024  # compressed bytes a request may bring (they are held whole to decode)
+SIGNED_BODY_LIMIT = 16 * 1024 * 1024  # bytes of a body held whole to be signed (HMAC, SigV4 but for S3)
 
 
 class Refused(Exception):
@@ -37,12 +40,16 @@ class Refused(Exception):
 class Releaser:
     def __init__(self, store: Callable[[], SecretStore], scrubbers: Scrubbers,
                  allowed: Callable[[http.HTTPFlow, decision.Allow], Refusal | None],
-                 live: Callable[[Session], Session | Refusal]) -> None:
+                 live: Callable[[Session], Session | Refusal], linked: Linked) -> None:
         self.store, self.scrubbers, self.allowed, self.live = store, scrubbers, allowed, live
+        self.linked = linked
         self.on_disallowed = "block"  # for a secret that does not say (sealgate_on_disallowed)
 
-    def request(self, flow: http.HTTPFlow, state: FlowState, *, with_body: bool) -> Refusal | None:
-        """URL, headers, trailers and (with_body) the buffered body: fill them all, or refuse."""
+    async def request(self, flow: http.HTTPFlow, state: FlowState, *, with_body: bool,
+                      rejected: dict[str, str] | None = None) -> Refusal | None:
+        """URL, headers, trailers and (with_body) the buffered body: fill them all, or refuse. Linked accounts'
+        tokens due (or, rejected: refused by the provider) are refreshed first; signatures are made last, over
+        the request as it goes."""
         if other := bodies.transfer_codings(flow.request.headers.get("transfer-encoding", "")):
             return Refusal("unreadable_body", f"Transfer-Encoding {other!r} is not supported (use chunked)")
         try:
@@ -51,15 +58,39 @@ class Releaser:
             return Refusal("unreadable_body", str(e))
         if not scan.found:
             return None
-        result = self._decide(flow, state, scan.placeholders, scan.locations())
+        where = Where(scan.locations(), scan.sites(flow.request.headers.fields), buffered=with_body)
+        result = self._decide(flow, state, scan.placeholders, where)
+        if isinstance(result, decision.Allow) and (result.refresh or rejected):
+            names = set(result.refresh) | set(rejected or {})
+            if (refusal := await self.linked.refresh(state.session.principal, sorted(names), rejected)) is not None:
+                return refusal
+            result = self._decide(flow, state, scan.placeholders, where)  # with the tokens as refreshed
+        if isinstance(result, decision.Allow):
+            result = self._commit(flow, state, result)
         if isinstance(result, Refusal):
             return result
         req = flow.request
         state.sent = Sent(req.data.path, req.headers.fields, req.raw_content,
                           req.trailers.fields if req.trailers else None)
-        scan.apply(req, result.values)
-        self.scrubbers.learn(state, result)
+        state.links = {p.name: result.values[p.text] for p in scan.placeholders if p.text in result.header_forms}
+        scan.apply(req, result.values, result.header_forms)
+        self.scrubbers.learn(state, result, sign(req, result.signers, buffered=with_body))
         return None
+
+    def holds_body(self, flow: http.HTTPFlow, state: FlowState) -> bool:
+        """Whether a body that would stream is held whole instead, to be signed: a placeholder in the head is
+        of a secret whose signature covers the body, and the body's length is known and at most
+        SIGNED_BODY_LIMIT (else it streams, and `decide` refuses it as unsignable)."""
+        length = flow.request.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > SIGNED_BODY_LIMIT:
+            return False
+        names = {f.placeholder.name for fs in find_in_fields(flow.request.headers.fields).values() for f in fs}
+        try:
+            found = self.store().secrets_for(state.session.principal, names)
+        except StoreError:
+            return False  # refused as it streams, with the reason
+        return any((sign := s.scope.sign) and (sign.kind == "hmac-sha256" or sign.service != "s3")
+                   for s in found.values())
 
     def stream_body(self, flow: http.HTTPFlow, state: FlowState) -> StreamRewriter:
         """A rewriter that fills a streamed body as it flows; it raises Refused for a refused placeholder."""
@@ -73,7 +104,7 @@ class Releaser:
             for f in placeholders.find(buf):
                 text = f.placeholder.text
                 if text not in filled:
-                    result = self._decide(flow, state, (f.placeholder,), _all_in(BODY, (f.placeholder,)))
+                    result = self._decide_now(flow, state, (f.placeholder,), Where.all_in(BODY, (f.placeholder,)))
                     if isinstance(result, Refusal):
                         raise Refused(result)
                     self.scrubbers.learn(state, result)
@@ -90,7 +121,7 @@ class Releaser:
         if not found:
             return None
         present = distinct([f for fs in found.values() for f in fs])
-        result = self._decide(flow, state, present, _all_in(HEADERS, present))
+        result = self._decide_now(flow, state, present, Where.all_in(HEADERS, present, policy.TRAILER))
         if isinstance(result, Refusal):
             return result
         self.scrubbers.learn(state, result)
@@ -105,7 +136,7 @@ class Releaser:
         if not found:
             return None
         present = distinct(found)
-        result = self._decide(flow, state, present, _all_in(BODY, present))
+        result = self._decide_now(flow, state, present, Where.all_in(BODY, present))
         if isinstance(result, Refusal):
             return result
         self.scrubbers.learn(state, result)
@@ -114,15 +145,24 @@ class Releaser:
         return None
 
     def _decide(self, flow: http.HTTPFlow, state: FlowState, found: tuple[placeholders.Placeholder, ...],
-                locations: dict[str, frozenset[str]]) -> decision.Allow | Refusal:
+                where: Where) -> decision.Allow | Refusal:
         session = self.live(state.session)  # expired or revoked since the request began: nothing more is filled
         if isinstance(session, Refusal):
             return session
-        result = decision.decide(facts(flow, found, locations, self.on_disallowed), session,
+        result = decision.decide(facts(flow, found, where, self.on_disallowed), session,
                                  self._lookup(session.principal))
-        if isinstance(result, decision.Block):
-            return result.refusal
-        return self._counted(session.principal, result.limits) or self.allowed(flow, result) or result
+        return result.refusal if isinstance(result, decision.Block) else result
+
+    def _decide_now(self, flow: http.HTTPFlow, state: FlowState, found: tuple[placeholders.Placeholder, ...],
+                    where: Where) -> decision.Allow | Refusal:
+        """For what cannot wait for a refresh (a streamed body, trailers, a WebSocket message): a token that
+        is due but still valid goes as it is; an expired one is refused."""
+        result = self._decide(flow, state, found, where)
+        return self._commit(flow, state, result) if isinstance(result, decision.Allow) else result
+
+    def _commit(self, flow: http.HTTPFlow, state: FlowState, result: decision.Allow) -> decision.Allow | Refusal:
+        """Count the request against caps and rates, and audit it: then it may go."""
+        return self._counted(state.session.principal, result.limits) or self.allowed(flow, result) or result
 
     def _counted(self, principal: str, limits: tuple[tuple[str, str, policy.Limit], ...]) -> Refusal | None:
         """Count the request against each filled secret's cap and rate (on the store: every node's count);
@@ -140,7 +180,10 @@ class Releaser:
     def _lookup(self, principal: str) -> decision.SecretLookup:
         def lookup(names: set[str]):
             try:
-                return self.store().secrets_for(principal, names)
+                found: dict[str, decision.SecretLike] = dict(self.store().secrets_for(principal, names))
+                if rest := names - found.keys():  # linked accounts appear under their provider's env name
+                    found.update(self.linked.credentials(principal, rest))
+                return found
             except StoreError as e:
                 raise decision.LookupFailed(str(e)) from None
         return lookup
@@ -210,14 +253,31 @@ class Scan:
                 where.setdefault(f.placeholder.name, set()).add(place)
         return {name: frozenset(places) for name, places in where.items()}
 
-    def apply(self, req: http.Request, values: dict[str, str]) -> None:
-        """Fill the request."""
+    def sites(self, fields: Fields) -> dict[str, frozenset[tuple[str, bool]]]:
+        """The headers each secret's placeholders stand in, with whether one is the whole value."""
+        where: dict[str, set[tuple[str, bool]]] = {}
+        places = [*(((fields[i][0].decode("latin-1").lower(), len(fields[i][1])), f) for i, f in self.headers.items()),
+                  *(((policy.BASIC, -1), f) for _, f in self.basic.values()),
+                  *(((policy.TRAILER, -1), f) for f in self.trailers.values())]
+        for (header, length), found in places:
+            for f in found:
+                where.setdefault(f.placeholder.name, set()).add((header, f.start == 0 and f.end == length))
+        return {name: frozenset(s) for name, s in where.items()}
+
+    def apply(self, req: http.Request, values: dict[str, str], forms: dict[str, tuple[str, str]]) -> None:
+        """Fill the request; a placeholder standing alone in its header form's header gets the prefix."""
         if self.path:
             req.data.path = inject.substitute(req.data.path, self.path, values, Context.URL)
         if self.trailers and req.trailers:
             req.trailers.fields = fill_fields(req.trailers.fields, self.trailers, values)
         if self.headers or self.basic:
+            alone = {i: forms[f[0].placeholder.text] for i, f in self.headers.items()
+                     if len(f) == 1 and f[0].placeholder.text in forms and f[0].start == 0
+                     and f[0].end == len(req.headers.fields[i][1])}
             fields = list(fill_fields(req.headers.fields, self.headers, values))
+            for i, (header, prefix) in alone.items():
+                if fields[i][0].decode("latin-1").lower() == header.lower():
+                    fields[i] = (fields[i][0], prefix.encode() + fields[i][1])
             for i, (decoded, found) in self.basic.items():
                 filled = inject.encode_basic(inject.substitute(decoded, found, values, Context.RAW)).encode()
                 fields[i] = (fields[i][0], filled)
@@ -227,6 +287,32 @@ class Scan:
             # Forward the filled body decoded: a compressed copy would be one more derived form of the value.
             req.headers.pop("content-encoding", None)
             req.content = inject.substitute(self.body, self.body_found, values, ctx_)
+
+
+def sign(req: http.Request, signers: tuple[decision.Signer, ...], *, buffered: bool) -> list[tuple[str, str]]:
+    """Replace each signer's placeholder by a signature over the request as it goes (every other value is in
+    by now); (signature, placeholder) pairs, to keep out of responses. `decide` saw to it that each placeholder
+    stands where its signature goes, and that a body to hash is held whole."""
+    derived = []
+    for s in signers:
+        if s.signing.kind == "hmac-sha256":
+            signature = signing.hmac_sha256_hex(s.key, req.raw_content or b"")
+            req.headers.fields = tuple((k, v.replace(s.text.encode(), signature.encode())) for k, v in req.headers.fields)
+        else:
+            key = signing.parse_sigv4_value(s.key)
+            if "x-amz-date" not in req.headers:
+                req.headers["X-Amz-Date"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            payload = signing.payload_hash(req.raw_content or b"") if buffered else signing.UNSIGNED_PAYLOAD
+            req.headers["X-Amz-Content-Sha256"] = payload
+            headers = [("host", req.host_header or ""), *((k, v) for k, v in req.headers.items(multi=True)
+                                                          if k.lower() not in ("host", "authorization"))]
+            authorization, signature = signing.sigv4_authorization(
+                key, method=req.method, target=req.data.path.decode("utf-8", "surrogateescape"), headers=headers,
+                payload_hash=payload, region=s.signing.region or "", service=s.signing.service or "",
+                amz_date=req.headers["x-amz-date"])
+            req.headers["Authorization"] = authorization
+        derived.append((signature, s.text))
+    return derived
 
 
 def distinct(found: list[Found]) -> tuple[placeholders.Placeholder, ...]:
@@ -248,8 +334,27 @@ def fill_fields(fields: Fields, found: dict[int, list[Found]], values: dict[str,
 HEADERS, QUERY, BODY = "headers", "query", "body"  # where a placeholder sits (policy.LOCATIONS)
 
 
-def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...],
-          locations: dict[str, frozenset[str]] | None = None, on_disallowed: str = "block") -> decision.RequestFacts:
+@dataclass(frozen=True)
+class Where:
+    """Where a request's placeholders sit: each secret's locations (policy.LOCATIONS) and header sites
+    (decision.RequestFacts.sites), and whether the body is held whole."""
+
+    locations: dict[str, frozenset[str]]
+    sites: dict[str, frozenset[tuple[str, bool]]]
+    buffered: bool
+    can_refresh: bool = True
+
+    @classmethod
+    def all_in(cls, place: str, present: tuple[placeholders.Placeholder, ...], site: str | None = None) -> Where:
+        """Placeholders that all sit in one place (a streamed body, trailers, a WebSocket message): nothing
+        there can wait for a refresh or be signed."""
+        return cls({p.name: frozenset({place}) for p in present},
+                   {p.name: frozenset({(site, False)}) for p in present} if site else {}, buffered=False,
+                   can_refresh=False)
+
+
+def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...], where: Where | None = None,
+          on_disallowed: str = "block") -> decision.RequestFacts:
     """What `decide` needs to know about a flow: the destination as dialled and what the client claimed."""
     req = flow.request
     try:
@@ -274,15 +379,15 @@ def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...],
         placeholders=found,
         method=req.method,
         path=req.path,
-        locations=locations or {},
+        locations=where.locations if where else {},
         on_disallowed=on_disallowed,
         overrides=_overrides(req),
+        sites=where.sites if where else {},
+        buffered=where.buffered if where else True,
+        can_refresh=where.can_refresh if where else True,
     )
 
 
-def _all_in(place: str, present: tuple[placeholders.Placeholder, ...]) -> dict[str, frozenset[str]]:
-    """Locations of placeholders that all sit in one place (a streamed body, trailers, a WebSocket message)."""
-    return {p.name: frozenset({place}) for p in present}
 
 
 def _overrides(req: http.Request) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from .errors import NotFound, StoreError
 from .sql import Tx
 from .store import SecretStore
 
-BATCH = 100  # secrets re-encrypted per transaction
+BATCH = 100  # secrets (then linked accounts) re-encrypted per transaction
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class KeyInfo:
     kind: str  # master | data
     created_at: float | None
     current: bool  # the key new writes use
-    secrets: int  # values sealed under it
+    secrets: int  # values (and linked accounts' tokens) sealed under it
 
 
 def rotate(store: SecretStore, *, batch: int = BATCH, progress: Callable[[int], None] | None = None) -> str:
@@ -50,10 +50,11 @@ def finish(store: SecretStore, key_id: str, *, batch: int = BATCH, progress: Cal
             ring = store.keyring(tx)
             for r in rows:
                 _reseal(store, tx, r, ring)
-        moved += len(rows)
+            count = len(rows) + (store.links.rekey(tx, key_id, batch - len(rows)) if len(rows) < batch else 0)
+        moved += count
         if progress:
             progress(moved)
-        if len(rows) < batch:
+        if count < batch:
             return key_id
 
 
@@ -79,9 +80,10 @@ def retire(store: SecretStore, key_id: str) -> None:
         current, _ = store.current_key(tx)
         if key_id == current:
             raise StoreError(f"key {key_id} is the current key, which new writes use; rotate to a new one first")
-        (using,) = tx.one("select count(*) from secrets where key_id = ?", [key_id])
+        (using,) = tx.one("select (select count(*) from secrets where key_id = ?) + (select count(*) from links "
+                          "where key_id = ?) + (select count(*) from link_states where key_id = ?)", [key_id] * 3)
         if using:
-            raise StoreError(f"key {key_id} still seals {using} secret(s); run `sealgate key rotate` to move them "
+            raise StoreError(f"key {key_id} still seals {using} secret(s) or linked account(s); run `sealgate key rotate` to move them "
                              "first (or finish the one that was stopped)")
         if tx.count("delete from data_keys where key_id = ?", [key_id]) != 1:
             raise StoreError(f"data key {key_id} was not removed: a trigger or rule drops sealgate's writes")
@@ -90,7 +92,9 @@ def retire(store: SecretStore, key_id: str) -> None:
 def list_keys(store: SecretStore) -> list[KeyInfo]:
     with store.read() as tx:
         data = tx.rows("select key_id, created_at from data_keys order by created_at desc, key_id")
-        counts = {r["key_id"]: r["n"] for r in tx.rows("select key_id, count(*) as n from secrets group by key_id")}
+        counts = {r["key_id"]: r["n"] for r in tx.rows(
+            "select key_id, count(*) as n from (select key_id from secrets union all select key_id from links) as sealed "
+            "group by key_id")}
     master = crypto.key_id(store.key)
     current = data[0]["key_id"] if data else master
     found = [KeyInfo(master, "master", None, current == master, counts.get(master, 0))]

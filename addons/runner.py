@@ -31,6 +31,7 @@ from .store import StoreError
 
 
 def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Master:
+    settings.registry()  # a bad providers file stops `run` here, naming the file, the provider and the field
     certs = settings.certs_dir
     ca.ensure_ca(certs)
     bundle = ca.upstream_bundle(certs, settings.upstream_ca)
@@ -48,8 +49,9 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
         sealgate_store_url=settings.store_url or "",
         sealgate_on_disallowed=settings.on_disallowed,
         sealgate_allow_private=settings.allow_private,
-        sealgate_guard_ports=",".join(str(p) for p in (settings.web_port, settings.metrics and settings.metrics[1],
-                                                         settings.api and settings.api[1]) if p),
+        sealgate_guard_ports=",".join(str(p) for p in settings.own_ports()),
+        sealgate_providers_file=str(settings.providers_base or ""),
+        sealgate_providers=str(settings.providers or ""),
     )
     if settings.metrics is not None:
         sealgate = m.addons.get("sealgate")

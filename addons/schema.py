@@ -77,7 +77,7 @@ def _v3_row_seals(m: Step) -> None:
     # sessions are not sealed as found (nothing shows who wrote them): they end; workers get new ones
     m.tx.one("delete from sessions")
     for owner in sorted({r["owner"] for r in secret_rows}):
-        seals.reseal_owner(m.tx, k, owner)
+        seals.reseal_owner(m.tx, k, owner, links=False)
     c = keys.canary_row(k)
     m.tx.one("insert into meta (name, key_id, nonce, ciphertext) values (?, ?, ?, ?)",
            [c["name"], c["key_id"], c["nonce"], c["ciphertext"]])
@@ -105,7 +105,20 @@ def _v6_secret_scope(m: Step) -> None:
              "count INTEGER, PRIMARY KEY (owner, name, kind))")
 
 
-MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys, _v5_api_tokens, _v6_secret_scope)
+def _v7_links(m: Step) -> None:
+    """links: each user's OAuth tokens per provider, sealed like values; link_states: linkings begun
+    (`link start`) and not finished yet, their PKCE verifiers sealed."""
+    m.tx.one(f"create table if not exists links (owner TEXT, provider TEXT, key_id TEXT, nonce {m.t['blob']}, "
+             f"ciphertext {m.t['blob']}, expires_at {m.t['real']}, status TEXT, detail TEXT, "
+             f"created_at {m.t['real']}, updated_at {m.t['real']}, lease_until {m.t['real']}, seal TEXT, "
+             "PRIMARY KEY (owner, provider))")
+    m.tx.one(f"create table if not exists link_states (state TEXT PRIMARY KEY, owner TEXT, provider TEXT, "
+             f"redirect_uri TEXT, key_id TEXT, nonce {m.t['blob']}, ciphertext {m.t['blob']}, "
+             f"expires_at {m.t['real']}, seal TEXT)")
+
+
+MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys, _v5_api_tokens, _v6_secret_scope,
+              _v7_links)
 SEALING_VERSION = 3  # from this version on rows are sealed; the key source then says so
 
 

@@ -14,7 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from . import placeholders, validate
+from . import placeholders, providers, validate
 from .store import SecretStore, SessionRecord
 
 ACCESS_MODES = ("signed-in", "api", "app-view")
@@ -90,7 +90,8 @@ def issue(store: SecretStore, *, access: str, runchat: str, instance: str,
     )
     store.add_session(record)
     session = Session(record)
-    names = [s.name for s in store.list_secrets(principal)] + list(session.global_values())
+    names = [s.name for s in store.list_secrets(principal)] + [
+        providers.env_name(p) for p in store.links.providers(principal)] + list(session.global_values())
     return Issued(session, credential, {n: session.placeholder(n) for n in names})
 
 

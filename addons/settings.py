@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from . import keys
-from .egress import parse_cidrs
-from .policy import parse_on_disallowed
+from . import keys, providers
+from .egress import EgressPolicy, parse_cidrs
 from .origins import is_port_text
+from .policy import parse_on_disallowed
 
 DEFAULT_CONFIG = Path("config") / "sealgate.yaml"  # under the working directory, if it exists
 
@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "store_url": None,  # sqlite:///path or postgresql://user@host:port/db; unset: the data dir's SQLite file
     "key_hook": None,  # module:object whose wrap()/unwrap() call a KMS for the master key (keys.py)
     "on_disallowed": "block",  # a placeholder bound for a destination its secret does not allow: block | forward
+    "providers": None,  # a YAML file of linked-account providers added to (or overriding) config/providers.yaml
 }
 # The master key itself is never a config key: the file in the data dir, or SEALGATE_MASTER_KEY.
 
@@ -63,9 +64,26 @@ class Settings:
     key_hook: str | None = None
     on_disallowed: str = "block"
     master_key: str | None = field(default=None, repr=False)  # SEALGATE_MASTER_KEY's hex, if set
+    providers: Path | None = None  # SEALGATE_PROVIDERS
+    providers_base: Path | None = None  # providers.yaml beside the config file
 
     def key_source(self) -> keys.KeySource:
         return keys.source(self.data_dir / "master.key", self.master_key, self.key_hook)
+
+    def registry(self) -> providers.Registry:
+        """The linked-account providers; ConfigError names the file, provider and field of a bad entry."""
+        try:
+            return providers.load(self.providers_base, self.providers)
+        except providers.ProviderError as e:
+            raise ConfigError(str(e)) from None
+
+    def own_ports(self) -> tuple[int, ...]:
+        """sealgate's own services besides the proxy, never reachable through it."""
+        return tuple(p for p in (self.web_port, self.metrics and self.metrics[1], self.api and self.api[1]) if p)
+
+    def egress_policy(self) -> EgressPolicy:
+        """What sealgate's own requests (a token exchange) may reach: the proxy's policy."""
+        return EgressPolicy(tuple(parse_cidrs(self.allow_private)), frozenset((self.listen_port, *self.own_ports())))
 
 
 def _port(v: Any) -> int:
@@ -132,8 +150,9 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "store_url": ("SEALGATE_STORE_URL", _store_url),
     "key_hook": ("SEALGATE_KEY_HOOK", _hook),
     "on_disallowed": ("SEALGATE_ON_DISALLOWED", lambda v: parse_on_disallowed(_text(v))),
+    "providers": ("SEALGATE_PROVIDERS", _text),
 }
-_PATHS = ("data_dir", "certs_dir", "upstream_ca")
+_PATHS = ("data_dir", "certs_dir", "upstream_ca", "providers")
 
 
 def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -176,6 +195,8 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
         key_hook=values.get("key_hook"),
         on_disallowed=values["on_disallowed"],
         master_key=env.get(keys.ENV_VAR) or None,
+        providers=Path(values["providers"]) if values.get("providers") else None,
+        providers_base=config_path.parent.absolute() / providers.FILE_NAME,
     )
 
 

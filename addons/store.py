@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import crypto, keys, schema, seals
+from .audit import AuditTrail
 from .errors import Conflict, NotFound, StoreError
+from .links import Links
 from .origins import Origin
 from .origins import parse as parse_origin
 from .policy import Scope
-from .audit import AuditTrail
-from .usage import UsageCounters
 from .sql import Backend, Tx, open_backend
+from .usage import UsageCounters
 
 DB_NAME = "sealgate.db"
 KEY_NAME = "master.key"
@@ -47,6 +48,9 @@ class SecretInfo:
 class Secret:
     info: SecretInfo
     value: str
+    header_form = None  # goes as written (a linked account's token may get a prefix: `linked`)
+    refresh_due = expired = False
+    broken = None
 
     @property
     def origins(self) -> tuple[Origin, ...]:
@@ -121,6 +125,7 @@ class SecretStore:
         self._cached: dict[tuple, tuple[object, object]] = {}  # secrets_for and session, by what was asked
         self.audit = AuditTrail(self.backend)  # store.audit(user=...) reads it; .add and .set_status write it
         self.usage = UsageCounters(self.backend)  # requests counted against caps and rates
+        self.links = Links(self)  # linked accounts' tokens
         self._revoked: dict[str, float] = {}  # sessions seen revoked by this process, until they would expire
         try:
             schema.migrate(self.backend, self.source, self._existing_key)
@@ -152,7 +157,8 @@ class SecretStore:
     def _load_key(self) -> bytes:
         with self.backend.write() as tx:
             canary = tx.one("select key_id, nonce, ciphertext from meta where name = 'canary'")
-            sealed = tx.one("select (select count(*) from secrets) + (select count(*) from sessions)")[0]
+            sealed = tx.one("select (select count(*) from secrets) + (select count(*) from sessions) "
+                            "+ (select count(*) from links)")[0]
             key = self.source.create() if canary is None and not sealed and self.source.read() is None \
                 else self._existing_key()
             if canary is None:
@@ -259,7 +265,7 @@ class SecretStore:
         On the request path: what was opened is kept until some node writes to the store."""
         if names is not None and not names:
             return {}
-        return dict(self._cache(("secrets", owner, None if names is None else frozenset(names)),
+        return dict(self.cached(("secrets", owner, None if names is None else frozenset(names)),
                                 lambda: self._open_secrets(owner, names)))
 
     def _open_secrets(self, owner: str, names: set[str] | None) -> dict[str, Secret]:
@@ -279,7 +285,7 @@ class SecretStore:
         except crypto.EnvelopeError as e:
             raise StoreError(str(e)) from None
 
-    def _cache(self, what: tuple, load):
+    def cached(self, what: tuple, load):
         """What load() gives, kept until the store's version changes (read before loading, so a change
         committed meanwhile is loaded again next time)."""
         version = self.version()
@@ -292,10 +298,12 @@ class SecretStore:
         return found
 
     def secrets_signature(self, owner: str) -> tuple:
-        """Changes whenever owner's secrets do (added, replaced, removed): cheap, no decryption."""
+        """Changes whenever owner's secrets or linked accounts do (added, replaced, refreshed, removed): cheap,
+        no decryption."""
         with self.backend.read() as tx:
-            return tuple(tx.one("select count(*), max(updated_at), min(seal), max(seal) from secrets where owner = ?",
-                                [owner]))
+            return tuple(tx.one("select count(*), max(updated_at), min(seal), max(seal), (select count(*) from links "
+                                "where owner = ?), (select max(updated_at) from links where owner = ?) from secrets "
+                                "where owner = ?", [owner, owner, owner]))
 
     def _row(self, tx: Tx, owner: str, name: str) -> dict | None:
         return next(iter(tx.rows("select * from secrets where owner = ? and name = ?", [owner, name])), None)
@@ -325,7 +333,7 @@ class SecretStore:
 
     def session(self, session_id: str) -> SessionRecord | None:
         """The session, as last written by any node (a revoked one is None within a change's notice)."""
-        return self._cache(("session", session_id), lambda: self._read_session(session_id))
+        return self.cached(("session", session_id), lambda: self._read_session(session_id))
 
     def _read_session(self, session_id: str) -> SessionRecord | None:
         """A session once seen gone stays gone in this process (its row put back is not honoured here)."""

@@ -92,7 +92,7 @@ def test_every_endpoint(platform, user, value):
     r = platform.call("GET", secrets_path)
     assert [(s["name"], s["origins"]) for s in r.json()] == [("K", ["https://api.example"])]
     assert set(r.json()[0]) == {"name", "origins", "created_at", "updated_at", "warnings", "methods", "paths",
-                                "inject", "on_disallowed", "cap", "rate", "used"}
+                                "inject", "on_disallowed", "cap", "rate", "used", "sign"}
     r = platform.call("PUT", f"{secrets_path}/K", json={"value": value + "-2", "origins": ["https://b.example"]})
     assert r.status_code == 200 and r.json()["origins"] == ["https://b.example"]
     assert platform.store.secrets_for(user)["K"].value == value + "-2"

@@ -120,6 +120,10 @@ def test_egress_allow_private_and_own_ports():
 # --- decision -------------------------------------------------------------------------------
 
 class FakeSecret:
+    header_form = None
+    refresh_due = expired = False
+    broken = None
+
     def __init__(self, value, allowed, scope=None):
         from sealgate.policy import Scope
         self.value = value

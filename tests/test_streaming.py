@@ -17,6 +17,7 @@ from sealgate import inject, placeholders
 from sealgate.inject import Context
 from sealgate.scrub import Scrubber
 from sealgate.streams import StreamRewriter
+from conftest import curl
 from upstream import RawUpstream, header, raw_response
 from wire import read_all, read_until, tunnel
 
@@ -166,6 +167,22 @@ def test_refused_placeholder_in_streamed_body_cuts_the_upstream(proxy, pki, make
     assert evil.received == []  # the upstream never saw a complete request
     assert value.encode() not in out and value.encode() not in evil.seen()
     assert "decision=block code=origin_not_allowed" in proxy.log.read_text()
+
+
+def test_a_request_refused_while_its_body_arrives_is_closed_at_once(proxy, pki, make_upstream, user, value, tmp_path):
+    """Regression: a request refused at its head whose large body the client sends without waiting (no
+    `Expect: 100-continue`, as Node's fetch sends) had its flow killed but its connection left open: the worker
+    waited for an answer until its own timeout. Now the connection is closed at once."""
+    api = make_upstream("127.0.0.1")
+    proxy.add_secret(user, "K", value, "https://elsewhere.example")
+    s = proxy.issue(user=user)
+    (tmp_path / "big").write_bytes(b"x" * (3 << 20))
+    before = len(api.received)
+    with pytest.raises(AssertionError) as e:
+        curl(s, api.url("/x"), "-X", "PUT", "-H", f"X-Key: {s['env']['K']}", "-H", "Expect:",
+             "--data-binary", f"@{tmp_path / 'big'}")
+    assert "timed out" not in str(e.value) and ("reset" in str(e.value) or "Empty reply" in str(e.value)), e.value
+    assert len(api.received) == before
 
 
 def test_sse_events_arrive_as_they_come_and_are_scrubbed(proxy, pki, user, value):

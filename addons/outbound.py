@@ -1,0 +1,108 @@
+"""sealgate's own HTTPS requests (a token exchange or refresh, a request re-sent after a refresh):
+only to an address the egress policy allows, resolved once and dialled as checked, over TLS
+verified against the public roots plus SEALGATE_UPSTREAM_CA, bounded in time and size.
+
+Blocking (http.client): the proxy runs it in a thread, the CLI calls it directly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import certifi
+
+from . import origins
+from .egress import EgressPolicy
+
+TIMEOUT = 10.0  # seconds to connect, and between bytes of the answer
+LIMIT = 16 * 1024 * 1024  # bytes of an answer held
+
+
+class OutboundError(Exception):
+    """The request could not be made, or its answer read; says why, never quoting what came back."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    reason: str
+    headers: list[tuple[bytes, bytes]]  # as received, less the framing http.client undid (chunked)
+    body: bytes
+
+    def header(self, name: str) -> str:
+        return next((v.decode("latin-1") for k, v in self.headers if k.decode("latin-1").lower() == name), "")
+
+
+def trust(cafile: Path | str | None) -> ssl.SSLContext:
+    """The roots upstream TLS is verified against: the bundle the proxy uses, or the public ones."""
+    return ssl.create_default_context(cafile=str(cafile) if cafile else certifi.where())
+
+
+def resolve(host: str, port: int, policy: EgressPolicy) -> str:
+    """The first address of host the policy allows (the one to dial), or OutboundError."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise OutboundError(f"{origins.bracketed(host)}:{port} could not be resolved ({e.__class__.__name__})") from None
+    reasons = []
+    for *_, addr in infos:
+        if (why := policy.refusal_reason(addr[0], port)) is None:
+            return addr[0]
+        reasons.append(why)
+    raise OutboundError(f"{origins.bracketed(host)}:{port} is not reachable through sealgate: {reasons[0]}")
+
+
+def post_form(url: str, body: bytes, headers: list[tuple[str, str]], *, policy: EgressPolicy,
+              context: ssl.SSLContext) -> Reply:
+    """POST a form to an https URL, checked like any destination."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise OutboundError(f"{url!r} is not an https URL")
+    host, port = parts.hostname, parts.port or 443
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    fields = [("Host", origins.bracketed(host) + (f":{port}" if port != 443 else "")), *headers,
+              ("Content-Length", str(len(body)))]
+    return send("POST", host, port, resolve(host, port, policy), target,
+                [(k.encode(), v.encode()) for k, v in fields], body, context=context)
+
+
+def send(method: str, host: str, port: int, ip: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+         *, context: ssl.SSLContext, timeout: float = TIMEOUT, limit: int = LIMIT) -> Reply:
+    """One request to ip (already checked), verified as host; the whole answer, or OutboundError."""
+    conn = _Connection(host, port, ip, context, timeout)
+    try:
+        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders(body or None)
+        resp = conn.getresponse()
+        data = resp.read(limit + 1)
+        if len(data) > limit:
+            raise OutboundError(f"the answer of {origins.bracketed(host)}:{port} is larger than {limit} bytes")
+        fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.getheaders()
+                  if k.lower() != "transfer-encoding"]
+        return Reply(resp.status, resp.reason, fields, data)
+    except ssl.SSLCertVerificationError as e:
+        raise OutboundError(f"TLS to {origins.bracketed(host)}:{port} could not be verified "
+                            f"({e.verify_message})") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise OutboundError(f"{origins.bracketed(host)}:{port} failed ({e.__class__.__name__})") from None
+    finally:
+        conn.close()
+
+
+class _Connection(http.client.HTTPSConnection):
+    """Dials the checked address; verifies the certificate as the host's."""
+
+    def __init__(self, host: str, port: int, ip: str, context: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._ip = ip
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
