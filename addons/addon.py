@@ -97,7 +97,7 @@ class Sealgate:
         self.scrubbers = Scrubbers(self._store, self.linked.values)
         self.recorder = Recorder(self._store, self.metrics, self.states)
         self.releaser = Releaser(self._store, self.scrubbers, self.recorder.allowed, self.auth.live, self.linked)
-        self.resender = Resender(self.releaser.request, self.states)
+        self.resender = Resender(self.releaser.request, self.states, self.linked)
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -251,7 +251,7 @@ class Sealgate:
             if state.retry:
                 flow.response.stream = False  # held whole: the answer to the request sent again replaces it
                 return
-            scrubbing.response_head(flow, lambda: self.scrubbers.for_session(state.session), state.signatures)
+            scrubbing.response_head(flow, lambda: self.scrubbers.for_session(state.session))
 
     @_fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
@@ -266,8 +266,7 @@ class Sealgate:
                 return self.recorder.refuse(flow, refusal)
         self.metrics.latency.observe(time.time() - flow.request.timestamp_start)
         self.recorder.answered(flow, flow.response.status_code)
-        if (refusal := scrubbing.response(flow, lambda: self.scrubbers.for_session(state.session),
-                                          state.signatures)) is not None:
+        if (refusal := scrubbing.response(flow, lambda: self.scrubbers.for_session(state.session))) is not None:
             self.recorder.refuse(flow, refusal)
 
     def error(self, flow: http.HTTPFlow) -> None:

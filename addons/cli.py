@@ -181,8 +181,8 @@ def cmd_link_list(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(shown, indent=2))
         return
-    for link in shown:
-        status = link["status"] + (f" ({link['detail']})" if link["detail"] else "")
+    for link in shown:  # (detail is the store's: text, quoted like anything it holds)
+        status = link["status"] + (f" ({logfmt.text(link['detail'])})" if link["detail"] else "")
         print("\t".join([link["provider"], link["env"], status, f"expires {link['expires_at'] or 'never'}"]))
 
 

@@ -189,6 +189,7 @@ def link_start(store: SecretStore, s: settings.Settings, *, user: str, provider:
     """Begin linking: the authorization URL (state, PKCE S256) to send the user to."""
     user = checked("user", validate.user_id, user)
     p = _provider(s, provider, user, store)
+    checked("provider", oauth.client_secret, p)  # now, not when the code comes back and the state is spent
     redirect_uri = checked("redirect_uri", _redirect_uri, redirect_uri)
     verifier, challenge = oauth.pkce()
     state = store.links.begin(user, p.name, redirect_uri, verifier)
@@ -211,8 +212,8 @@ def link_begun(store: SecretStore, s: settings.Settings, state: str) -> tuple[Pe
 def link_exchange(s: settings.Settings, p: Provider, pending: Pending, code: str) -> Tokens:
     """The code exchanged at the provider's token endpoint (network only: the API runs it in a thread)."""
     try:
-        return oauth.code_grant(p, checked("code", _token_text, code, "code"), pending.redirect_uri,
-                                pending.verifier, _post(s))
+        return checked("provider", oauth.code_grant, p, checked("code", _token_text, code, "code"),
+                       pending.redirect_uri, pending.verifier, _post(s))
     except oauth.TokenRefused as e:
         raise Invalid("code", f"{p.name} refused the code ({e.code}); run `sealgate link start` again") from None
 
@@ -234,13 +235,13 @@ def link_list(store: SecretStore, user: str) -> list[LinkInfo]:
 
 
 def link_remove(store: SecretStore, user: str, provider: str) -> None:
-    store.links.remove(checked("user", validate.user_id, user), provider)
+    store.links.remove(checked("user", validate.user_id, user), checked("provider", providers.check_name, provider))
 
 
 def link_json(info: LinkInfo) -> dict:
     """What may be shown of a link: never a token."""
     return {"provider": info.provider, "env": providers.env_name(info.provider), "status": info.status,
-            "detail": info.detail or None, "expires_at": iso(info.expires_at) if info.expires_at else None,
+            "detail": info.detail or None, "expires_at": None if info.expires_at is None else iso(info.expires_at),
             "created_at": iso(info.created_at), "updated_at": iso(info.updated_at)}
 
 
@@ -253,7 +254,7 @@ def _provider(s: settings.Settings, name: str, user: str, store: SecretStore, *,
     """The provider, usable (complete: for the consent and the exchange), whose env name none of user's
     secrets has."""
     try:
-        p = s.registry().get(name)
+        p = s.registry().get(checked("provider", providers.check_name, name))
         p = p.usable() if complete else p
     except ProviderError as e:
         raise Invalid("provider", str(e)) from None

@@ -58,7 +58,6 @@ class FlowState:
     audit_id: int | None = None  # the audit row of its latest allow, awaiting the status
     links: dict[str, str] = field(default_factory=dict, repr=False)  # linked accounts filled: env name -> token
     retry: bool = False  # answered 401 with a linked account's token: refresh and send again once
-    signatures: Scrubber | None = None  # the signatures made for its request, kept out of its response
 
 
 class FlowStates:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import oauth
+from . import oauth, outbound
 from .errors import Refusal, StoreError
 from .links import BROKEN, Link
 from .origins import Origin
@@ -23,8 +23,9 @@ from .policy import Scope
 from .providers import Provider, ProviderError, Registry, env_name
 from .store import SecretStore
 
-LEASE = 15.0  # seconds one node may take to refresh a token before another may try
+LEASE = 40.0  # seconds one node may take to refresh a token (outbound.DEADLINE and more) before another may try
 WAIT_STEP = 0.1  # seconds between looks at a token another node is refreshing
+RETRY_AFTER_401 = 60.0  # seconds in which a token got by a refresh after a 401 is not refreshed again for one
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Linked:
         self.registry = Registry()
         self.post: oauth.Post | None = None  # how the proxy reaches token endpoints (set when configured)
         self._refreshing: dict[tuple[str, str], asyncio.Future[Refusal | None]] = {}
+        self._after_401: dict[tuple[str, str], tuple[str, float]] = {}  # (owner, env name) -> (token, when)
 
     def credentials(self, owner: str, names: set[str]) -> dict[str, LinkCredential]:
         """owner's linked accounts among names (env names), with their tokens as stored now."""
@@ -101,6 +103,17 @@ class Linked:
                 return refusal
         return None
 
+    def worth_sending_again(self, owner: str, sent: dict[str, str]) -> bool:
+        """Whether a 401 to the tokens sent (env name -> token) is worth a refresh and a second try: not when
+        every one of them came from a refresh made after a 401 within RETRY_AFTER_401 seconds (the provider
+        refuses a fresh token: a scope it lacks, not its age). Bounds the refreshes a worker can cause."""
+        now = time.monotonic()
+        for name, token in sent.items():
+            got = self._after_401.get((owner, name))
+            if got is None or got[0] != token or now - got[1] > RETRY_AFTER_401:
+                return True
+        return False
+
     async def _refresh(self, owner: str, provider: str, rejected: str | None) -> Refusal | None:
         try:
             return await self._refresh_now(owner, provider, rejected)
@@ -127,19 +140,32 @@ class Linked:
                 return _failed(provider, f"another proxy took the refresh and did not finish it in {LEASE:g} s")
             await asyncio.sleep(WAIT_STEP)
         try:
-            tokens = await asyncio.to_thread(oauth.refresh_grant, self.registry.get(provider),
+            tokens = await outbound.off_loop(oauth.refresh_grant, self.registry.get(provider),
                                              link.tokens.refresh_token, self._post())
         except oauth.TokenRefused as e:
+            if not e.revoked:
+                return self._unrefreshed(link, rejected, f"{provider} refused the refresh ({e.code})")
             if not links.broken(link, f"the provider refused the refresh: {e.code}"):
                 return _failed(provider, "the link changed while its token was refreshed; try again")
             return _failed(provider, f"{provider} refused to refresh the token ({e.code}); link the account again")
-        except (oauth.TokenUnavailable, ProviderError) as e:
+        except (oauth.TokenUnavailable, outbound.OutboundError, ProviderError) as e:
+            return self._unrefreshed(link, rejected, f"the token could not be refreshed: {e}")
+        except BaseException:
             links.release(owner, provider)
-            if not rejected and not link.tokens.expired(time.time()):
-                return None  # still valid for now: sent as it is; the next request tries again
-            return _failed(provider, f"the token could not be refreshed: {e}")
-        links.put(owner, provider, tokens)
-        return None
+            raise
+        if links.refreshed(link, tokens) and rejected:
+            now = time.monotonic()
+            if len(self._after_401) > 4096:
+                self._after_401 = {k: v for k, v in self._after_401.items() if now - v[1] <= RETRY_AFTER_401}
+            self._after_401[owner, env_name(provider)] = (tokens.access_token, now)
+        return None  # (a link removed or linked again meanwhile: the request is decided on what is stored now)
+
+    def _unrefreshed(self, link: Link, rejected: str | None, why: str) -> Refusal | None:
+        """A refresh that failed for now: the link stays as it is; its token goes while it is valid."""
+        self.store().links.release(link.info.owner, link.info.provider)
+        if not rejected and not link.tokens.expired(time.time()):
+            return None  # sent as it is; the next request tries again
+        return _failed(link.info.provider, why)
 
     def _post(self) -> oauth.Post:
         if self.post is None:

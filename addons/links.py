@@ -81,25 +81,40 @@ class Links:
         self.store = store
 
     def put(self, owner: str, provider: str, tokens: Tokens) -> None:
-        """Store tokens for owner's link to provider (a new link, a relink, a refresh): it is ok again."""
+        """Store tokens for owner's link to provider (a new link, a relink): it is ok again."""
         with self.store.write() as tx:
-            self._put(tx, owner, provider, tokens)
+            seals.verify_owner(tx, self.store.key, owner)
+            existing = tx.one("select created_at from links where owner = ? and provider = ?", [owner, provider])
+            row = self._row(tx, owner, provider, tokens, existing[0] if existing else time.time())
+            tx.one(f"insert into links ({', '.join(row)}) values ({', '.join('?' * len(row))}) "
+                   "on conflict(owner, provider) do update set "
+                   + ", ".join(f"{c} = excluded.{c}" for c in row if c not in ("owner", "provider")),
+                   list(row.values()))
+            seals.reseal_owner(tx, self.store.key, owner)
 
-    def _put(self, tx: Tx, owner: str, provider: str, tokens: Tokens) -> None:
-        seals.verify_owner(tx, self.store.key, owner)
-        existing = tx.one("select created_at from links where owner = ? and provider = ?", [owner, provider])
-        now = time.time()
+    def refreshed(self, link: Link, tokens: Tokens) -> bool:
+        """Store refreshed tokens in place of link's, if it is still the link that was read; False when it was
+        removed or linked again meanwhile (then nothing is written: a refresh never brings a link back)."""
+        owner, provider = link.info.owner, link.info.provider
+        with self.store.write() as tx:
+            seals.verify_owner(tx, self.store.key, owner)
+            row = self._row(tx, owner, provider, tokens, link.info.created_at)
+            changed = tx.count(f"update links set {', '.join(f'{c} = ?' for c in row)} where owner = ? and "
+                               "provider = ? and updated_at = ?", [*row.values(), owner, provider, link.info.updated_at])
+            if changed:
+                seals.reseal_owner(tx, self.store.key, owner)
+        return changed == 1
+
+    def _row(self, tx: Tx, owner: str, provider: str, tokens: Tokens, created_at: float) -> dict:
+        """A link's row with tokens sealed under the current data key, ok, unleased, sealed."""
         key_id, data_key = self.store.current_key(tx)
         env = crypto.seal(data_key, owner, _name(provider), json.dumps(
             {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token}))
         row = {"owner": owner, "provider": provider, "key_id": key_id, "nonce": env.nonce, "ciphertext": env.ciphertext,
-               "expires_at": tokens.expires_at, "status": OK, "detail": "", "created_at": existing[0] if existing else now,
-               "updated_at": now, "lease_until": None}
+               "expires_at": tokens.expires_at, "status": OK, "detail": "", "created_at": created_at,
+               "updated_at": time.time(), "lease_until": None}
         row["seal"] = seals.link_seal(self.store.key, row)
-        tx.one(f"insert into links ({', '.join(row)}) values ({', '.join('?' * len(row))}) "
-               "on conflict(owner, provider) do update set "
-               + ", ".join(f"{c} = excluded.{c}" for c in row if c not in ("owner", "provider")), list(row.values()))
-        seals.reseal_owner(tx, self.store.key, owner)
+        return row
 
     def remove(self, owner: str, provider: str) -> None:
         with self.store.write() as tx:
@@ -136,19 +151,27 @@ class Links:
     def broken(self, link: Link, detail: str) -> bool:
         """The provider refused to refresh the tokens of link (as read): `link list` shows it, and its placeholder
         is refused until relinked. False when the link changed meanwhile (another node refreshed it)."""
+        owner, provider = link.info.owner, link.info.provider
         with self.store.write() as tx:
-            return tx.count("update links set status = ?, detail = ?, lease_until = null where owner = ? and "
-                            "provider = ? and updated_at = ?",
-                            [BROKEN, detail, link.info.owner, link.info.provider, link.info.updated_at]) == 1
+            row = next(iter(tx.rows("select * from links where owner = ? and provider = ? and updated_at = ?",
+                                    [owner, provider, link.info.updated_at])), None)
+            if row is None:
+                return False
+            row = {**seals.verified_link(self.store.key, row), "status": BROKEN, "detail": detail}
+            tx.count("update links set status = ?, detail = ?, lease_until = null, seal = ? where owner = ? and "
+                     "provider = ?", [BROKEN, detail, seals.link_seal(self.store.key, row), owner, provider])
+            seals.reseal_owner(tx, self.store.key, owner)
+        return True
 
     def lease(self, link: Link, seconds: float) -> bool:
         """Take the right to refresh the tokens of link (as read) for some seconds. False: another node holds
         it, or has changed the link since it was read (its refresh token may be spent: read it again)."""
         now = time.time()
-        with self.store.write() as tx:
+        with self.store.write() as tx:  # (a lease further ahead than any node takes one was not written by one)
             return tx.count("update links set lease_until = ? where owner = ? and provider = ? and updated_at = ? "
-                            "and (lease_until is null or lease_until < ?)",
-                            [now + seconds, link.info.owner, link.info.provider, link.info.updated_at, now]) == 1
+                            "and (lease_until is null or lease_until < ? or lease_until > ?)",
+                            [now + seconds, link.info.owner, link.info.provider, link.info.updated_at, now,
+                             now + 2 * seconds]) == 1
 
     def release(self, owner: str, provider: str) -> None:
         with self.store.write() as tx:
@@ -229,5 +252,5 @@ def _open(ring: dict[str, bytes], row: dict) -> Tokens:
 
 
 def _info(row: dict) -> LinkInfo:
-    return LinkInfo(row["owner"], row["provider"], row["status"] or OK, row["detail"] or "", row["expires_at"],
+    return LinkInfo(row["owner"], row["provider"], row["status"], row["detail"], row["expires_at"],
                     row["created_at"], row["updated_at"])

@@ -27,6 +27,9 @@ from .providers import Provider, ProviderError
 
 Post = Callable[[str, bytes, list[tuple[str, str]]], Reply]  # url, form body, headers -> the answer
 _ERROR = re.compile(r"[a-z0-9_.-]{1,64}")
+GRANT_REVOKED = frozenset({"invalid_grant", "invalid_refresh_token", "bad_refresh_token"})
+# what says the refresh token itself is bad (RFC 6749; Slack's; GitHub's): only these break a link
+MAX_EXPIRES_IN = 10 * 366 * 86400  # seconds; a token said to last longer is taken as lasting this long
 
 
 class TokenRefused(Exception):
@@ -35,6 +38,12 @@ class TokenRefused(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
         self.code = code
+
+    @property
+    def revoked(self) -> bool:
+        """The grant itself is bad (revoked, expired, spent): linking again is the only way on. Other codes
+        (invalid_client, temporarily_unavailable, ...) may pass."""
+        return self.code in GRANT_REVOKED
 
 
 class TokenUnavailable(Exception):
@@ -104,7 +113,7 @@ def parse_tokens(reply: Reply, now: float, refresh_token: str | None) -> Tokens:
             data: object = dict(parse_qsl(reply.body.decode()))
         else:
             data = json.loads(reply.body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
         raise TokenUnavailable(f"the token endpoint answered {reply.status} with something that is not a token "
@@ -119,8 +128,8 @@ def parse_tokens(reply: Reply, now: float, refresh_token: str | None) -> Tokens:
             not isinstance(refresh, str) or not _usable(refresh))):
         raise TokenUnavailable("the token endpoint's answer holds no usable access_token")
     try:
-        expires_at = now + int(expires_in) if expires_in not in (None, "") else None
-    except (TypeError, ValueError):
+        expires_at = now + min(max(int(expires_in), 0), MAX_EXPIRES_IN) if expires_in not in (None, "") else None
+    except (TypeError, ValueError, OverflowError):
         raise TokenUnavailable("the token endpoint's expires_in is not a number of seconds") from None
     return Tokens(access, refresh or refresh_token, expires_at)
 

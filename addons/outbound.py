@@ -2,14 +2,20 @@
 only to an address the egress policy allows, resolved once and dialled as checked, over TLS
 verified against the public roots plus SEALGATE_UPSTREAM_CA, bounded in time and size.
 
-Blocking (http.client): the proxy runs it in a thread, the CLI calls it directly.
+Blocking (http.client): the CLI calls it directly; the proxy through `off_loop`, on a few threads of
+its own (never the default executor, whose threads resolve every destination's name: a slow token
+endpoint must not hold up other sessions' connections), each call bounded by DEADLINE.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import http.client
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +26,10 @@ from . import origins
 from .egress import EgressPolicy
 
 TIMEOUT = 10.0  # seconds to connect, and between bytes of the answer
+DEADLINE = 30.0  # seconds a whole request and its answer may take
 LIMIT = 16 * 1024 * 1024  # bytes of an answer held
+THREADS = 8  # sealgate's own requests at once; more wait their turn
+_POOL = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="sealgate-outbound")
 
 
 class OutboundError(Exception):
@@ -36,6 +45,14 @@ class Reply:
 
     def header(self, name: str) -> str:
         return next((v.decode("latin-1") for k, v in self.headers if k.decode("latin-1").lower() == name), "")
+
+
+async def off_loop[T](call: Callable[..., T], *args) -> T:
+    """call(*args) on sealgate's outbound threads, waited for at most DEADLINE (OutboundError after)."""
+    try:
+        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_POOL, call, *args), DEADLINE)
+    except TimeoutError:
+        raise OutboundError(f"no answer within {DEADLINE:g} s") from None
 
 
 def trust(cafile: Path | str | None) -> ssl.SSLContext:
@@ -75,15 +92,23 @@ def send(method: str, host: str, port: int, ip: str, target: str, headers: list[
          *, context: ssl.SSLContext, timeout: float = TIMEOUT, limit: int = LIMIT) -> Reply:
     """One request to ip (already checked), verified as host; the whole answer, or OutboundError."""
     conn = _Connection(host, port, ip, context, timeout)
+    shown, deadline = f"{origins.bracketed(host)}:{port}", time.monotonic() + DEADLINE
     try:
         conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         for name, value in headers:
             conn.putheader(name, value)
         conn.endheaders(body or None)
         resp = conn.getresponse()
-        data = resp.read(limit + 1)
-        if len(data) > limit:
-            raise OutboundError(f"the answer of {origins.bracketed(host)}:{port} is larger than {limit} bytes")
+        if (coding := (resp.getheader("transfer-encoding") or "chunked").strip().lower()) != "chunked":
+            raise OutboundError(f"the answer of {shown} uses Transfer-Encoding {coding[:40]!r}, which sealgate "
+                                "does not decode")
+        data = b""
+        while chunk := resp.read(min(65536, limit + 1 - len(data))):
+            data += chunk
+            if len(data) > limit:
+                raise OutboundError(f"the answer of {shown} is larger than {limit} bytes")
+            if time.monotonic() > deadline:
+                raise OutboundError(f"the answer of {shown} took longer than {DEADLINE:g} s")
         fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.getheaders()
                   if k.lower() != "transfer-encoding"]
         return Reply(resp.status, resp.reason, fields, data)
@@ -106,3 +131,7 @@ class _Connection(http.client.HTTPSConnection):
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+    def _encode_request(self, request: str) -> bytes:
+        """The request line as the worker sent it (http.client would refuse a byte beyond ASCII)."""
+        return request.encode("utf-8", "surrogateescape")

@@ -20,6 +20,7 @@ import yaml
 from . import origins, validate
 
 FILE_NAME = "providers.yaml"  # in the config folder, beside sealgate.yaml
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML has it: every command reads YAML
 _NAME = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 _ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # an HTTP token
@@ -56,6 +57,14 @@ class Provider:
                 raise ProviderError(f"provider {self.name} ({self.where}) has no {name}: set it in the file "
                                     "SEALGATE_PROVIDERS names")
         return self
+
+
+def check_name(text: str) -> str:
+    """A provider's name as the registry allows it (ValueError, never quoting more than a short prefix)."""
+    if not _NAME.fullmatch(text):
+        raise ValueError(f"provider name {text[:40]!r} is invalid: use a lower-case letter, then up to 62 of "
+                         "a-z 0-9 _ . -")
+    return text
 
 
 def env_name(provider: str) -> str:
@@ -95,7 +104,7 @@ def load(base: Path | None, extra: Path | None) -> Registry:
 
 def _read(path: Path, required: bool) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except FileNotFoundError:
         if not required:
             return {}
@@ -112,8 +121,8 @@ def _read(path: Path, required: bool) -> dict[str, Any]:
 
 def _entry(path: Path, name: Any, entry: Any, base: Provider | None) -> Provider:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ProviderError(f"{path}: provider name {name!r} is invalid: use a lower-case letter, then up to 62 of "
-                            "a-z 0-9 _ . -")
+        raise ProviderError(f"{path}: provider name {str(name)[:40]!r} is invalid: use a lower-case letter, then up "
+                            "to 62 of a-z 0-9 _ . -")
     try:
         validate.secret_name(env_name(name))
     except ValueError:
@@ -173,6 +182,14 @@ def _matching(pattern: re.Pattern[str], what: str, *, empty: bool = True):
     return parse
 
 
+def _client_secret_env(raw: Any) -> str:
+    """A variable's name; none of sealgate's own settings (its master key, its store URL) can be named."""
+    text = _matching(_ENV_VAR, "an environment variable name")(raw)
+    if text.upper().startswith("SEALGATE_") and not text.upper().endswith("_CLIENT_SECRET"):
+        raise ValueError(f"{text!r} is one of sealgate's own settings (a SEALGATE_ name must end in _CLIENT_SECRET)")
+    return text
+
+
 def _params(raw: Any) -> tuple[tuple[str, str], ...]:
     if not isinstance(raw, dict):
         raise ValueError("must be a mapping of query parameters to values")
@@ -184,7 +201,7 @@ _PARSERS = {
     "authorize_url": _https_url,
     "token_url": _https_url,
     "client_id": _text,
-    "client_secret_env": _matching(_ENV_VAR, "an environment variable name"),
+    "client_secret_env": _client_secret_env,
     "scopes": lambda raw: tuple(_list(raw)),
     "header": _matching(_HEADER, "a header name", empty=False),
     "prefix": _text,

@@ -9,7 +9,7 @@ scrubbed like any response.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -18,6 +18,7 @@ from mitmproxy import http
 from . import outbound
 from .errors import Refusal
 from .flowstate import FlowState, FlowStates
+from .linked import Linked
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
               b"trailer", b"proxy-authorization", b"proxy-authenticate"}
@@ -26,15 +27,16 @@ Release = Callable[..., Awaitable[Refusal | None]]
 
 
 class Resender:
-    def __init__(self, release: Release, states: FlowStates) -> None:
-        self.release, self.states = release, states
+    def __init__(self, release: Release, states: FlowStates, linked: Linked) -> None:
+        self.release, self.states, self.linked = release, states, linked
         self.context = outbound.trust(None)  # the upstream trust (configured with the proxy's bundle)
 
-    @staticmethod
-    def wanted(flow: http.HTTPFlow, state: FlowState) -> bool:
-        """A 401 to a request that carried a linked account's token and whose body was held whole."""
+    def wanted(self, flow: http.HTTPFlow, state: FlowState) -> bool:
+        """A 401 to a request that carried a linked account's token and whose body was held whole, unless the
+        tokens it carried were themselves just got after a 401 (`Linked.worth_sending_again`)."""
         return (flow.response is not None and flow.response.status_code == 401 and bool(state.links)
-                and not flow.request.stream and flow.server_conn.peername is not None)
+                and not flow.request.stream and flow.server_conn.peername is not None
+                and self.linked.worth_sending_again(state.session.principal, state.links))
 
     async def resend(self, flow: http.HTTPFlow, state: FlowState) -> Refusal | None:
         """Refresh, fill again and send again; the answer replaces flow.response."""
@@ -51,9 +53,9 @@ class Resender:
                 fields = [(k, v) for k, v in fields if k.lower() != b"content-length"]
                 fields.append((b"Content-Length", str(len(req.raw_content or b"")).encode()))
             started = time.time()
-            reply = await asyncio.to_thread(outbound.send, req.method, req.host, req.port, peer[0],
-                                            req.data.path.decode("utf-8", "surrogateescape"), fields,
-                                            req.raw_content or b"", context=self.context)
+            reply = await outbound.off_loop(functools.partial(
+                outbound.send, req.method, req.host, req.port, peer[0], req.data.path.decode("utf-8", "surrogateescape"),
+                fields, req.raw_content or b"", context=self.context))
         except outbound.OutboundError as e:
             return Refusal("upstream_failed", f"the request sent again after refreshing the token failed: {e}")
         finally:

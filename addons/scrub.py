@@ -17,8 +17,8 @@ A `Scrubber` (one per session, knowing its principal's values) finds each value 
   them that depends on it in part (so `Basic base64(anyuser:value)` is caught too);
 - as hex of its UTF-8 bytes, lower or upper case.
 
-Byte strings given to `add` are found exactly. Each match is replaced with the placeholder
-(or replacement) given for it.
+Byte strings given to `add` are found exactly, and signatures given to `add_signature` by their shape
+(`derived`). Each match is replaced with the placeholder (or replacement) given for it.
 
 How. The patterns, the longest first, make one regular expression, and `matches` gives what
 its `finditer` would; but it is never run as such. Python's `re` tries every pattern at every
@@ -57,6 +57,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
+from . import derived
 from .streams import StreamRewriter
 
 HTML_ZEROS = 7  # leading zeros allowed in a numeric character reference
@@ -608,6 +609,7 @@ class Scrubber:
         self._values: dict[str, bytes] = {}  # value -> placeholder
         self._raw: set[bytes] = set()  # the values' UTF-8 bytes, for `in`
         self._matcher: _Matcher | None = None
+        self.signatures = derived.Signatures()
         self._replacements: list[bytes] = []  # by pattern index
         self.max_len = 0  # the longest match: how much of a stream must be held back
         self.add(pairs)
@@ -639,25 +641,39 @@ class Scrubber:
         if changed:
             self._update()
 
+    def add_signature(self, signature: str, placeholder: str) -> None:
+        """A signature made with a value (new with every request: found by shape, `derived`)."""
+        self.signatures.add(signature, placeholder.encode())
+        self.max_len = max(self.max_len, derived.MAX_LEN)
+
     def _update(self) -> None:
         self._matcher = m = _matcher(tuple(self._values), tuple(self._pairs))
         by_key = [*self._values.values(), *self._pairs.values()]
         self._replacements = [by_key[k] for k in m.keys]
-        self.max_len = m.max_len
+        self.max_len = max(m.max_len, derived.MAX_LEN if self.signatures else 0)
 
     def __contains__(self, needle: bytes) -> bool:
         """Whether this needle, or this value (its UTF-8 bytes), was added."""
         return needle in self._pairs or needle in self._raw
 
     def __bool__(self) -> bool:
-        return self._matcher is not None
+        return self._matcher is not None or bool(self.signatures)
 
     def matches(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        """(start, end, replacement) of every match, in order: those of `finditer` of the one regex."""
-        if self._matcher is None:
-            return []
-        replacements = self._replacements
-        return [(start, end, replacements[i]) for start, end, i in self._matcher.matches(bytes(data))]
+        """(start, end, replacement) of every match, in order: those of `finditer` of the one regex, then
+        the signatures that overlap none of them."""
+        found: list[tuple[int, int, bytes]] = []
+        if self._matcher is not None:
+            replacements = self._replacements
+            found = [(start, end, replacements[i]) for start, end, i in self._matcher.matches(bytes(data))]
+        if not self.signatures:
+            return found
+        signed = self.signatures.matches(bytes(data))
+        if not found:
+            return signed
+        # a value's match is kept whole: a signature that overlaps one is left to it
+        return sorted(found + [m for m in signed if not any(m[0] < end and start < m[1] for start, end, _ in found)],
+                      key=lambda m: m[0])
 
     def scrub(self, data: bytes) -> bytes:
         found = self.matches(data)

@@ -73,11 +73,11 @@ class Scrubbers:
         added since it loaded). What sealgate derives from a value (escapes, a re-encoded Basic header,
         whatever its user name) is one of the forms each value is matched in: the forms a principal's
         scrubber holds are bounded by its values, whatever the requests send. Signatures are new with every
-        request: they are kept out of this flow's response by a scrubber of their own (`state.signatures`)."""
+        request: the session's scrubber finds them by their shape (`derived`), in every later response and
+        WebSocket message of the session too."""
         state.injected = state.injected or bool(result.secret_names)
-        if signatures:
-            state.signatures = Scrubber([(form.encode(), text.encode()) for signature, text in signatures
-                                         for form in (signature, signature.upper())])
+        for signature, text in signatures:
+            state.scrubber.add_signature(signature, text)
         scrubber = state.scrubber
         self._add(scrubber, [
             (value, text) for text, value in result.values.items()
@@ -109,11 +109,10 @@ class Scrubbers:
 Current = Callable[[], Scrubber]  # the session's scrubber with the principal's values as they are now
 
 
-def response_head(flow: http.HTTPFlow, current: Current, signatures: Scrubber | None = None) -> None:
+def response_head(flow: http.HTTPFlow, current: Current) -> None:
     """Before the head goes out: scrub it now if the body is to stream (SSE, chunked, large, or
     compressed and large or of unknown length: decoded as it streams and forwarded decoded). A
-    streamed body is scrubbed with the values the principal has as each chunk passes, then of the
-    signatures made for its request."""
+    streamed body is scrubbed with the values the principal has as each chunk passes."""
     resp = flow.response
     assert resp is not None
     try:
@@ -128,9 +127,6 @@ def response_head(flow: http.HTTPFlow, current: Current, signatures: Scrubber | 
     elif has_body and (streams(resp.headers, unknown_length=True) or _large_single_coding(resp.headers, coding)):
         scrub_head(scrubber, resp)
         rewriter = stream_rewriter(current)
-        if signatures:
-            scrub_head(signatures, resp)
-            rewriter = _Chain(rewriter, signatures.stream())
         if coding not in ([], ["identity"]):
             del resp.headers["content-encoding"]  # forwarded decoded, as it was checked
             rewriter = _Decoding(bodies.StreamDecoder(coding[0], RESPONSE_BODY_LIMIT), rewriter)
@@ -147,19 +143,6 @@ def _large_single_coding(headers: http.Headers, coding: list[str]) -> bool:
             and (length is None or not length.isdigit() or int(length) > STREAM_OVER))
 
 
-class _Chain:
-    """Two rewriters, one after the other."""
-
-    def __init__(self, first: StreamRewriter, then: StreamRewriter) -> None:
-        self.first, self.then = first, then
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self.then.feed(self.first.feed(chunk))
-
-    def finish(self) -> bytes:
-        return self.then.feed(self.first.finish()) + self.then.finish()
-
-
 class _Decoding:
     """A rewriter fed with what a decoder makes of each chunk."""
 
@@ -173,22 +156,16 @@ class _Decoding:
         return self.rewriter.feed(self.decoder.finish()) + self.rewriter.finish()
 
 
-def response(flow: http.HTTPFlow, current: Current, signatures: Scrubber | None = None) -> Refusal | None:
-    """The whole response: head, trailers and a buffered body, decoded to be checked; of the principal's
-    values, then of the signatures made for its request."""
+def response(flow: http.HTTPFlow, current: Current) -> Refusal | None:
+    """The whole response: head, trailers and a buffered body, decoded to be checked."""
     resp = flow.response
     assert resp is not None
     try:
         scrubber = current()
     except StoreError as e:
         return Refusal("store_unavailable", f"the response cannot be checked for the session's values: {e}")
-    for s in (scrubber, signatures):
-        if s and (refusal := _scrub_whole(resp, s)) is not None:
-            return refusal
-    return None
-
-
-def _scrub_whole(resp: http.Response, scrubber: Scrubber) -> Refusal | None:
+    if not scrubber:
+        return None
     scrub_head(scrubber, resp)
     if resp.trailers:
         resp.trailers.fields = scrub_fields(scrubber, resp.trailers.fields)

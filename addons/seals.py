@@ -26,8 +26,11 @@ def session_fields(row: dict) -> list:
 
 
 def link_fields(row: dict) -> list:
-    """Whose tokens a link holds and for which provider (whose origins they may go to)."""
-    return [row["owner"], row["provider"], row["key_id"], _sealed(row)]
+    """Whose tokens a link holds and for which provider (whose origins they may go to), until when they
+    are good, and whether the link is broken (and why, which `link list` shows). Not its lease: any node
+    takes that, and a lease no node would take is ignored (`links.Links.lease`)."""
+    return [row["owner"], row["provider"], row["key_id"], _sealed(row), row["expires_at"], row["status"],
+            row["detail"]]
 
 
 def link_state_fields(row: dict) -> list:

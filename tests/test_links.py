@@ -80,6 +80,10 @@ def test_an_extra_file_adds_providers_and_overrides_only_the_fields_it_gives(tmp
     ("providers: [x]\n", "must hold one key, providers"),
     ("providers:\n  x: {origins: [\n", "not valid YAML at line"),
     ("providers:\n  x:\n    prefix: \"Bearer\\n\"\n", "provider x, field prefix: holds a control character"),
+    # the red team's: the master key (or any sealgate setting) sent to a token endpoint as the client secret
+    ("providers:\n  x:\n    client_secret_env: SEALGATE_MASTER_KEY\n", "'SEALGATE_MASTER_KEY' is one of sealgate's "
+                                                                       "own settings"),
+    ("providers:\n  x:\n    client_secret_env: sealgate_store_url\n", "one of sealgate's own settings"),
 ])
 def test_a_bad_entry_names_the_file_the_provider_and_the_field(tmp_path, text, says):
     extra = tmp_path / "bad.yaml"
@@ -402,6 +406,7 @@ def test_a_token_due_is_refreshed_before_it_is_sent(linked, user):
     assert r.status == 200 and idp.refresh_calls == calls + 1 and idp.api_tokens_seen[-1] == refreshed
 
 
+@pytest.mark.e2e  # (slow by design: a provider that takes its time, or many MiB)
 def test_concurrent_requests_share_one_refresh(linked, user):
     p, idp, _ = linked
     idp.expires_in = 30
@@ -532,6 +537,7 @@ def test_link_add_takes_a_token_response_on_stdin(linked, user):
     (["finish", "--state", "bad state", "--code", "c"], "--state: the state must be 1 to 2048 printable ASCII"),
     (["add", "--provider", "my-prov"], "--tokens: not a usable token response"),
     (["rm", "--provider", "my-prov"], "has no link to my-prov"),
+    (["rm", "--provider", "\x1b[2J" + "x" * 100], "--provider: provider name '\\x1b[2Jxxxxxxxxxxx"),  # quoted, cut
 ])
 def test_bad_link_input_is_one_clear_line(linked, user, args, says):
     p, _, _ = linked
@@ -674,3 +680,17 @@ def test_two_proxy_processes_on_one_store_spend_a_refresh_token_once(pg, tmp_pat
     for node in (a, b):
         seen = node.visible_to_operators()
         assert not [t for t in (*idp.access_tokens, *idp.refresh_tokens, client_secret) if t.encode() in seen]
+
+
+def test_a_client_secret_missing_from_the_environment_stops_link_start_before_any_state_is_spent(tmp_path, pki):
+    idp = OAuthServer(pki)
+    try:
+        p = make_proxy(tmp_path, pki, SEALGATE_PROVIDERS=str(_provider_file(
+            tmp_path / "p.yaml", idp, client_secret_env="NOT_SET_ANYWHERE_CLIENT_SECRET")))
+        r = p.cli("link", "start", "--user", "u1", "--provider", "my-prov", "--redirect-uri", "https://p.example/cb",
+                  check=False)
+        assert r.returncode == 1 and ("--provider: provider my-prov: the environment variable "
+                                      "NOT_SET_ANYWHERE_CLIENT_SECRET (client_secret_env) is not set") in r.stderr
+        assert idp.received == []
+    finally:
+        idp.close()

@@ -216,6 +216,7 @@ def test_no_more_requests_pass_than_the_cap_under_concurrent_load(scoped, user, 
     assert [r.header("X-Key") for r in api.received[before:]] == [value] * 10
 
 
+@pytest.mark.e2e  # (slow by design: proxies stopped and started again)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_counts_survive_a_restart_and_are_shared_by_every_proxy(request, backend, tmp_path, pki, make_upstream,
                                                                 user, value):

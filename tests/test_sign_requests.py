@@ -127,6 +127,7 @@ def test_an_hmac_key_goes_nowhere_but_into_a_signature(signer, user, where, args
     assert_clean(p, key, r.seen())
 
 
+@pytest.mark.e2e  # (slow by design: a provider that takes its time, or many MiB)
 def test_a_large_body_is_held_whole_to_be_signed_and_one_of_unknown_length_is_refused(signer, user, tmp_path):
     """Up to 16 MiB with a Content-Length: held whole (not streamed), then signed. Chunked, of unknown length:
     refused before anything goes out; the connection is closed (its body is never read), and the refusal is
@@ -182,6 +183,7 @@ def test_sigv4_keeps_a_date_the_worker_set_and_works_from_python(signer, user, a
     verify_sigv4(aws_value, got, "us-east-1", "s3")
 
 
+@pytest.mark.e2e  # (slow by design: a provider that takes its time, or many MiB)
 def test_sigv4_streams_to_s3_unsigned_and_refuses_elsewhere(signer, user, aws_value, tmp_path):
     p, api = signer
     add_aws(p, api, user, aws_value)

@@ -185,6 +185,7 @@ def test_a_request_refused_while_its_body_arrives_is_closed_at_once(proxy, pki, 
     assert len(api.received) == before
 
 
+@pytest.mark.e2e  # (slow by design: it times when each event arrives)
 def test_sse_events_arrive_as_they_come_and_are_scrubbed(proxy, pki, user, value):
     def answer(head, body, sock):
         key = header(head, b"x-key")
