@@ -9,7 +9,7 @@ A refusal is returned (or, inside a stream, raised as `Refused`) for the one exi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mitmproxy import http, websocket
@@ -58,7 +58,7 @@ class Releaser:
             return Refusal("unreadable_body", str(e))
         if not scan.found:
             return None
-        where = Where(scan.locations(), scan.sites(flow.request.headers.fields), buffered=with_body)
+        where = Where(scan.locations(), _Sites(scan, flow.request.headers.fields), buffered=with_body)
         result = self._decide(flow, state, scan.placeholders, where)
         if isinstance(result, decision.Allow) and (result.refresh or rejected):
             names = set(result.refresh) | set(rejected or {})
@@ -72,9 +72,10 @@ class Releaser:
         req = flow.request
         state.sent = Sent(req.data.path, req.headers.fields, req.raw_content,
                           req.trailers.fields if req.trailers else None)
-        state.links = {p.name: result.values[p.text] for p in scan.placeholders if p.text in result.header_forms}
+        if result.header_forms:
+            state.links = {p.name: result.values[p.text] for p in scan.placeholders if p.text in result.header_forms}
         scan.apply(req, result.values, result.header_forms)
-        self.scrubbers.learn(state, result, sign(req, result.signers, buffered=with_body))
+        self.scrubbers.learn(state, result, sign(req, result.signers, buffered=with_body) if result.signers else [])
         return None
 
     def holds_body(self, flow: http.HTTPFlow, state: FlowState) -> bool:
@@ -180,7 +181,7 @@ class Releaser:
     def _lookup(self, principal: str) -> decision.SecretLookup:
         def lookup(names: set[str]):
             try:
-                found: dict[str, decision.SecretLike] = dict(self.store().secrets_for(principal, names))
+                found: dict[str, decision.SecretLike] = self.store().secrets_for(principal, names)  # (a copy)
                 if rest := names - found.keys():  # linked accounts appear under their provider's env name
                     found.update(self.linked.credentials(principal, rest))
                 return found
@@ -334,13 +335,34 @@ def fill_fields(fields: Fields, found: dict[int, list[Found]], values: dict[str,
 HEADERS, QUERY, BODY = "headers", "query", "body"  # where a placeholder sits (policy.LOCATIONS)
 
 
+class _Sites(Mapping):
+    """Scan.sites, worked out when first looked at: only a signing secret's placeholder needs them."""
+
+    def __init__(self, scan: Scan, fields: Fields) -> None:
+        self._scan, self._fields, self._sites = scan, fields, None
+
+    def _all(self) -> dict[str, frozenset[tuple[str, bool]]]:
+        if self._sites is None:
+            self._sites = self._scan.sites(self._fields)
+        return self._sites
+
+    def __getitem__(self, name: str) -> frozenset[tuple[str, bool]]:
+        return self._all()[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 @dataclass(frozen=True)
 class Where:
     """Where a request's placeholders sit: each secret's locations (policy.LOCATIONS) and header sites
     (decision.RequestFacts.sites), and whether the body is held whole."""
 
     locations: dict[str, frozenset[str]]
-    sites: dict[str, frozenset[tuple[str, bool]]]
+    sites: Mapping[str, frozenset[tuple[str, bool]]]
     buffered: bool
     can_refresh: bool = True
 

@@ -610,6 +610,7 @@ class Scrubber:
         self._raw: set[bytes] = set()  # the values' UTF-8 bytes, for `in`
         self._matcher: _Matcher | None = None
         self.signatures = derived.Signatures()
+        self._signed = False  # a signature was added (a flag: it is asked on every scrub)
         self._replacements: list[bytes] = []  # by pattern index
         self.max_len = 0  # the longest match: how much of a stream must be held back
         self.add(pairs)
@@ -644,20 +645,21 @@ class Scrubber:
     def add_signature(self, signature: str, placeholder: str) -> None:
         """A signature made with a value (new with every request: found by shape, `derived`)."""
         self.signatures.add(signature, placeholder.encode())
+        self._signed = True
         self.max_len = max(self.max_len, derived.MAX_LEN)
 
     def _update(self) -> None:
         self._matcher = m = _matcher(tuple(self._values), tuple(self._pairs))
         by_key = [*self._values.values(), *self._pairs.values()]
         self._replacements = [by_key[k] for k in m.keys]
-        self.max_len = max(m.max_len, derived.MAX_LEN if self.signatures else 0)
+        self.max_len = max(m.max_len, derived.MAX_LEN if self._signed else 0)
 
     def __contains__(self, needle: bytes) -> bool:
         """Whether this needle, or this value (its UTF-8 bytes), was added."""
         return needle in self._pairs or needle in self._raw
 
     def __bool__(self) -> bool:
-        return self._matcher is not None or bool(self.signatures)
+        return self._matcher is not None or self._signed
 
     def matches(self, data: bytes) -> list[tuple[int, int, bytes]]:
         """(start, end, replacement) of every match, in order: those of `finditer` of the one regex, then
@@ -666,7 +668,7 @@ class Scrubber:
         if self._matcher is not None:
             replacements = self._replacements
             found = [(start, end, replacements[i]) for start, end, i in self._matcher.matches(bytes(data))]
-        if not self.signatures:
+        if not self._signed:
             return found
         signed = self.signatures.matches(bytes(data))
         if not found:
