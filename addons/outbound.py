@@ -14,6 +14,7 @@ import concurrent.futures
 import http.client
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ def send(method: str, host: str, port: int, ip: str, target: str, headers: list[
     """One request to ip (already checked), verified as host; the whole answer, or OutboundError."""
     conn = _Connection(host, port, ip, context, timeout)
     shown, deadline = f"{origins.bracketed(host)}:{port}", time.monotonic() + DEADLINE
+    watchdog = threading.Timer(DEADLINE, conn.abort)  # a peer that drips bytes never trips a per-read timeout
+    watchdog.daemon = True
+    watchdog.start()
     try:
         conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
         for name, value in headers:
@@ -109,15 +113,19 @@ def send(method: str, host: str, port: int, ip: str, target: str, headers: list[
                 raise OutboundError(f"the answer of {shown} is larger than {limit} bytes")
             if time.monotonic() > deadline:
                 raise OutboundError(f"the answer of {shown} took longer than {DEADLINE:g} s")
+        if conn.aborted:  # (http.client takes the end of the connection for the end of the head or body)
+            raise OutboundError(f"{shown} did not answer within {DEADLINE:g} s")
         fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.getheaders()
                   if k.lower() != "transfer-encoding"]
         return Reply(resp.status, resp.reason, fields, data)
     except ssl.SSLCertVerificationError as e:
-        raise OutboundError(f"TLS to {origins.bracketed(host)}:{port} could not be verified "
-                            f"({e.verify_message})") from None
+        raise OutboundError(f"TLS to {shown} could not be verified ({e.verify_message})") from None
     except (OSError, http.client.HTTPException) as e:
-        raise OutboundError(f"{origins.bracketed(host)}:{port} failed ({e.__class__.__name__})") from None
+        if conn.aborted:
+            raise OutboundError(f"{shown} did not answer within {DEADLINE:g} s") from None
+        raise OutboundError(f"{shown} failed ({e.__class__.__name__})") from None
     finally:
+        watchdog.cancel()
         conn.close()
 
 
@@ -127,10 +135,22 @@ class _Connection(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, ip: str, context: ssl.SSLContext, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self._ip = ip
+        self._raw: socket.socket | None = None
+        self.aborted = False
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self._raw = sock = socket.create_connection((self._ip, self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        """From another thread: end the connection now; the read it is blocked in fails at once."""
+        self.aborted = True
+        target = self.sock or self._raw  # (wrapping in TLS detaches the plain socket from its descriptor)
+        if target is not None:
+            try:
+                socket.socket.shutdown(target, socket.SHUT_RDWR)  # the descriptor's, past the TLS layer
+            except OSError:
+                pass
 
     def _encode_request(self, request: str) -> bytes:
         """The request line as the worker sent it (http.client would refuse a byte beyond ASCII)."""

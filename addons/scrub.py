@@ -646,13 +646,14 @@ class Scrubber:
         """A signature made with a value (new with every request: found by shape, `derived`)."""
         self.signatures.add(signature, placeholder.encode())
         self._signed = True
-        self.max_len = max(self.max_len, derived.MAX_LEN)
+        self.max_len = (self._matcher.max_len if self._matcher else 0) + derived.MAX_LEN
 
     def _update(self) -> None:
         self._matcher = m = _matcher(tuple(self._values), tuple(self._pairs))
         by_key = [*self._values.values(), *self._pairs.values()]
         self._replacements = [by_key[k] for k in m.keys]
-        self.max_len = max(m.max_len, derived.MAX_LEN if self._signed else 0)
+        self.max_len = m.max_len + (derived.MAX_LEN if self._signed else 0)  # (a value's match and a signature's
+        # can be one span: `derived.merged`)
 
     def __contains__(self, needle: bytes) -> bool:
         """Whether this needle, or this value (its UTF-8 bytes), was added."""
@@ -671,11 +672,7 @@ class Scrubber:
         if not self._signed:
             return found
         signed = self.signatures.matches(bytes(data))
-        if not found:
-            return signed
-        # a value's match is kept whole: a signature that overlaps one is left to it
-        return sorted(found + [m for m in signed if not any(m[0] < end and start < m[1] for start, end, _ in found)],
-                      key=lambda m: m[0])
+        return derived.merged(found, signed) if found and signed else found or signed
 
     def scrub(self, data: bytes) -> bytes:
         found = self.matches(data)

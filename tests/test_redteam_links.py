@@ -317,3 +317,112 @@ def test_F9_link_fields_edited_without_the_key_do_not_reach_the_terminal(tmp_pat
     r = p.cli("link", "list", "--user", "u1", check=False)  # status and detail are sealed: the edit is refused
     assert r.returncode == 1 and "was changed without the master key" in r.stderr
     assert "\x1b" not in r.stdout + r.stderr
+
+
+# --- round 14: attacks on round 13's fixes ----------------------------------------------------------
+
+def _find_b64(out: bytes, needle: bytes) -> bool:
+    """Whether needle is in out decoded as base64 from any start/alignment (what a worker would try)."""
+    for i in range(len(out)):
+        t = out[i:]
+        t = t[:len(t) // 4 * 4]
+        try:
+            if needle in base64.b64decode(t):
+                return True
+        except Exception:
+            pass
+    return False
+
+
+def test_A1_a_signature_next_to_a_value_in_base64_is_scrubbed(px, pki, user):
+    """Round 14: `X-Signature: <VAL>:<WH>` echoed as base64 (as in F2): the value's base64 match overlapped the
+    signature's 4-char group, Scrubber.matches dropped the overlapping signature match, and the signature
+    went to the worker. Overlapping matches are now one span."""
+    up = RawUpstream(pki, lambda head, body, sock: raw_response(base64.b64encode(header(head, b"x-signature"))))
+    key = "whsec-" + secrets.token_urlsafe(24)
+    val = "val-" + secrets.token_urlsafe(20)  # 31 chars: with ":", the signature starts mid base64 group
+    conftest.CREATED_VALUES.extend([key, val])
+    px.add_secret(user, "WH", key, up.origin, "--sign", "hmac-sha256", "--sign-header", "X-Signature")
+    px.add_secret(user, "VAL", val, up.origin)
+    s = px.issue(user=user)
+    r = curl(s, up.origin + "/x", "-H", f"X-Signature: {s['env']['VAL']}:{s['env']['WH']}", "--data-binary", "hello")
+    sig = signing.hmac_sha256_hex(key, b"hello").encode()
+    assert header(up.received[-1][0], b"x-signature").endswith(sig)  # it was signed
+    assert not _find_b64(r.body, sig[4:]), r.body
+
+
+@pytest.mark.e2e
+def test_A4_a_gzip_bomb_of_hex_after_a_signature_stalls_no_one(px, pki, user, make_upstream):
+    """Round 14: a small gzip'd body is held whole and decoded (up to 256 MiB), then searched for signatures on
+    the event loop: a lookup at every position of a hex run took ~0.4 s per MiB; now one every 32 bytes."""
+    import gzip as gz
+    blob = gz.compress(b"0123456789abcdef" * (4 << 20), 9)  # 64 MiB of hex, ~70 KiB on the wire
+
+    def answer(head, body, sock):
+        if b"/blob" in head.split(b"\r\n", 1)[0]:
+            return raw_response(blob, extra=b"Content-Type: text/plain\r\nContent-Encoding: gzip\r\n")
+        return raw_response(b"ok")
+    up = RawUpstream(pki, answer)
+    key = "whsec-" + secrets.token_urlsafe(24)
+    conftest.CREATED_VALUES.append(key)
+    px.add_secret(user, "WH4", key, up.origin, "--sign", "hmac-sha256", "--sign-header", "X-Signature")
+    s = px.issue(user=user)
+    assert curl(s, up.origin + "/sign", "-H", f"X-Signature: {s['env']['WH4']}", "--data-binary", "x").status == 200
+    victim, s2 = make_upstream("127.0.0.1"), px.issue(user="victim-" + secrets.token_hex(3))
+    t = threading.Thread(target=lambda: curl(s, up.origin + "/blob", "-o", "/dev/null"))
+    t.start()
+    time.sleep(1.0)
+    t0 = time.time()
+    curl(s2, victim.url("/hello"))
+    waited = time.time() - t0
+    t.join()
+    assert waited < 2, f"an unrelated request waited {waited:.1f} s"
+
+
+@pytest.mark.e2e  # ~70 s
+def test_A5_dripping_answers_hold_no_outbound_thread_past_the_deadline(box):
+    """Round 14: off_loop's 30 s deadline stopped the wait, not the thread (http.client's 10 s timeout is per
+    read): an answer whose head drips a byte every few seconds held an outbound thread for as long as it
+    dripped, and 8 of them starved every user's refreshes and re-sends. A watchdog now ends the connection."""
+    p, idp, raw, script = box
+    stop = threading.Event()
+
+    def drip(head, body, sock):
+        if b"/drip" in head.split(b"\r\n", 1)[0]:
+            sock.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.wait(3):
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    return None
+            return None
+        return raw_response(b'{"ok": true}')
+    script["answer"] = first_401_then(drip)
+    users = [f"drip-{i}-{secrets.token_hex(3)}" for i in range(8)]
+    for u in users:
+        link(p, idp, u)
+    def quiet(u):
+        try:
+            use(p.issue(user=u), raw.origin + f"/drip/{u}")
+        except AssertionError:
+            pass  # curl gives up after 20 s; the proxy's thread does not
+    threads = [threading.Thread(target=quiet, args=(u,)) for u in users]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()  # each gets its 502 after 30 s ...
+        victim = f"victim-{secrets.token_hex(3)}"
+        link(p, idp, victim)
+        time.sleep(12)  # past off_loop's 30 s deadline for all of them
+        t0 = time.time()
+        try:
+            r = use(p.issue(user=victim), raw.origin + "/fine")  # ... but their threads are still held
+            status = r.status
+        except AssertionError as e:
+            status = str(e)[:80]
+        took = time.time() - t0
+    finally:
+        stop.set()
+    assert status == 200 and took < 5, f"another user's re-send: {status} after {took:.1f} s"
+
