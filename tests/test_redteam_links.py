@@ -31,11 +31,8 @@ SECRET_ENV = "SEALGATE_RT11_CLIENT_SECRET"
 # --- signing -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def px(tmp_path_factory, pki):
-    p = make_proxy(tmp_path_factory.mktemp("rt11sign"), pki)
-    p.start()
-    yield p
-    p.stop()
+def px(proxy_in_process):
+    return proxy_in_process
 
 
 def _frame(payload: bytes) -> bytes:
