@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import http.client
+import re
 import socket
 import ssl
 import threading
@@ -31,6 +32,7 @@ DEADLINE = 30.0  # seconds a whole request and its answer may take
 LIMIT = 16 * 1024 * 1024  # bytes of an answer held
 THREADS = 8  # sealgate's own requests at once; more wait their turn
 _POOL = concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="sealgate-outbound")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (http.client lets a space through)
 
 
 class OutboundError(Exception):
@@ -92,6 +94,8 @@ def post_form(url: str, body: bytes, headers: list[tuple[str, str]], *, policy: 
 def send(method: str, host: str, port: int, ip: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
          *, context: ssl.SSLContext, timeout: float = TIMEOUT, limit: int = LIMIT) -> Reply:
     """One request to ip (already checked), verified as host; the whole answer, or OutboundError."""
+    if bad := next((name for name, _ in headers if not _TOKEN.fullmatch(name)), None):
+        raise OutboundError(f"the request cannot be written as HTTP/1.1 (header name {bad[:40]!r})")
     conn = _Connection(host, port, ip, context, timeout)
     shown, deadline = f"{origins.bracketed(host)}:{port}", time.monotonic() + DEADLINE
     watchdog = threading.Timer(DEADLINE, conn.abort)  # a peer that drips bytes never trips a per-read timeout
@@ -120,6 +124,9 @@ def send(method: str, host: str, port: int, ip: str, target: str, headers: list[
         return Reply(resp.status, resp.reason, fields, data)
     except ssl.SSLCertVerificationError as e:
         raise OutboundError(f"TLS to {shown} could not be verified ({e.verify_message})") from None
+    except (ValueError, http.client.InvalidURL) as e:  # what http.client will not write: a space or control byte
+        # in the path, a header name or value it refuses
+        raise OutboundError(f"the request cannot be written as HTTP/1.1 ({e.__class__.__name__})") from None
     except (OSError, http.client.HTTPException) as e:
         if conn.aborted:
             raise OutboundError(f"{shown} did not answer within {DEADLINE:g} s") from None

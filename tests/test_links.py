@@ -694,3 +694,18 @@ def test_a_client_secret_missing_from_the_environment_stops_link_start_before_an
         assert idp.received == []
     finally:
         idp.close()
+
+
+@pytest.mark.parametrize("target, headers", [("/a b", []), ("/a\x01b", []), ("/ok", [(b"X-Bad", b"a\r\nInjected: 1")]),
+                                             ("/ok", [(b"Bad Name", b"v")])])
+def test_a_request_http1_cannot_carry_is_refused_before_a_byte_is_sent(pki, target, headers):
+    """The 401 re-send speaks HTTP/1.1 through http.client, which refuses (ValueError) what it cannot write: a
+    clean OutboundError, never an internal error, and nothing reaches the upstream."""
+    from sealgate import outbound
+    received: list = []
+    from upstream import RawUpstream, raw_response
+    up = RawUpstream(pki, lambda head, body, sock: received.append(head) or raw_response(b"{}"))
+    with pytest.raises(outbound.OutboundError, match="cannot be written as HTTP/1.1"):
+        outbound.send("GET", "127.0.0.1", up.port, "127.0.0.1", target, [(b"Host", up.target.encode()), *headers],
+                      b"", context=outbound.trust(pki.ca_pem))
+    assert received == []
