@@ -328,11 +328,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-private", help="CIDRs reachable although private [SEALGATE_ALLOW_PRIVATE]")
     g.add_argument("--store-url", help="sqlite:///file or postgresql://user@host:port/db [SEALGATE_STORE_URL]")
 
-    def command(parent, name: str, func: Callable, help: str, *positionals: str) -> argparse.ArgumentParser:
-        """A subcommand with the common settings and positional arguments only."""
+    def command(parent, name: str, func: Callable, help: str, *positionals: str,
+                flags: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        """A subcommand with the common settings, positional arguments, and required flags (--user ...)."""
         parser = parent.add_parser(name, parents=[common], help=help)
         for positional in positionals:
             parser.add_argument(positional)
+        for flag in flags:
+            parser.add_argument(f"--{flag}", required=True)
         parser.set_defaults(func=func)
         return parser
 
@@ -403,27 +406,15 @@ def _parser() -> argparse.ArgumentParser:
 
     link = sub.add_parser("link", help="linked accounts: OAuth tokens the proxy keeps fresh").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
-    ls_ = link.add_parser("start", parents=[common], help="print the authorization URL to send the user to")
-    ls_.add_argument("--user", required=True)
-    ls_.add_argument("--provider", required=True, help="a provider of config/providers.yaml or SEALGATE_PROVIDERS")
-    ls_.add_argument("--redirect-uri", required=True, help="where the provider sends the user back with a code")
-    ls_.set_defaults(func=cmd_link_start)
-    lf = link.add_parser("finish", parents=[common], help="exchange the code the redirect URI received")
-    lf.add_argument("--state", required=True)
-    lf.add_argument("--code", required=True)
-    lf.set_defaults(func=cmd_link_finish)
-    la = link.add_parser("add", parents=[common], help="keep tokens got elsewhere: a token response JSON on stdin")
-    la.add_argument("--user", required=True)
-    la.add_argument("--provider", required=True)
-    la.set_defaults(func=cmd_link_add)
-    ll = link.add_parser("list", parents=[common], help="a user's links and their state (never a token)")
-    ll.add_argument("--user", required=True)
-    ll.add_argument("--json", action="store_true")
-    ll.set_defaults(func=cmd_link_list)
-    lr = link.add_parser("rm", parents=[common], help="remove a link")
-    lr.add_argument("--user", required=True)
-    lr.add_argument("--provider", required=True)
-    lr.set_defaults(func=cmd_link_rm)
+    command(link, "start", cmd_link_start, "print the authorization URL to send the user to (the provider: one of "
+            "config/providers.yaml or SEALGATE_PROVIDERS; the redirect URI: where it sends the user back with a code)",
+            flags=("user", "provider", "redirect-uri"))
+    command(link, "finish", cmd_link_finish, "exchange the code the redirect URI received", flags=("state", "code"))
+    command(link, "add", cmd_link_add, "keep tokens got elsewhere: a token response JSON on stdin",
+            flags=("user", "provider"))
+    command(link, "list", cmd_link_list, "a user's links and their state (never a token)",
+            flags=("user",)).add_argument("--json", action="store_true")
+    command(link, "rm", cmd_link_rm, "remove a link", flags=("user", "provider"))
 
     key = sub.add_parser("key", help="rotate and retire the keys values are sealed under").add_subparsers(
         dest="action", required=True, parser_class=_Parser)

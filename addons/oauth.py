@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import os
-import re
 import secrets
 import ssl
 import time
@@ -26,9 +25,13 @@ from .outbound import Reply
 from .providers import Provider, ProviderError
 
 Post = Callable[[str, bytes, list[tuple[str, str]]], Reply]  # url, form body, headers -> the answer
-_ERROR = re.compile(r"[a-z0-9_.-]{1,64}")
 GRANT_REVOKED = frozenset({"invalid_grant", "invalid_refresh_token", "bad_refresh_token"})
 # what says the refresh token itself is bad (RFC 6749; Slack's; GitHub's): only these break a link
+ERROR_CODES = GRANT_REVOKED | {"invalid_request", "invalid_client", "unauthorized_client", "unsupported_grant_type",
+                               "invalid_scope", "access_denied", "server_error", "temporarily_unavailable",
+                               "token_revoked", "bad_verification_code", "incorrect_client_credentials"}
+# the codes a refusal names (RFC 6749 5.2; Slack's and GitHub's); any other is "refused": a token endpoint's
+# `error` goes to the worker and `link list`, and could be anything, a token among them
 MAX_EXPIRES_IN = 10 * 366 * 86400  # seconds; a token said to last longer is taken as lasting this long
 
 
@@ -120,7 +123,7 @@ def parse_tokens(reply: Reply, now: float, refresh_token: str | None) -> Tokens:
                                "response")
     error = data.get("error")
     if (reply.status in (400, 401) or reply.status == 200) and error:
-        raise TokenRefused(error if isinstance(error, str) and _ERROR.fullmatch(error) else "refused")
+        raise TokenRefused(error if isinstance(error, str) and error in ERROR_CODES else "refused")
     if reply.status != 200:
         raise TokenUnavailable(f"the token endpoint answered {reply.status}")
     access, refresh, expires_in = data.get("access_token"), data.get("refresh_token"), data.get("expires_in")

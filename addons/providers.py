@@ -83,9 +83,6 @@ class Registry:
             raise ProviderError(f"there is no provider {name!r} (known: {known})")
         return found
 
-    def by_env_name(self) -> dict[str, Provider]:
-        return {p.env_name: p for p in self.providers.values()}
-
 
 def load(base: Path | None, extra: Path | None) -> Registry:
     """The shipped file (absent: no shipped providers), then the extra file's entries over it."""

@@ -8,6 +8,7 @@ A refusal is returned (or, inside a stream, raised as `Refused`) for the one exi
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -230,7 +231,7 @@ class Scan:
         trailers = find_in_fields(req.trailers.fields) if req.trailers else {}
         return cls(placeholders.find(req.data.path), headers, basic, trailers, body, body_found)
 
-    @property
+    @functools.cached_property
     def found(self) -> list[Found]:
         out = self.path + self.body_found
         for f in [*self.headers.values(), *self.trailers.values()]:
@@ -239,7 +240,7 @@ class Scan:
             out += f
         return out
 
-    @property
+    @functools.cached_property
     def placeholders(self) -> tuple[placeholders.Placeholder, ...]:
         return distinct(self.found)
 

@@ -10,6 +10,7 @@ scrubbed like any response.
 from __future__ import annotations
 
 import functools
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
@@ -29,7 +30,7 @@ Release = Callable[..., Awaitable[Refusal | None]]
 class Resender:
     def __init__(self, release: Release, states: FlowStates, linked: Linked) -> None:
         self.release, self.states, self.linked = release, states, linked
-        self.context = outbound.trust(None)  # the upstream trust (configured with the proxy's bundle)
+        self.context: ssl.SSLContext | None = None  # the upstream trust, with the proxy's bundle (`configure`)
 
     def wanted(self, flow: http.HTTPFlow, state: FlowState) -> bool:
         """A 401 to a request that carried a linked account's token and whose body was held whole, unless the
@@ -41,7 +42,7 @@ class Resender:
     async def resend(self, flow: http.HTTPFlow, state: FlowState) -> Refusal | None:
         """Refresh, fill again and send again; the answer replaces flow.response."""
         peer = flow.server_conn.peername
-        assert peer is not None
+        assert peer is not None and self.context is not None
         if (refusal := await self.release(flow, state, with_body=True, rejected=dict(state.links))) is not None:
             return refusal
         req = flow.request

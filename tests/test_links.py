@@ -116,6 +116,7 @@ def _reply(status: int, body: object, content_type: str = "application/json") ->
     (_reply(401, {"error": "invalid_client"}), oauth.TokenRefused("invalid_client")),
     (_reply(200, {"ok": False, "error": "invalid_refresh_token"}), oauth.TokenRefused("invalid_refresh_token")),
     (_reply(400, {"error": "<script>alert(1)</script>"}), oauth.TokenRefused("refused")),  # never quoted as sent
+    (_reply(400, {"error": ["invalid_grant"]}), oauth.TokenRefused("refused")),
     (_reply(503, {"error": "temporarily_unavailable"}), oauth.TokenUnavailable),
     (_reply(200, b"<html>"), oauth.TokenUnavailable),
     (_reply(200, {"access_token": "short"}), oauth.TokenUnavailable),

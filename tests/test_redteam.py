@@ -939,6 +939,37 @@ def request_range_slices_of_a_stored_value(s):
     return _slices_of_a_stored_value(s, "Request-Range"), None
 
 
+# --- the upstream names a coding after the value (review of issue 11) ---------------------------------
+# A refusal's detail is sealgate's own text and is not scrubbed: what it quotes of a response must have been
+# scrubbed first (the head is, before the body is decoded). Codings are read in lower case, so the value is
+# sought in lower case too.
+
+def _coding_echo(header_name: bytes) -> Callable:
+    def answer(head: bytes, body: bytes, sock) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\n" + header_name + b": " + header(head, b"x-key") + b"\r\nConnection: close\r\n"
+                b"Content-Length: 2\r\n\r\nhi")
+    return answer
+
+
+def _echoed_as_coding(s, header_name: bytes):
+    up = s.raw_upstream(_coding_echo(header_name))
+    s.allow(up)
+    got = s.via(up, get(up, headers=f"X-Key: {s.ph}\r\n"))
+    lowered = s.value.lower().encode() in got.lower()
+    assert not lowered, "the worker received the value in lower case"
+    return got, b"502 Bad Gateway"
+
+
+@attack
+def value_echoed_as_the_content_encoding(s):
+    return _echoed_as_coding(s, b"Content-Encoding")
+
+
+@attack
+def value_echoed_as_the_transfer_encoding(s):
+    return _echoed_as_coding(s, b"Transfer-Encoding")
+
+
 # --- the one test ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -426,3 +426,34 @@ def test_A5_dripping_answers_hold_no_outbound_thread_past_the_deadline(box):
         stop.set()
     assert status == 200 and took < 5, f"another user's re-send: {status} after {took:.1f} s"
 
+
+
+# --- review: what a refusal quotes ---------------------------------------------------------------------
+
+def test_the_refusal_of_a_resent_answer_quotes_nothing_it_sent(box, user):
+    """A refusal's detail goes to the worker as sealgate's own text, unscrubbed: the answer to a re-sent request
+    named a Transfer-Encoding after the Authorization it got (the live token), and the detail quoted it."""
+    p, idp, raw, script = box
+
+    def echo_in_te(head, body, sock):
+        token = header(head, b"authorization").split(b" ")[-1]
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + token + b"\r\nConnection: close\r\n\r\nhi")
+    script["answer"] = first_401_then(echo_in_te)
+    link(p, idp, user)
+    s = p.issue(user=user)
+    r = use(s, raw.origin + "/te")
+    assert r.status == 502
+    assert not [t for t in idp.access_tokens if t.lower()[:20].encode() in r.body.lower()], "a token in the detail"
+
+
+def test_a_token_endpoint_error_is_named_only_when_it_is_an_oauth_error_code(box, user):
+    """The `error` of a token response went into the refusal (to the worker) and `link list` when it looked
+    like a code: a provider answering with a lower-case refresh token as its error handed it to the worker."""
+    p, idp, raw, script = box
+    script["answer"] = first_401_then(lambda head, body, sock: raw_response(b"{}"))
+    link(p, idp, user)
+    s = p.issue(user=user)
+    idp.next_token_answers.append((400, {}, {"error": "ref-" + "q" * 30}))  # shaped like a code, but none
+    r = use(s, raw.origin + "/refused")  # 401, then a refresh the endpoint refuses
+    assert r.status == 502 and b"link_refresh_failed" in r.body
+    assert b"ref-qqqq" not in r.body
