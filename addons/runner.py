@@ -99,6 +99,7 @@ def start_dashboard(settings: Settings, workdir: Path) -> tuple[subprocess.Popen
         yaml.safe_dump({"web_host": "127.0.0.1", "web_port": settings.web_port,
                         "web_password": argon2.PasswordHasher().hash(password),  # no plaintext in the file
                         "web_open_browser": False, "server": False, "sealgate_mirror_socket": socket_path,
+                        "sealgate_dashboard_max_flows": settings.dashboard_max_flows,
                         # the comment says who (principal, runchat) and, for a blocked flow, why
                         "web_columns": ["tls", "icon", "path", "method", "status", "size", "time", "comment"]}, f)
     cmd = [sys.executable, "-m", "sealgate.dashboard_web", str(workdir)]

@@ -39,6 +39,16 @@ DEFAULTS: dict[str, Any] = {
     "key_hook": None,  # module:object whose wrap()/unwrap() call a KMS for the master key (keys.py)
     "on_disallowed": "block",  # a placeholder bound for a destination its secret does not allow: block | forward
     "providers": None,  # a YAML file of linked-account providers added to (or overriding) config/providers.yaml
+    # bounds (docs/architecture.md, "Bounds"): each refusal is a problem+json and a metric
+    "upstream_timeout": 120,  # seconds to connect upstream, and then for the response's head to begin (504)
+    "header_timeout": 30,  # seconds a worker's connection has to bring a complete request head (idle too)
+    "idle_timeout": 300,  # seconds a connection may stay silent both ways (a stalled body, a quiet WebSocket)
+    "max_head_bytes": 65536,  # a request head larger than this is refused (431)
+    "max_connections": 2000,  # worker connections open at once (more are refused: 503)
+    "max_session_connections": 100,  # of them, one session's (429): a runaway worker cannot starve the rest
+    "audit_queue": 10000,  # audit rows waiting for the store; past it, injecting requests are refused (503)
+    "shutdown_grace": 20,  # seconds SIGTERM waits for requests in flight before the proxy exits
+    "dashboard_max_flows": 5000,  # finished flows the dashboard keeps (the oldest go)
 }
 # The master key itself is never a config key: the file in the data dir, or SEALGATE_MASTER_KEY.
 
@@ -66,6 +76,15 @@ class Settings:
     master_key: str | None = field(default=None, repr=False)  # SEALGATE_MASTER_KEY's hex, if set
     providers: Path | None = None  # SEALGATE_PROVIDERS
     providers_base: Path | None = None  # providers.yaml beside the config file
+    upstream_timeout: int = DEFAULTS["upstream_timeout"]
+    header_timeout: int = DEFAULTS["header_timeout"]
+    idle_timeout: int = DEFAULTS["idle_timeout"]
+    max_head_bytes: int = DEFAULTS["max_head_bytes"]
+    max_connections: int = DEFAULTS["max_connections"]
+    max_session_connections: int = DEFAULTS["max_session_connections"]
+    audit_queue: int = DEFAULTS["audit_queue"]
+    shutdown_grace: int = DEFAULTS["shutdown_grace"]
+    dashboard_max_flows: int = DEFAULTS["dashboard_max_flows"]
 
     def key_source(self) -> keys.KeySource:
         return keys.source(self.data_dir / "master.key", self.master_key, self.key_hook)
@@ -92,10 +111,16 @@ def _port(v: Any) -> int:
     return int(v)
 
 
-def ttl_seconds(v: Any) -> int:
-    if isinstance(v, bool) or not (str(v).isascii() and str(v).isdigit()) or not 60 <= int(v) <= 7 * 86400:
-        raise ValueError("must be a whole number of seconds from 60 to 604800")
-    return int(v)
+def _whole(low: int, high: int, unit: str = ""):
+    """A parser of whole numbers from low to high."""
+    def parse(v: Any) -> int:
+        if isinstance(v, bool) or not (str(v).isascii() and str(v).isdigit()) or not low <= int(v) <= high:
+            raise ValueError(f"must be a whole number{unit} from {low} to {high}")
+        return int(v)
+    return parse
+
+
+ttl_seconds = _whole(60, 7 * 86400, " of seconds")
 
 
 def _text(v: Any) -> str:
@@ -151,7 +176,18 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "key_hook": ("SEALGATE_KEY_HOOK", _hook),
     "on_disallowed": ("SEALGATE_ON_DISALLOWED", lambda v: parse_on_disallowed(_text(v))),
     "providers": ("SEALGATE_PROVIDERS", _text),
+    "upstream_timeout": ("SEALGATE_UPSTREAM_TIMEOUT", _whole(1, 3600, " of seconds")),
+    "header_timeout": ("SEALGATE_HEADER_TIMEOUT", _whole(1, 3600, " of seconds")),
+    "idle_timeout": ("SEALGATE_IDLE_TIMEOUT", _whole(1, 86400, " of seconds")),
+    "max_head_bytes": ("SEALGATE_MAX_HEAD_BYTES", _whole(1024, 1024 * 1024, " of bytes")),
+    "max_connections": ("SEALGATE_MAX_CONNECTIONS", _whole(1, 1_000_000)),
+    "max_session_connections": ("SEALGATE_MAX_SESSION_CONNECTIONS", _whole(1, 1_000_000)),
+    "audit_queue": ("SEALGATE_AUDIT_QUEUE", _whole(1, 10_000_000, " of rows")),
+    "shutdown_grace": ("SEALGATE_SHUTDOWN_GRACE", _whole(0, 3600, " of seconds")),
+    "dashboard_max_flows": ("SEALGATE_DASHBOARD_MAX_FLOWS", _whole(1, 10_000_000, " of flows")),
 }
+_BOUNDS = ("upstream_timeout", "header_timeout", "idle_timeout", "max_head_bytes", "max_connections",
+           "max_session_connections", "audit_queue", "shutdown_grace", "dashboard_max_flows")
 _PATHS = ("data_dir", "certs_dir", "upstream_ca", "providers")
 
 
@@ -197,6 +233,7 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
         master_key=env.get(keys.ENV_VAR) or None,
         providers=Path(values["providers"]) if values.get("providers") else None,
         providers_base=config_path.parent.absolute() / providers.FILE_NAME,
+        **{key: values[key] for key in _BOUNDS},
     )
 
 
