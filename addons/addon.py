@@ -25,6 +25,8 @@ from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 
 from . import internals, keys, oauth, origins, outbound, policy, providers, scrubbing
+from .audit import AuditQueue
+from .connections import Connections, Limits
 from .auth import Authenticator
 from .dial import Dialer
 from .egress import EgressPolicy, parse_cidrs
@@ -61,6 +63,15 @@ _OPTIONS = (  # name, default, help (all text)
      "(absent: none)."),
     ("sealgate_providers", "", "A YAML file of linked-account providers added to (or overriding) those shipped."),
 )
+_INT_OPTIONS = (  # name, default, help (whole numbers; settings.py validates what users write)
+    ("sealgate_audit_queue", 10000, "Audit rows that may wait for the store; past it, injecting requests get 503."),
+    ("sealgate_upstream_timeout", 120, "Seconds to connect upstream, and from a request sent to its answer (504)."),
+    ("sealgate_header_timeout", 30, "Seconds a worker connection has to bring a complete request head."),
+    ("sealgate_max_head_bytes", 65536, "The largest request head taken (431)."),
+    ("sealgate_max_connections", 2000, "Worker connections open at once (more: 503)."),
+    ("sealgate_max_session_connections", 100, "Worker connections of one session open at once (more: 429)."),
+)
+AUDIT_FLUSH = 10.0  # seconds a stopping proxy waits for the store to take the audit rows still queued
 HEAD_REFUSAL_BODY_MAX = 64 * 1024  # a refused request bringing more (or of unknown length) is closed, not answered
 WEBSOCKET_HISTORY = 100  # messages a WebSocket flow keeps (mitmproxy would keep all, for the socket's life)
 
@@ -85,7 +96,9 @@ def _fail_closed(hook):
     return run
 
 
-class Sealgate:
+class Wiring:
+    """sealgate's parts, built once, and the options that configure them (the lifecycle hooks)."""
+
     def __init__(self, key_source: keys.KeySource | None = None) -> None:
         self.key_source = key_source  # None: the data dir's key file, or SEALGATE_MASTER_KEY / _KEY_HOOK
         self.store: SecretStore | None = None
@@ -95,22 +108,28 @@ class Sealgate:
         self.auth = Authenticator(self._store, self.states)
         self.linked = Linked(self._store)
         self.scrubbers = Scrubbers(self._store, self.linked.values)
-        self.recorder = Recorder(self._store, self.metrics, self.states)
+        self.audit: AuditQueue | None = None
+        self.recorder = Recorder(self._audit, self.metrics, self.states)
+        self.connections = Connections(self.metrics)
         self.releaser = Releaser(self._store, self.scrubbers, self.recorder.allowed, self.auth.live, self.linked)
         self.resender = Resender(self.releaser.request, self.states, self.linked)
+        self.metrics.size("audit_queue", lambda: self.audit.waiting if self.audit else 0)
+        self.metrics.size("scrubbers", lambda: len(self.scrubbers.sessions))
 
     # lifecycle ----------------------------------------------------------------------------
 
     def load(self, loader) -> None:
         for name, default, text in _OPTIONS:
             loader.add_option(name, str, default, text)
+        for name, default, text in _INT_OPTIONS:
+            loader.add_option(name, int, default, text)
 
     def configure(self, updated: set[str]) -> None:
         _refuse_unsafe_options()
-        if updated & {"sealgate_data_dir", "sealgate_store_url"}:
-            old, self.store = self.store, _open_store(self.key_source)
-            if old is not None:
-                old.close()
+        if updated & {"sealgate_data_dir", "sealgate_store_url", "sealgate_audit_queue"}:
+            self._close_store()
+            self.store = _open_store(self.key_source)
+            self.audit = AuditQueue(self.store.audit, ctx.options.sealgate_audit_queue, self.metrics.audit_failures.inc)
         if "sealgate_on_disallowed" in updated:
             try:
                 self.releaser.on_disallowed = policy.parse_on_disallowed(ctx.options.sealgate_on_disallowed)
@@ -118,6 +137,7 @@ class Sealgate:
                 raise exceptions.OptionsError(f"sealgate_on_disallowed: {e}") from None
         if updated & {"sealgate_allow_private", "sealgate_guard_ports", "listen_port"}:
             self.dialer.policy = _egress_policy()
+        self.connections.limits = Limits(*(getattr(ctx.options, f"sealgate_{f}") for f in Limits.__dataclass_fields__))
         if updated & {"sealgate_providers_file", "sealgate_providers"}:
             self.linked.registry = _registry()
         if updated & {"sealgate_allow_private", "sealgate_guard_ports", "listen_port", "ssl_verify_upstream_trusted_ca"}:
@@ -133,23 +153,71 @@ class Sealgate:
         internals.skip_informational_responses()
         internals.drop_http1_trailers()
         internals.note_bodyless_requests()
+        internals.answer_timeouts()
+        internals.limit_request_heads(lambda: self.connections.limits.max_head_bytes, self.connections.head_too_large)
 
     def done(self) -> None:
+        self._close_store()
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self.scrubbers.log_filter)
+
+    def _close_store(self) -> None:
+        """Write what the audit queue holds (for as long as the shutdown grace allows), then close."""
+        if self.audit is not None:
+            self.audit.close(AUDIT_FLUSH)
+            self.audit = None
         if self.store is not None:
             self.store.close()
+            self.store = None
+
+    def flow_scrubber(self, flow: http.HTTPFlow) -> Scrubber:
+        """The scrubber of the flow's own session (for the dashboard's copy): one principal's values,
+        so another principal's many values cost this flow nothing. A flow without a session carried none."""
+        state = self.states.get(flow)
+        return state.scrubber if state else Scrubber()
+
+    def _connection_scrubber(self, conn) -> Scrubber | None:
+        """The current scrubber of the session a client connection (a WebSocket's, a tunnel's) belongs to."""
+        session = self.states.websockets.get(conn) or self.states.tunnels.get(conn)
+        return self.scrubbers.for_session(session) if session else None
+
+    def _store(self) -> SecretStore:
+        if self.store is None:
+            raise StoreError("sealgate_data_dir is not set")
+        return self.store
+
+    def _audit(self) -> AuditQueue:
+        if self.audit is None:
+            raise StoreError("sealgate_data_dir is not set")
+        return self.audit
+
+
+
+
+class Sealgate(Wiring):
+    """The hooks, in the order mitmproxy calls them for a request."""
 
     # connect: who, and where to ---------------------------------------------------------
+
+    def client_connected(self, client) -> None:
+        self.connections.connected(client)
+
+    def client_disconnected(self, client) -> None:
+        self.connections.disconnected(client)
 
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         found = self.auth.tunnel(flow)
-        if isinstance(found, Refusal):
-            self.recorder.refuse(flow, found)
+        if not isinstance(found, Refusal):
+            found = self.connections.admit(flow, found)
+        if found is not None:
+            return self.recorder.refuse(flow, found)
+        self.connections.tunnel_open(flow)
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         await self.dialer.server_connect(data)
+        if not data.server.error:
+            self.connections.dialling(data.client, data.server)
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         server = tls_start.conn
@@ -158,20 +226,25 @@ class Sealgate:
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         self.dialer.dialled(data.server)
+        self.connections.dialled(data.server)
 
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self.dialer.dialled(data.server)
+    server_connect_error = server_connected
 
     @_fail_closed
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         if (refusal := self.dialer.refusal(flow.server_conn)) is not None:
             self.recorder.refuse(flow, refusal)
+        elif flow.server_conn.error == internals.UPSTREAM_TIMED_OUT:
+            self.recorder.refuse(flow, error_page(504))
 
     # the request ----------------------------------------------------------------------------
 
     @_fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.connections.began(flow)
         found = self.auth.request(flow)
+        if not isinstance(found, Refusal) and (refusal := self.connections.admit(flow, found)) is not None:
+            found = refusal
         if isinstance(found, Refusal):
             return self._refuse_head(flow, found)
         self.metrics.requests.inc()
@@ -205,9 +278,10 @@ class Sealgate:
             return self.recorder.refuse(flow, Refusal("proxy_auth_required", "this request has no session"))
         if flow.request.stream:  # head and body were checked as they went; the trailers go now
             if (refusal := self.releaser.trailers(flow, state)) is not None:
-                self.recorder.refuse(flow, refusal, Answer.CUT)
+                return self.recorder.refuse(flow, refusal, Answer.CUT)
+        elif not await self._release(flow, with_body=True):
             return
-        await self._release(flow, with_body=True)
+        self.connections.sent(flow)
 
     async def _release(self, flow: http.HTTPFlow, *, with_body: bool, refuse=None) -> bool:
         """Check the destination of a request whose connection is not open yet (plain http, absolute-form
@@ -245,6 +319,7 @@ class Sealgate:
 
     @_fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self.connections.answering(flow)
         self.states.restore_request(flow)
         if (state := self.states.get(flow)) is not None and flow.response is not None:
             state.retry = self.resender.wanted(flow, state)
@@ -255,6 +330,8 @@ class Sealgate:
 
     @_fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is None:
+            self.connections.ended(flow)
         self.states.restore_request(flow)
         state = self.states.get(flow)
         if state is None or flow.response is None:
@@ -272,15 +349,19 @@ class Sealgate:
     def error(self, flow: http.HTTPFlow) -> None:
         """A failed flow: the worker gets sealgate's error page (internals.replace_error_pages), and
         the error text, which may quote what the upstream sent, is replaced for logs and the dashboard."""
+        self.connections.ended(flow)
         self.states.restore_request(flow)
         state = self.states.get(flow)
         if state is None:
             return
-        self.recorder.answered(flow, 0)
+        self.recorder.answered(flow, 504 if internals.timed_out(flow) else 0)
         if flow.error is not None and flow.error.msg != flow.error.KILLED_MESSAGE:
             flow.error.msg = "the upstream failed or sent something that is not valid HTTP (details withheld)"
 
     # after an upgrade -----------------------------------------------------------------------
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.connections.ended(flow)
 
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         if (state := self.states.get(flow)) is not None:
@@ -306,24 +387,6 @@ class Sealgate:
         message = flow.messages[-1]
         if scrubber and not message.from_client:
             message.content = scrubber.scrub(message.content)
-
-    # ------------------------------------------------------------------------------------------
-
-    def flow_scrubber(self, flow: http.HTTPFlow) -> Scrubber:
-        """The scrubber of the flow's own session (for the dashboard's copy): one principal's values,
-        so another principal's many values cost this flow nothing. A flow without a session carried none."""
-        state = self.states.get(flow)
-        return state.scrubber if state else Scrubber()
-
-    def _connection_scrubber(self, conn) -> Scrubber | None:
-        """The current scrubber of the session a client connection (a WebSocket's, a tunnel's) belongs to."""
-        session = self.states.websockets.get(conn) or self.states.tunnels.get(conn)
-        return self.scrubbers.for_session(session) if session else None
-
-    def _store(self) -> SecretStore:
-        if self.store is None:
-            raise StoreError("sealgate_data_dir is not set")
-        return self.store
 
     def _internal_error(self, flow: http.HTTPFlow | tcp.TCPFlow, hook: str, e: Exception) -> None:
         log.error("sealgate: %s in %s; the flow is blocked", e.__class__.__name__, hook)

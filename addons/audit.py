@@ -1,14 +1,27 @@
 """The audit trail: one row per decision (never a value, a query string or a credential).
 
-Written on the request path (one statement per row, and one for the status once the response is
-known), read by `sealgate audit` and the platform API.
+The proxy writes it through an `AuditQueue`: rows (and the status, once the response is known)
+wait in memory and go to the store in one transaction every few tens of milliseconds, on a thread
+of their own, so a store that is locked, full or slow never holds up the event loop. The queue is
+bounded: past `bound` rows waiting, `add` says no, and the caller refuses to send a value it cannot
+audit. Read by `sealgate audit` and the platform API.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
 
+from .errors import StoreError
 from .sql import Backend
+
+log = logging.getLogger("sealgate")
+
+BATCH_EVERY = 0.02  # seconds rows gather before one transaction writes them
+BATCH_MAX = 500  # rows in one transaction
+RETRY_MAX = 1.0  # seconds between tries at most, while the store refuses the writes
 
 
 @dataclass(frozen=True)
@@ -40,12 +53,14 @@ class AuditTrail:
         self.backend = backend
 
     def add(self, record: AuditRecord) -> int:
-        """Write one decision; its row id, for the status once the response is known."""
-        row = {**record.__dict__, "secrets": ",".join(record.secrets)}
-        return self.backend.one(_AUDIT_INSERT, [row[c] for c in _AUDIT_COLUMNS])[0]
+        """Write one decision; its row id (the CLI's and tests' way: the proxy queues, `AuditQueue`)."""
+        with self.backend.batch() as tx:
+            return self.insert(tx, record)
 
-    def set_status(self, row_id: int, status: int) -> None:
-        self.backend.one("update audit set status = ? where id = ?", [status, row_id])
+    @staticmethod
+    def insert(tx, record: AuditRecord) -> int:
+        row = {**record.__dict__, "secrets": ",".join(record.secrets)}
+        return tx.one(_AUDIT_INSERT, [row[c] for c in _AUDIT_COLUMNS])[0]
 
     def __call__(self, *, user: str | None = None, runchat: str | None = None, since: float | None = None,
               limit: int = 1000) -> list[AuditRecord]:
@@ -60,3 +75,135 @@ class AuditTrail:
                            [*params, limit])
         return [AuditRecord(**{**{k: r[k] for k in _AUDIT_COLUMNS},
                                "secrets": tuple(filter(None, (r["secrets"] or "").split(",")))}) for r in rows]
+
+
+class Pending:
+    """A row handed to the queue: its status may be set before or after it is written."""
+
+    __slots__ = ("record", "row_id", "dirty")
+
+    def __init__(self, record: AuditRecord) -> None:
+        self.record = record
+        self.row_id: int | None = None  # once written
+        self.dirty = False  # a status set after it was written (or while it was being written)
+
+
+class AuditQueue:
+    """Audit rows on their way to the store, written in batches by a thread of their own.
+
+    Nothing waits on the store but that thread: while the store refuses (locked by another process,
+    a full disk, a database that is down), rows wait here and the thread tries again, backing off to
+    RETRY_MAX; when the store is back they are written in order, and none is lost. At most `bound`
+    rows wait: `add` returns None past it (the caller refuses to inject), and says so once in a log
+    line until the queue drains."""
+
+    def __init__(self, trail: AuditTrail, bound: int, on_failure=lambda: None) -> None:
+        self.trail, self.bound, self.on_failure = trail, bound, on_failure
+        self._lock = threading.Condition()
+        self._new: list[Pending] = []  # not written yet
+        self._dirty: list[Pending] = []  # written; their status changed since
+        self._closed = False
+        self.full_since: float | None = None
+        self.written = 0
+        self._thread = threading.Thread(target=self._write_forever, name="sealgate-audit", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._new) + len(self._dirty)
+
+    def add(self, record: AuditRecord) -> Pending | None:
+        """Queue a row; None if `bound` rows wait already (nothing is queued then)."""
+        with self._lock:
+            if self.waiting >= self.bound or self._closed:
+                if self.full_since is None:
+                    self.full_since = time.monotonic()
+                    log.error("sealgate: the audit queue is full (%d rows wait for the store); requests that "
+                              "would inject are refused until it drains", self.bound)
+                return None
+            pending = Pending(record)
+            self._new.append(pending)
+            self._lock.notify()
+            return pending
+
+    def set_status(self, pending: Pending, status: int) -> None:
+        """The status the worker got; written with the row, or after it."""
+        with self._lock:
+            pending.record = replace(pending.record, status=status)
+            if pending.row_id is not None and not pending.dirty:  # else the row is still to be written
+                pending.dirty = True
+                self._dirty.append(pending)
+                self._lock.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued row is written (True), or timeout seconds have passed."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            self._lock.notify()
+            while self.waiting and (left := end - time.monotonic()) > 0:
+                self._lock.wait(min(left, 0.05))
+            return not self.waiting
+
+    def close(self, timeout: float) -> int:
+        """Flush within timeout, then stop; the number of rows that could not be written."""
+        self.flush(timeout)
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+            lost = self.waiting
+        self._thread.join(timeout=1)
+        if lost:
+            log.error("sealgate: %d audit rows could not be written before sealgate stopped", lost)
+        return lost
+
+    def _write_forever(self) -> None:
+        delay, said = BATCH_EVERY, float("-inf")
+        while True:
+            with self._lock:
+                while not self.waiting and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+            time.sleep(delay)  # rows gather meanwhile: one transaction for many
+            try:
+                self._write_batch()
+            except StoreError as e:
+                self.on_failure()
+                if time.monotonic() - said >= 1:  # said once a second at most: it is tried again
+                    said = time.monotonic()
+                    log.error("sealgate: audit rows wait (%d): %s", self.waiting, e)
+                delay = min(RETRY_MAX, max(0.1, delay * 2))
+            else:
+                delay = BATCH_EVERY
+
+    def _write_batch(self) -> None:
+        with self._lock:
+            rows = [(p, p.record) for p in self._new[:BATCH_MAX]]
+            updates, self._dirty = self._dirty[:BATCH_MAX], self._dirty[BATCH_MAX:]
+            for p in updates:
+                p.dirty = False
+            statuses = [p.record.status for p in updates]
+        try:
+            with self.trail.backend.batch() as tx:
+                ids = [self.trail.insert(tx, record) for _, record in rows]
+                for p, status in zip(updates, statuses, strict=True):
+                    tx.one("update audit set status = ? where id = ?", [status, p.row_id])
+        except BaseException:
+            with self._lock:
+                again = [p for p in updates if not p.dirty]
+                for p in again:
+                    p.dirty = True
+                self._dirty[:0] = again
+            raise
+        with self._lock:
+            del self._new[:len(rows)]
+            for (p, record), row_id in zip(rows, ids, strict=True):
+                p.row_id = row_id
+                if p.record is not record:  # a status set while it was being written
+                    p.dirty = True
+                    self._dirty.append(p)
+            self.written += len(rows)
+            if self.full_since is not None and self.waiting < self.bound // 2:
+                log.warning("sealgate: the audit queue drains (%d rows wait)", self.waiting)
+                self.full_since = None
+            self._lock.notify_all()

@@ -6,12 +6,14 @@ any option, so it keeps only an allowlist of mitmweb's addons (viewing, the web 
 password); every other (scripts, saving, exporting, replay, proxy auth over LDAP, and any a
 new mitmweb brings) is taken out with its commands, and once running only the options of viewing may change: the
 guard is first in the chain, so a refused change reaches no other addon. It never holds a
-secret value, the master key or a session credential.
+secret value, the master key or a session credential, and it keeps at most
+`sealgate_dashboard_max_flows` flows (the oldest go), so it does not grow over months.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import logging
 import signal
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import yaml
 from mitmproxy import ctx, exceptions, http, options
+from mitmproxy.addons.view import View
+from mitmproxy.flow import Flow
 from mitmproxy.io import FlowReader
 
 from . import internals
@@ -44,9 +48,11 @@ class MirrorReceiver:
     def __init__(self) -> None:
         self.started = False
         self.server: asyncio.AbstractServer | None = None
+        self.arrived: collections.deque[str] = collections.deque()  # ids of received flows, oldest first
 
     def load(self, loader) -> None:
         loader.add_option("sealgate_mirror_socket", str, "", "Unix socket the sealgate proxy mirrors flows to.")
+        loader.add_option("sealgate_dashboard_max_flows", int, 5000, "Finished flows kept; the oldest go.")
 
     def configure(self, updated: set[str]) -> None:
         if self.started and (refused := sorted(updated - set(VIEWING))):
@@ -76,11 +82,30 @@ class MirrorReceiver:
                 blob = await reader.readexactly(length)
                 for flow in FlowReader(io.BytesIO(blob)).stream():
                     flow.live = False
-                    await ctx.master.load_flow(flow)
+                    await self.keep(flow)
         except asyncio.IncompleteReadError:
             pass
         finally:
             writer.close()
+
+    async def keep(self, f: Flow) -> None:
+        """Show a received flow, then drop the oldest past the bound: the dashboard runs for months."""
+        view: View = ctx.master.addons.get("view")
+        if view.get_by_id(f.id) is None:
+            self.arrived.append(f.id)
+        await ctx.master.load_flow(f)
+        self.trim(view)
+
+    def trim(self, view: View) -> None:
+        """Remove the oldest received flows until at most the bound remain, one `view.remove` each
+        (the web UI gets "flows/remove"; a batch would also log an alert). An id whose flow a user
+        already removed is skipped; once such ids are half the deque, it is rebuilt (amortised O(1))."""
+        limit = ctx.options.sealgate_dashboard_max_flows
+        while view.store_count() > limit and self.arrived:
+            if (old := view.get_by_id(self.arrived.popleft())) is not None:
+                view.remove([old])
+        if len(self.arrived) > 2 * limit:
+            self.arrived = collections.deque(i for i in self.arrived if view.get_by_id(i) is not None)
 
 
 def restrict(m) -> None:

@@ -31,6 +31,9 @@ CODES: dict[str, tuple[int, str]] = {
     "bad_request": (400, "The request could not be read"),
     "upstream_failed": (502, "The upstream failed; what it sent is not shown"),
     "upstream_timeout": (504, "The upstream did not answer in time"),
+    "too_many_connections": (429, "This session has too many connections open"),
+    "proxy_busy": (503, "The proxy has as many connections as it takes"),
+    "request_head_too_large": (431, "Request head too large"),
 }
 
 
@@ -90,6 +93,13 @@ class Refusal:
                 "code": self.code,
             }
         ).encode()
+
+    def http_response(self) -> bytes:
+        """The refusal as a whole HTTP/1.1 response that closes the connection (where no flow exists to answer)."""
+        body = self.problem_json()
+        head = [f"HTTP/1.1 {self.status} {self.title}", *(f"{k}: {v}" for k, v in self.headers().items()),
+                f"Content-Length: {len(body)}", "Connection: close"]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
     def headers(self) -> dict[str, str]:
         h = {"Content-Type": "application/problem+json", "X-Sealgate-Error": self.code}

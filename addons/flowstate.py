@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from mitmproxy import connection, http
 
 from . import origins, sessions
+from .audit import Pending
 from .scrub import Scrubber
 
 Fields = tuple[tuple[bytes, bytes], ...]
@@ -55,7 +56,7 @@ class FlowState:
     summary: Summary
     sent: Sent | None = None  # the placeholder form, until the request has gone out
     injected: bool = False  # a value went out with this flow
-    audit_id: int | None = None  # the audit row of its latest allow, awaiting the status
+    audit: Pending | None = None  # the audit row of its latest allow, awaiting the status
     links: dict[str, str] = field(default_factory=dict, repr=False)  # linked accounts filled: env name -> token
     retry: bool = False  # answered 401 with a linked account's token: refresh and send again once
 

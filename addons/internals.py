@@ -61,6 +61,10 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers (whether a request has a body)")
     need(callable(getattr(_http1, "make_body_reader", None)),
          "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 trailers)")
+    need(callable(getattr(getattr(_http1, "Http1Server", None), "read_headers", None)),
+         "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers (the request head's size)")
+    need(callable(getattr(stream, "handle_protocol_error", None)),
+         "mitmproxy.proxy.layers.http.HttpStream.handle_protocol_error (an upstream that timed out)")
     if found:
         found.append(f"(sealgate was checked against mitmproxy {CHECKED_VERSIONS}; this is {version.VERSION})")
     return found
@@ -255,3 +259,94 @@ def note_bodyless_requests() -> None:
 def has_no_body(request: Any) -> bool:
     """True if the request's head ended its stream (no body follows), as far as mitmproxy said."""
     return request in _BODYLESS
+
+
+UPSTREAM_TIMED_OUT = "sealgate: the upstream did not answer in time"
+_TIMED_OUT: weakref.WeakSet = weakref.WeakSet()  # flows whose upstream sealgate gave up on
+
+
+class _GatewayTimeout:
+    """Stands in for mitmproxy's ErrorCode where an upstream timed out: its status is 504, not 502."""
+
+    @staticmethod
+    def http_status_code() -> int:
+        return 504
+
+
+def abort_upstream(master: Any, flow_or_client: Any, server: Any) -> bool:
+    """Give up on an upstream connection (still being opened, or not answering): its task is cancelled with
+    UPSTREAM_TIMED_OUT, and the worker's request, if any, is answered 504 (`answer_timeouts`). False if
+    the connection is gone already."""
+    client = getattr(flow_or_client, "client_conn", flow_or_client)
+    if client is not flow_or_client:
+        _TIMED_OUT.add(flow_or_client)
+    proxy = master.addons.get("proxyserver")
+    handler = proxy.connections.get(client.id) if proxy else None
+    io = handler.transports.get(server) if handler is not None else None
+    if io is None or io.handler is None:
+        return False
+    io.handler.cancel(UPSTREAM_TIMED_OUT)
+    return True
+
+
+def timed_out(flow: Any) -> bool:
+    return flow in _TIMED_OUT
+
+
+def answer_timeouts() -> None:
+    """Answer 504 where sealgate gave up on the upstream (`abort_upstream`): mitmproxy would answer 502, as
+    for any failed upstream. Its error for the flow carries no status; the code it maps to one is replaced."""
+    import copy
+
+    from mitmproxy.proxy.layers.http import HttpStream, ResponseProtocolError
+
+    original = getattr(HttpStream.handle_protocol_error, "__wrapped__", HttpStream.handle_protocol_error)
+
+    @functools.wraps(original)
+    def handle_protocol_error(self, event):
+        if isinstance(event, ResponseProtocolError) and (event.message == UPSTREAM_TIMED_OUT or self.flow in _TIMED_OUT):
+            _TIMED_OUT.add(self.flow)
+            event = copy.copy(event)
+            object.__setattr__(event, "code", _GatewayTimeout())  # its constructor takes only ErrorCodes
+        return (yield from original(self, event))
+
+    HttpStream.handle_protocol_error = handle_protocol_error
+
+
+def refuse_connection(master: Any, client: Any, answer: bytes) -> None:
+    """From the client_connected hook: send answer (a whole HTTP/1.1 response), and have mitmproxy close
+    the connection before it reads a byte of it."""
+    proxy = master.addons.get("proxyserver")
+    handler = proxy.connections.get(client.id) if proxy else None
+    if handler is not None and client in handler.transports:
+        handler.transports[client].writer.write(answer)
+    client.error = "refused: too many connections"
+
+
+def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -> None:
+    """Refuse an HTTP/1 request head longer than limit() bytes: mitmproxy would buffer it without bound,
+    waiting for its end. The worker gets answer() (a whole response) and the connection is closed."""
+    import asyncio
+
+    from mitmproxy import ctx
+    from mitmproxy.proxy import commands, events
+    from mitmproxy.proxy.layers.http import _http1
+
+    cls = _http1.Http1Server
+    original = getattr(cls.read_headers, "__wrapped__", cls.read_headers)
+
+    @functools.wraps(original)
+    def read_headers(self, event):
+        if isinstance(event, events.DataReceived) and len(self.buf) > (most := limit()):
+            head = bytes(self.buf)[:most + 4]
+            if b"\r\n\r\n" not in head and b"\n\n" not in head:
+                yield commands.SendData(self.conn, answer())
+                yield commands.CloseConnection(self.conn)
+                # and the socket itself: a close that cancels the reading task while it waits for mitmproxy's
+                # event lock ends the task and leaves the socket open (seen one time in three)
+                asyncio.get_running_loop().call_soon(close_client, ctx.master, self.conn)
+                self.state = self.done
+                return
+        return (yield from original(self, event))
+
+    cls.read_headers = read_headers

@@ -18,12 +18,11 @@ from collections.abc import Callable
 from mitmproxy import ctx, http
 
 from . import internals, logfmt, sessions
-from .audit import AuditRecord
+from .audit import AuditQueue, AuditRecord, Pending
 from .decision import Allow
 from .errors import Refusal
 from .flowstate import FlowStates, Summary
 from .metrics import Metrics
-from .store import SecretStore, StoreError
 
 log = logging.getLogger("sealgate")
 
@@ -38,8 +37,8 @@ class Answer(enum.Enum):
 
 
 class Recorder:
-    def __init__(self, store: Callable[[], SecretStore], metrics: Metrics, states: FlowStates) -> None:
-        self.store, self.metrics, self.states = store, metrics, states
+    def __init__(self, queue: Callable[[], AuditQueue], metrics: Metrics, states: FlowStates) -> None:
+        self.queue, self.metrics, self.states = queue, metrics, states
 
     def refuse(self, flow: http.HTTPFlow, refusal: Refusal, answer: Answer = Answer.RESPOND) -> None:
         """Answer the flow with the refusal, then log, count and audit it."""
@@ -71,28 +70,26 @@ class Recorder:
             self._write(flow, Refusal("origin_not_allowed", "forwarded as a placeholder"), result.forwarded, None,
                         decision="forward")
         names = result.secret_names
-        row_id = self._write(flow, None, names, None)
-        if row_id is None and names:
-            return Refusal("store_unavailable", "the audit trail cannot be written, and no secret goes unaudited")
+        pending = self._write(flow, None, names, None)
+        if pending is None and names:
+            return Refusal("store_unavailable", "the audit trail cannot take more rows (the store is not taking "
+                           "writes), and no secret goes unaudited")
         if names:
             self.metrics.injections.inc()
-        if (state := self.states.get(flow)) is not None and row_id is not None:
-            state.audit_id = row_id
+        if (state := self.states.get(flow)) is not None and pending is not None:
+            state.audit = pending
         return None
 
     def answered(self, flow: http.HTTPFlow, status: int) -> None:
         """The status the worker got for an allowed request (0: the connection was closed)."""
         state = self.states.get(flow)
-        if state is None or state.audit_id is None:
+        if state is None or state.audit is None:
             return
-        row_id, state.audit_id = state.audit_id, None
-        try:
-            self.store().audit.set_status(row_id, status)
-        except StoreError as e:
-            self._audit_failed(e)
+        pending, state.audit = state.audit, None
+        self.queue().set_status(pending, status)
 
     def _write(self, flow: http.HTTPFlow, refusal: Refusal | None, names: tuple[str, ...],
-               status: int | None, decision: str | None = None) -> int | None:
+               status: int | None, decision: str | None = None) -> Pending | None:
         state = self.states.get(flow)
         session = self.states.session_of(flow)
         # no state: refused before the flow was taken on (407, CONNECT), so nothing was filled
@@ -102,11 +99,9 @@ class Recorder:
             origin=summary.origin, path=summary.path, decision=decision or ("block" if refusal else "allow"),
             code=refusal.code if refusal else None, status=status,
         )
-        try:
-            row_id = self.store().audit.add(record)
-        except StoreError as e:
-            self._audit_failed(e)
-            row_id = None
+        pending = self.queue().add(record)
+        if pending is None:
+            self.metrics.audit_queue_full.inc()
             if refusal is None and names:
                 return None  # refused for it by the caller, which logs that instead
         log.info("sealgate " + " ".join(f"{k}={logfmt.field(v)}" for k, v in (
@@ -114,11 +109,7 @@ class Recorder:
             ("principal", record.principal or "-"), ("runchat", record.runchat or "-"),
             ("secrets", ",".join(names) or "-"), ("method", record.method), ("origin", record.origin),
             ("path", record.path))))
-        return row_id
-
-    def _audit_failed(self, e: StoreError) -> None:
-        self.metrics.audit_failures.inc()
-        log.error("sealgate: %s", e)
+        return pending
 
 
 def _who(session: sessions.Session | None) -> dict[str, str]:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import argon2
@@ -52,6 +53,13 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
         sealgate_guard_ports=",".join(str(p) for p in settings.own_ports()),
         sealgate_providers_file=str(settings.providers_base or ""),
         sealgate_providers=str(settings.providers or ""),
+        sealgate_audit_queue=settings.audit_queue,
+        sealgate_upstream_timeout=settings.upstream_timeout,
+        sealgate_header_timeout=settings.header_timeout,
+        sealgate_max_head_bytes=settings.max_head_bytes,
+        sealgate_max_connections=settings.max_connections,
+        sealgate_max_session_connections=settings.max_session_connections,
+        tcp_timeout=settings.idle_timeout,  # mitmproxy closes a connection silent both ways this long
     )
     if settings.metrics is not None:
         sealgate = m.addons.get("sealgate")
@@ -61,6 +69,8 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
 
 def _readiness(sealgate: Sealgate, certs: Path):
     def why_not() -> str | None:
+        if sealgate.connections.draining:
+            return "the proxy is stopping"
         try:
             store = sealgate.store
             if store is None:
@@ -158,8 +168,10 @@ async def _watch(child: subprocess.Popen, what: str, lost: str) -> None:
 
 async def _run(m: master.Master, settings: Settings, web_password: str | None) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, m.shutdown)
+    loop.add_signal_handler(signal.SIGINT, m.shutdown)
+    stopping: list[asyncio.Task] = []
+    loop.add_signal_handler(signal.SIGTERM, lambda: stopping or stopping.append(
+        loop.create_task(_stop(m, settings.shutdown_grace))))
     lines = [f"sealgate: proxy on {settings.listen_host}:{settings.listen_port}; "
              f"workers trust {settings.certs_dir / ca.CA_CERT}"]
     if settings.metrics is not None:
@@ -173,6 +185,22 @@ async def _run(m: master.Master, settings: Settings, web_password: str | None) -
         lines.append(f"sealgate: dashboard on http://127.0.0.1:{settings.web_port}/ (password: {shown})")
     m.addons.add(_Announce("\n".join(lines)))
     await m.run()
+
+
+async def _stop(m: master.Master, grace: float) -> None:
+    """SIGTERM: stop listening (and say not ready), let the requests in flight finish for up to grace
+    seconds, then shut down; the audit queue is written out as the addon stops."""
+    connections = m.addons.get("sealgate").connections
+    connections.drain()
+    await m.addons.get("proxyserver").servers.update([])  # stop listening; the connections open stay
+    log = logging.getLogger("sealgate")
+    log.warning("sealgate: stopping: %d connections open, waiting up to %s s for them", connections.busy, grace)
+    end = time.monotonic() + grace
+    while connections.busy and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    if connections.busy:
+        log.warning("sealgate: stopping with %d connections still open", connections.busy)
+    m.shutdown()
 
 
 class _Announce:

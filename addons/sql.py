@@ -32,6 +32,8 @@ CONNECT_TIMEOUT = 2  # seconds to reach PostgreSQL: a request never waits longer
 STATEMENT_TIMEOUT = 2.0  # seconds a statement is waited for; then the store is unavailable until a heartbeat
 HEARTBEAT = 0.5  # seconds between the listener's heartbeats
 HEARTBEAT_STALE = 2.0  # a heartbeat older than this: not listening (caches check every second)
+PROXY_BUSY_MS = 100  # a proxy waits this long for another process's lock on SQLite: its event loop must not
+CLI_BUSY_MS = 5000  # a command waits longer (a proxy's audit batch, a rotation's batch: milliseconds each)
 
 
 class Tx(Protocol):
@@ -48,6 +50,7 @@ class Backend(Protocol):
 
     def read(self) -> contextlib.AbstractContextManager[Tx]: ...
     def write(self) -> contextlib.AbstractContextManager[Tx]: ...
+    def batch(self) -> contextlib.AbstractContextManager[Tx]: ...  # rows no cache holds (audit): no version change
     def one(self, sql: str, params: list | tuple = ()) -> tuple | None: ...
     def version(self) -> object: ...
     def schema_version(self, tx: Tx) -> int: ...
@@ -72,7 +75,7 @@ def open_backend(url: str, *, listen: bool = False) -> Backend:
     if scheme == "sqlite":
         if not url.startswith("sqlite:///"):
             raise StoreError(f"store URL {url!r}: write sqlite:///absolute/path/to/file.db")
-        return SqliteBackend(Path(url[len("sqlite://"):]))
+        return SqliteBackend(Path(url[len("sqlite://"):]), busy_ms=PROXY_BUSY_MS if listen else CLI_BUSY_MS)
     if scheme in ("postgresql", "postgres"):
         return PostgresBackend(url, listen=listen)
     raise StoreError(f"store URL {redact(url)!r}: the scheme must be sqlite:// or postgresql://")
@@ -106,11 +109,12 @@ class _SqliteTx:
 
 
 class SqliteBackend:
-    """One file on one machine; other processes' commits show in data_version."""
+    """One file on one machine; other processes' commits show in data_version. One connection, used by
+    one thread at a time (the event loop, the audit queue's thread): a transaction is never shared."""
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_ms: int = CLI_BUSY_MS) -> None:
         self.path = path
         self.where = str(path)
         self._own = 0  # this connection's own commits, which data_version does not count
@@ -124,16 +128,17 @@ class SqliteBackend:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a crash of the process, fsyncs less
-            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"store {path} cannot be opened: {e}") from None
         self.conn = conn
         self._tx = _SqliteTx(conn)
+        self._lock = threading.RLock()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
         """One snapshot (WAL): rows and the seals over them are read as of one commit."""
-        with self._errors("read"):
+        with self._lock, self._errors("read"):
             self.conn.execute("BEGIN")
             try:
                 yield self._tx
@@ -142,7 +147,13 @@ class SqliteBackend:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Tx]:
-        with self._errors("written"):
+        with self.batch() as tx:
+            yield tx
+            self._own += 1
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Tx]:
+        with self._lock, self._errors("written"):
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._tx
@@ -150,15 +161,14 @@ class SqliteBackend:
                 self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
-            self._own += 1
 
     def one(self, sql: str, params: list | tuple = ()) -> tuple | None:
-        with self._errors("written"):
+        with self._lock, self._errors("written"):
             return self.conn.execute(sql, params).fetchone()
 
     def version(self) -> object:
         self._check_file()
-        with self._errors("read"):
+        with self._lock, self._errors("read"):
             return (self.conn.execute("PRAGMA data_version").fetchone()[0], self._own)
 
     def schema_version(self, tx: Tx) -> int:
@@ -281,6 +291,11 @@ class PostgresBackend:
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
         with self._transaction("read", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY") as tx:
+            yield tx
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Tx]:
+        with self._transaction("written", "BEGIN") as tx:
             yield tx
 
     @contextlib.contextmanager

@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 import time
 import traceback
 import types
@@ -125,6 +126,8 @@ class Proxy:
 
     def cli(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """`sealgate *args` with self.env: in this process, or the real executable when self.process."""
+        if args[:1] == ("audit",):
+            self.audit_written()
         if self.process:
             p = subprocess.run([str(SEALGATE), *args], input=input, capture_output=True, text=True, env=self.env,
                                timeout=60)
@@ -133,6 +136,20 @@ class Proxy:
         if check and p.returncode != 0:
             raise AssertionError(f"sealgate {' '.join(args)} failed: {p.stderr}")
         return p
+
+    def audit_written(self, timeout: float = 10) -> None:
+        """Wait until the proxy's audit queue has gone to the store (it writes every few tens of ms)."""
+        if self._master is not None:
+            if (queue := self._master.addons.get("sealgate").audit) is not None:  # (None: stopped)
+                assert queue.flush(timeout), "the audit queue did not drain"
+            return
+        deadline = time.time() + timeout
+        while self.proc is not None and self.proc.poll() is None and time.time() < deadline:
+            with contextlib.suppress(OSError):
+                text = urllib.request.urlopen(self.metrics_url + "/metrics", timeout=5).read().decode()
+                if 'sealgate_bounded{name="audit_queue"} 0.0' in text:
+                    return
+            time.sleep(0.05)
 
     def add_secret(self, user: str, name: str, value: str, origins: str, *extra: str) -> None:
         self.cli("secret", "add", "--user", user, "--name", name, "--origins", origins, *extra, input=value + "\n")

@@ -4,19 +4,26 @@ value or a session credential; and nothing done in it can send a value anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
 import socket
+import tempfile
 import threading
 import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import requests
+from mitmproxy import http
+from mitmproxy.test import tflow
 
-from conftest import curl, make_proxy
+from conftest import curl, free_port, make_proxy
 from upstream import RawUpstream, header, raw_response
-
-pytestmark = pytest.mark.e2e  # the dashboard is a process of its own, started by `sealgate run`
 
 
 def slow_echo(head: bytes, body: bytes, sock) -> bytes:
@@ -48,8 +55,8 @@ class Dashboard:
     def flows(self) -> list[dict]:
         return self.get("/flows").json()
 
-    def websocket(self, seconds: float) -> bytes:
-        """Everything the dashboard's /updates websocket pushes in that time."""
+    def websocket(self, seconds: float, enough: Callable[[bytes], bool] = lambda out: False) -> bytes:
+        """Everything the dashboard's /updates websocket pushes in that time (or until it is enough)."""
         sock = socket.create_connection(("127.0.0.1", int(self.base.rsplit(":", 1)[1])), timeout=seconds + 2)
         key = base64.b64encode(os.urandom(16)).decode()
         sock.sendall(f"GET /updates HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -57,7 +64,7 @@ class Dashboard:
                      f"Authorization: Bearer {self.password}\r\n\r\n".encode())
         sock.settimeout(0.2)
         out, end = b"", time.time() + seconds
-        while time.time() < end:
+        while time.time() < end and not enough(out):
             try:
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -70,6 +77,7 @@ class Dashboard:
         return out
 
 
+@pytest.mark.e2e  # the dashboard is a process of its own, started by `sealgate run`
 def test_dashboard_needs_its_password(dash):
     base = f"http://127.0.0.1:{dash.env['SEALGATE_WEB_PORT']}"
     assert requests.get(base + "/flows", timeout=5).status_code == 403
@@ -77,6 +85,7 @@ def test_dashboard_needs_its_password(dash):
     assert dash.env["SEALGATE_WEB_PASSWORD"] not in (dash.data_dir / "sealgate.db").read_bytes().decode("latin-1")
 
 
+@pytest.mark.e2e
 def test_polling_the_dashboard_never_shows_a_value_or_credential(dash, pki, user, value):
     api = RawUpstream(pki, slow_echo)
     evil = RawUpstream(pki, slow_echo, host="127.0.0.2")
@@ -136,6 +145,7 @@ def test_polling_the_dashboard_never_shows_a_value_or_credential(dash, pki, user
     assert b"rc-dash" in dump and user.encode() in dump  # principal and runchat, for operators
 
 
+@pytest.mark.e2e
 def test_nothing_done_in_the_dashboard_sends_a_value_anywhere(dash, pki, user, value):
     api = RawUpstream(pki, lambda head, body, sock: raw_response(b"ok"))
     evil = RawUpstream(pki, lambda head, body, sock: raw_response(b"got it"), host="127.0.0.2")
@@ -165,12 +175,14 @@ def test_nothing_done_in_the_dashboard_sends_a_value_anywhere(dash, pki, user, v
     assert value.encode() not in board.get("/flows/dump").content
 
 
+@pytest.mark.e2e
 def test_dashboard_is_not_reachable_through_the_proxy(dash, user):
     s = dash.issue(user=user)
     r = curl(s, f"http://127.0.0.1:{dash.env['SEALGATE_WEB_PORT']}/flows")
     assert r.status == 403 and r.headers["x-sealgate-error"] == "destination_blocked" and b"own port" in r.body
 
 
+@pytest.mark.e2e
 def test_dashboard_api_cannot_write_files_or_connect_anywhere(dash, pki, user, value, tmp_path):
     api = RawUpstream(pki, lambda head, body, sock: raw_response(b"ok"))
     dash.add_secret(user, "K", value, api.origin)
@@ -203,6 +215,7 @@ def _rss_mib(pid: int) -> int:
     return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")).split()[1]) // 1024
 
 
+@pytest.mark.e2e
 def test_a_stalled_dashboard_does_not_grow_the_proxy(tmp_path, pki, user, value):
     import signal
     import subprocess as sp
@@ -229,6 +242,7 @@ def test_a_stalled_dashboard_does_not_grow_the_proxy(tmp_path, pki, user, value)
         p.stop()
 
 
+@pytest.mark.e2e
 def test_the_proxy_goes_on_and_says_so_when_the_dashboard_dies(tmp_path, pki, user, value):
     import signal
     import subprocess as sp
@@ -249,6 +263,7 @@ def test_the_proxy_goes_on_and_says_so_when_the_dashboard_dies(tmp_path, pki, us
         p.stop()
 
 
+@pytest.mark.e2e
 def test_filled_websocket_messages_reach_the_dashboard_scrubbed(dash, pki, user, value):
     """A worker's WebSocket message is filled in the proxy's own flow: its copy must not carry the value."""
     import hashlib
@@ -283,3 +298,139 @@ def test_filled_websocket_messages_reach_the_dashboard_scrubbed(dash, pki, user,
     messages = board.get(f"/flows/{ws_flow['id']}/messages/content.data").content
     assert s["env"]["K"].encode() in dump + messages
     assert value.encode() not in dump + messages
+
+
+# --- at most dashboard_max_flows flows ---------------------------------------------------------
+
+def _tflows(n: int, start: int = 0, body: bytes = b"ok") -> list[http.HTTPFlow]:
+    """n finished flows, in arrival order: /n<i>, started i seconds apart."""
+    flows = []
+    for i in range(start, start + n):
+        f = tflow.tflow(resp=True)
+        f.request.path = f"/n{i}"
+        f.timestamp_created = 1_700_000_000.0 + i  # the view's order (the same for all, it would be O(n) per flow)
+        f.request.timestamp_start = f.request.timestamp_end = 1_700_000_000.0 + i
+        f.response.timestamp_start = f.response.timestamp_end = 1_700_000_000.5 + i
+        f.response.content = body
+        flows.append(f)
+    return flows
+
+
+def test_the_dashboard_keeps_only_the_newest_flows():
+    """In-process, through the receiver's own socket handler into mitmproxy's View: past the bound the
+    oldest go (the web UI told of each), also after a user removed or cleared flows in the UI."""
+    from mitmproxy.addons.view import View
+    from mitmproxy.test import taddons
+
+    from sealgate.dashboard import frame
+    from sealgate.dashboard_web import MirrorReceiver
+
+    async def feed(receiver: MirrorReceiver, flows: list[http.HTTPFlow]) -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"".join(frame(f) for f in flows))
+        reader.feed_eof()
+        await receiver._receive(reader, mock.Mock())
+
+    async def go() -> None:
+        receiver, view = MirrorReceiver(), View()
+        with taddons.context(receiver, view) as tctx:
+            assert tctx.options.sealgate_dashboard_max_flows == 5000
+            tctx.options.update(sealgate_dashboard_max_flows=10)
+            told: list[str] = []
+
+            def tell(flow: http.HTTPFlow, index: int) -> None:  # the web UI's "flows/remove"; held weakly
+                told.append(flow.id)
+            view.sig_view_remove.connect(tell)
+            sent = _tflows(25)
+            await feed(receiver, sent)
+            assert [f.id for f in view] == [f.id for f in sent[-10:]] and view.store_count() == 10
+            assert told == [f.id for f in sent[:15]]  # each one a "flows/remove" to the web UI, oldest first
+            by_user = [view.get_by_id(f.id) for f in (sent[16], sent[20], sent[24])]
+            view.remove(by_user)
+            more = _tflows(5, start=25)
+            await feed(receiver, more)
+            gone = {f.id for f in by_user}
+            assert [f.id for f in view] == [f.id for f in sent + more if f.id not in gone][-10:]
+            for n in range(10):  # a user clearing the view often: the ids kept stay bounded too
+                view.clear()
+                await feed(receiver, _tflows(9, start=100 + 10 * n))
+            assert view.store_count() == 9 and len(receiver.arrived) <= 20
+
+    asyncio.run(go())
+
+
+@contextlib.contextmanager
+def dashboard_process(max_flows: int) -> Iterator[tuple[int, str, Dashboard]]:
+    """The dashboard process alone, started as `sealgate run` starts it: (its pid, its mirror socket, its API)."""
+    from sealgate.runner import start_dashboard
+    from sealgate.settings import Settings
+
+    with tempfile.TemporaryDirectory(prefix="sg-dash-") as workdir:  # short: a Unix socket's path
+        port = free_port()
+        settings = Settings(listen_host="127.0.0.1", listen_port=0, web_port=port, web_password=None,
+                            data_dir=Path(workdir), certs_dir=Path(workdir), upstream_ca=None, allow_private="",
+                            session_ttl=60, metrics=None, dashboard_max_flows=max_flows)
+        proc, socket_path, password = start_dashboard(settings, Path(workdir))
+        try:
+            end = time.time() + 30
+            while not (os.path.exists(socket_path) and _answers(port)):
+                assert proc.poll() is None and time.time() < end, "the dashboard did not start"
+                time.sleep(0.1)
+            yield proc.pid, socket_path, Dashboard(types.SimpleNamespace(
+                env={"SEALGATE_WEB_PORT": str(port), "SEALGATE_WEB_PASSWORD": password}))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/", timeout=1).status_code > 0
+    except requests.ConnectionError:
+        return False
+
+
+def _mirror(socket_path: str, board: Dashboard, flows: list[http.HTTPFlow]) -> list[dict]:
+    """Send flows as the proxy's Mirror does; the dashboard's flows once it shows the last one."""
+    from sealgate.dashboard import frame
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(socket_path)
+        s.sendall(b"".join(frame(f) for f in flows))
+    end = time.time() + 60
+    while True:
+        shown = board.flows()
+        if flows[-1].id in {f["id"] for f in shown}:
+            return shown
+        assert time.time() < end, "the dashboard did not show the last flow"
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_the_dashboard_process_keeps_only_the_newest_flows():
+    with dashboard_process(max_flows=50) as (_, socket_path, board):
+        sent = _tflows(500)
+        pushed: list[bytes] = []
+        ws = threading.Thread(target=lambda: pushed.append(
+            board.websocket(30, enough=lambda out: out.count(b'"flows/remove"') >= 450)))
+        ws.start()
+        time.sleep(0.5)
+        shown = _mirror(socket_path, board, sent)
+        ws.join()
+        assert [f["id"] for f in shown] == [f.id for f in sent[-50:]]
+        assert pushed[0].count(b'"flows/remove"') == 450  # the open UI was told of each
+        refused = board.http.put(board.base + "/options", json={"sealgate_dashboard_max_flows": 10 ** 6}, timeout=5)
+        assert refused.status_code != 200
+        assert board.get("/options").json()["sealgate_dashboard_max_flows"]["value"] == 50
+
+
+@pytest.mark.e2e
+def test_the_dashboard_does_not_grow_past_its_bound():
+    body = os.urandom(8 * 1024)
+    with dashboard_process(max_flows=1000) as (pid, socket_path, board):
+        _mirror(socket_path, board, _tflows(5000, body=body))
+        before = _rss_mib(pid)
+        shown = _mirror(socket_path, board, _tflows(5000, start=5000, body=body))
+        grown = _rss_mib(pid) - before  # some 80 MiB if every flow were kept
+        assert grown < 30, f"the dashboard grew by {grown} MiB over 5,000 flows past its bound of 1,000"
+        assert len(shown) == 1000

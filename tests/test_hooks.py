@@ -60,6 +60,12 @@ def through_request(addon: Sealgate, f: http.HTTPFlow) -> http.HTTPFlow:
     return f
 
 
+def audit_of(addon: Sealgate, store):
+    """The store's audit trail, once the addon's queue has written it."""
+    assert addon.audit.flush(5)
+    return store.audit
+
+
 def blocks(addon: Sealgate, code: str) -> float:
     for line in addon.metrics.render().splitlines():
         if line.startswith(f'sealgate_blocks_total{{code="{code}"}}'):
@@ -83,14 +89,14 @@ def test_header_is_filled_for_the_allowed_origin_and_audited_in_placeholder_form
     assert f.response is None
     assert f.request.headers["X-Key"] == value and value in f.request.path  # what goes upstream
     assert "Proxy-Authorization" not in f.request.headers
-    [row] = store.audit(user=issued.session.principal)
+    [row] = audit_of(addon, store)(user=issued.session.principal)
     assert (row.decision, row.secrets, row.path) == ("allow", ("K",), f"/v1/{ph}")  # placeholder form, no query
     f.response = http.Response.make(200, f"echo {value}".encode(), {"X-Echo": value})
     addon.responseheaders(f)
     asyncio.run(addon.response(f))
     assert f.request.headers["X-Key"] == ph  # the flow keeps the placeholder form once the request has gone
     assert f.response.content == f"echo {ph}".encode() and f.response.headers["X-Echo"] == ph
-    assert store.audit(user=issued.session.principal)[0].status == 200
+    assert audit_of(addon, store)(user=issued.session.principal)[0].status == 200
 
 
 def test_placeholder_to_another_origin_is_refused_and_recorded(world, value):
@@ -99,7 +105,7 @@ def test_placeholder_to_another_origin_is_refused_and_recorded(world, value):
     problem = assert_refused(f, "origin_not_allowed")
     assert "K may not go to https://evil.example" in problem["detail"]
     assert value not in f.request.headers["X-Key"]
-    [row] = store.audit(user=issued.session.principal)
+    [row] = audit_of(addon, store)(user=issued.session.principal)
     assert (row.decision, row.code, row.status) == ("block", "origin_not_allowed", 403)
     assert blocks(addon, "origin_not_allowed") == 1
 
@@ -113,7 +119,7 @@ def test_streamed_body_with_placeholder_in_the_path_is_audited_in_placeholder_fo
     through_request(addon, f)
     assert callable(f.request.stream) and value in f.request.path
     f.request.stream(f"k={ph}".encode())
-    rows = store.audit(user=issued.session.principal)
+    rows = audit_of(addon, store)(user=issued.session.principal)
     assert rows and all(value not in json.dumps(r.__dict__) for r in rows)
     assert {r.path for r in rows} == {f"/bot{ph}/send"}
 
@@ -125,7 +131,7 @@ def test_a_407_is_audited_and_counted(world):
     f = through_request(addon, flow_to("https://api.example/", None))
     assert f.response.status_code == 407 and f.response.headers["Proxy-Authenticate"]
     assert blocks(addon, "proxy_auth_required") == 1
-    [row] = store.audit()
+    [row] = audit_of(addon, store)()
     assert (row.decision, row.code, row.session, row.status) == ("block", "proxy_auth_required", "", 407)
     assert row.client == "127.0.0.1:22"
 
@@ -138,7 +144,7 @@ def test_a_bad_credential_at_connect_is_audited_and_counted(world):
     addon.http_connect(f)
     assert_refused(f, "proxy_auth_required")
     assert "guess" not in f.response.text
-    assert [r.code for r in store.audit()] == ["proxy_auth_required"]
+    assert [r.code for r in audit_of(addon, store)()] == ["proxy_auth_required"]
     assert blocks(addon, "proxy_auth_required") == 1
 
 
@@ -157,7 +163,7 @@ def test_a_connect_to_a_blocked_address_is_audited_and_counted(world):
     assert f.server_conn.error.startswith("destination_blocked")
     addon.http_connect_error(f)
     assert_refused(f, "destination_blocked")
-    [row] = store.audit(user=issued.session.principal)
+    [row] = audit_of(addon, store)(user=issued.session.principal)
     assert (row.code, row.session, row.origin) == ("destination_blocked", issued.session.id, "https://127.0.0.3")
     assert blocks(addon, "destination_blocked") == 1
 
@@ -168,7 +174,7 @@ def test_a_refused_body_is_audited_and_counted(world):
     f.request.raw_content = b"not gzip"
     through_request(addon, f)
     assert_refused(f, "unreadable_body")
-    assert [r.code for r in store.audit()] == ["unreadable_body"]
+    assert [r.code for r in audit_of(addon, store)()] == ["unreadable_body"]
     assert blocks(addon, "unreadable_body") == 1
 
 
@@ -182,7 +188,7 @@ def test_an_exception_while_deciding_blocks_the_request_and_is_recorded(world, m
     f = through_request(addon, flow_to("https://api.example/", issued, headers={"X-Key": ph}))
     assert f.response.status_code == 500 and f.response.headers["X-Sealgate-Error"] == "internal_error"
     assert f.request.headers["X-Key"] == ph  # nothing filled, nothing sent
-    assert [r.code for r in store.audit()] == ["internal_error"]
+    assert [r.code for r in audit_of(addon, store)()] == ["internal_error"]
     assert blocks(addon, "internal_error") == 1
 
 
@@ -198,7 +204,7 @@ def test_websocket_message_after_the_session_expired_is_not_filled(world, value)
     f.websocket.messages.append(tflow.websocket.WebSocketMessage(1, True, issued.env["K"].encode()))
     addon.websocket_message(f)  # (closing with a message needs a live connection: the flow is killed instead)
     assert value.encode() not in f.websocket.messages[-1].content
-    assert f.error is not None and store.audit()[0].decision == "block"
+    assert f.error is not None and audit_of(addon, store)()[0].decision == "block"
 
 
 # --- collaborators -------------------------------------------------------------------------------
@@ -281,7 +287,7 @@ def test_a_large_or_unbounded_compressed_body_is_refused_before_it_is_read(world
         f.request.headers["content-length"] = length
     asyncio.run(addon.requestheaders(f))  # the head only: nothing of the body has been read
     assert f.error is not None and f.response is None  # closed: an answer would wait for the whole body
-    assert [r.code for r in store.audit()] == ["unreadable_body"]
+    assert [r.code for r in audit_of(addon, store)()] == ["unreadable_body"]
 
 
 # --- the dashboard's copy and what its API may run --------------------------------------------------
@@ -337,7 +343,7 @@ def test_a_refused_request_bringing_a_large_body_is_closed_not_held_and_answered
     f.request.headers.update(headers)
     asyncio.run(addon.requestheaders(f))
     assert f.error is not None and f.response is None  # killed
-    assert [(r.code, r.status) for r in store.audit()] == [("proxy_auth_required", 0)]
+    assert [(r.code, r.status) for r in audit_of(addon, store)()] == [("proxy_auth_required", 0)]
     assert blocks(addon, "proxy_auth_required") == 1
 
 
@@ -347,7 +353,7 @@ def test_a_non_utf8_byte_in_the_path_is_still_audited(world, value):
     f.request.data.path = b"/steal\xff/" + issued.env["K"].encode()
     through_request(addon, f)
     assert_refused(f, "origin_not_allowed")
-    [row] = store.audit()
+    [row] = audit_of(addon, store)()
     assert row.code == "origin_not_allowed" and row.path == f"/steal\\xff/{issued.env['K']}"
 
 
@@ -358,7 +364,7 @@ def test_absolute_form_https_to_a_blocked_address_is_refused_by_the_one_exit(wor
     f.server_conn.state = ConnectionState.CLOSED
     through_request(addon, f)
     assert_refused(f, "destination_blocked")
-    assert [r.code for r in store.audit()] == ["destination_blocked"] and blocks(addon, "destination_blocked") == 1
+    assert [r.code for r in audit_of(addon, store)()] == ["destination_blocked"] and blocks(addon, "destination_blocked") == 1
 
 
 def test_websocket_history_is_bounded(world):

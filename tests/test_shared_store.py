@@ -411,24 +411,28 @@ def test_postgresql_restarted_under_load(pg, tmp_path, pki, api, user, value):
 
 
 def test_a_value_never_goes_unaudited(tmp_path, pki, make_upstream, user, value):
-    """The audit trail cannot take a row (here: its table is gone): an injecting request is refused and
-    its value goes nowhere; a request that fills nothing is unaffected."""
+    """The audit trail cannot take a row (here: its table is gone): rows wait in the queue, up to its bound;
+    past it an injecting request is refused and its value goes nowhere; a request that fills nothing is
+    unaffected."""
     api = make_upstream("127.0.0.1")
-    p = make_proxy(tmp_path, pki)
+    p = make_proxy(tmp_path, pki, SEALGATE_AUDIT_QUEUE="3")
     p.add_secret(user, "K", value, api.origin)
     s = p.issue(user=user)
     p.start()
     try:
         assert sent(api, s, "K")[1] == value  # the secret is opened and cached
+        p.audit_written()
         Place(p.data_dir, None).sql("drop table audit")
+        assert [sent(api, s, "K", f"/queued{i}")[1] for i in range(3)] == [value] * 3  # the queue holds them
         r, got = sent(api, s, "K", "/unaudited")
-        assert_problem(r, 503, "store_unavailable", "the audit trail cannot be written")
+        assert_problem(r, 503, "store_unavailable", "the audit trail cannot take more rows")
         assert got is None and not any(rec.path == "/unaudited" for rec in api.received)
         assert curl(s, api.url("/plain")).status == 200
     finally:
         p.stop()
     lines = [line for line in p.log.read_text().splitlines() if "path=/unaudited" in line]
     assert lines and not any("decision=allow" in line for line in lines)  # logged as refused, never as allowed
+    assert "3 audit rows could not be written before sealgate stopped" in p.log.read_text()
 
 
 def test_the_cli_backs_up_and_restores_and_names_a_bad_store_url(tmp_path, pki, user, value):

@@ -4,6 +4,7 @@ a key never silently replaced. Every test here runs on SQLite and on a throwaway
 from __future__ import annotations
 
 import json
+import types
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,10 +180,14 @@ def test_readiness_says_when_the_key_does_not_open_the_store(filled, place):
 
     class Addon:
         store = place.open()
+        connections = types.SimpleNamespace(draining=False)
     certs = place.data_dir / "certs"
     certs.mkdir()
     (certs / "mitmproxy-ca-cert.pem").write_text("x")
     assert _readiness(Addon, certs)() is None
+    Addon.connections.draining = True  # SIGTERM: the proxy stops taking work
+    assert _readiness(Addon, certs)() == "the proxy is stopping"
+    Addon.connections.draining = False
     (place.data_dir / store.KEY_NAME).write_text(bytes(32).hex() + "\n")
     Addon.store = place.open()
     assert "does not open the store" in _readiness(Addon, certs)()

@@ -173,7 +173,8 @@ def serve(pki: TestPKI, host: str = "127.0.0.1", *, tls: bool = True,
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         c, k = cert or pki.issue(f"upstream-{host}-{up.port}", LOOPBACK_SANS)
         ctx.load_cert_chain(c, k)
-        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        # the handshake in each connection's thread, not in accept(): one silent peer must not stall the rest
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return up, srv
 

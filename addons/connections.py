@@ -1,0 +1,197 @@
+"""Bounds on connections: how many, for how long, and how a stopping proxy lets them finish.
+
+- Worker connections: at most `max_connections` open (more get 503 `proxy_busy` and are closed
+  before a byte is read), at most `max_session_connections` of one session (429
+  `too_many_connections`, at its CONNECT or first request), and each must bring a complete request
+  head within `header_timeout` of opening or of its previous exchange ending (a trickling client, or
+  an idle keep-alive connection, is closed then).
+- Upstreams: `upstream_timeout` to connect, and again from the request having gone to the response
+  beginning; past it the worker gets 504 `upstream_timeout` and the upstream connection is dropped.
+- Draining (SIGTERM): no new connection is taken, idle ones are closed, and each busy one is closed
+  once its exchange ends.
+
+Refusals of a request leave by the recorder (the one exit); a connection refused before any request
+was read gets the problem+json on the wire, a metric and a log line, and no audit row (no request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+
+from mitmproxy import connection, ctx, http
+
+from . import internals
+from .errors import Refusal
+from .metrics import Metrics
+from .sessions import Session
+
+log = logging.getLogger("sealgate")
+
+DRAIN_IDLE_AFTER = 1.0  # seconds a drained HTTP/2 connection's last answer has to reach the worker
+
+
+@dataclass
+class Limits:
+    upstream_timeout: float = 120
+    header_timeout: float = 30
+    max_connections: int = 2000
+    max_session_connections: int = 100
+    max_head_bytes: int = 65536
+
+
+@dataclass
+class _Worker:
+    """One worker connection: its session (once known), exchanges in flight, the head deadline."""
+
+    session: str | None = None
+    in_flight: int = 0
+    deadline: asyncio.TimerHandle | None = None
+
+
+class Connections:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.limits = Limits()
+        self.workers: dict[connection.Client, _Worker] = {}
+        self.per_session: Counter[str] = Counter()
+        self.flows: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()  # exchanges in flight
+        self.waiting: weakref.WeakKeyDictionary[object, asyncio.TimerHandle] = weakref.WeakKeyDictionary()
+        self.draining = False
+        self._said_busy = float("-inf")
+        metrics.size("connections", lambda: len(self.workers))
+
+    # worker connections ----------------------------------------------------------------------
+
+    def connected(self, client: connection.Client) -> None:
+        if self.draining or len(self.workers) >= self.limits.max_connections:
+            why = "the proxy is stopping" if self.draining else \
+                f"the proxy has {len(self.workers)} connections open, its limit (max_connections)"
+            refusal = Refusal("proxy_busy", f"{why}; try again shortly")
+            internals.refuse_connection(ctx.master, client, refusal.http_response())
+            self.metrics.blocks.labels(refusal.code).inc()
+            if (now := time.monotonic()) - self._said_busy >= 1:  # a flood is said once a second
+                self._said_busy = now
+                log.warning("sealgate: connection refused: %s", refusal.detail)
+            return
+        self.workers[client] = _Worker()
+        self._await_head(client)
+
+    def disconnected(self, client: connection.Client) -> None:
+        if (worker := self.workers.pop(client, None)) is None:
+            return
+        if worker.deadline:
+            worker.deadline.cancel()
+        if worker.session is not None:
+            self.per_session[worker.session] -= 1
+            if self.per_session[worker.session] <= 0:
+                del self.per_session[worker.session]
+
+    def admit(self, flow: http.HTTPFlow, session: Session) -> Refusal | None:
+        """A connection counts against its session from its first authenticated head."""
+        worker = self.workers.get(flow.client_conn)
+        if worker is None or worker.session is not None:
+            return None
+        if self.per_session[session.id] >= self.limits.max_session_connections:
+            return Refusal("too_many_connections", f"session {session.id} has {self.per_session[session.id]} "
+                           "connections open, its limit (max_session_connections); reuse one or close some")
+        worker.session = session.id
+        self.per_session[session.id] += 1
+        return None
+
+    def head_too_large(self) -> bytes:
+        """The answer to a request head over max_head_bytes (`internals.limit_request_heads` sends it)."""
+        self.metrics.blocks.labels("request_head_too_large").inc()
+        return Refusal("request_head_too_large", f"a request head may have at most {self.limits.max_head_bytes} "
+                       "bytes (max_head_bytes)").http_response()
+
+    def tunnel_open(self, flow: http.HTTPFlow) -> None:
+        """A CONNECT was answered: the tunnel's first request head is due within the header timeout."""
+        self._await_head(flow.client_conn)
+
+    def began(self, flow: http.HTTPFlow) -> None:
+        """A request head arrived."""
+        if (worker := self.workers.get(flow.client_conn)) is None or flow in self.flows:
+            return
+        self.flows.add(flow)
+        worker.in_flight += 1
+        if worker.deadline:
+            worker.deadline.cancel()
+            worker.deadline = None
+
+    def ended(self, flow: http.HTTPFlow) -> None:
+        """An exchange ended (answered, failed, or its WebSocket closed): the next head is due."""
+        self._stop_waiting(flow)
+        if flow not in self.flows:
+            return
+        self.flows.discard(flow)
+        if (worker := self.workers.get(flow.client_conn)) is None:
+            return
+        worker.in_flight = max(0, worker.in_flight - 1)
+        if self.draining and flow.response is not None and not flow.response.is_http2:
+            flow.response.headers["Connection"] = "close"  # mitmproxy closes it once the answer is out
+        if not worker.in_flight:
+            self._await_head(flow.client_conn)
+
+    def _await_head(self, client: connection.Client) -> None:
+        worker = self.workers.get(client)
+        if worker is None:
+            return
+        if worker.deadline:
+            worker.deadline.cancel()
+        timeout = DRAIN_IDLE_AFTER if self.draining else self.limits.header_timeout
+        worker.deadline = asyncio.get_running_loop().call_later(timeout, self._no_head, client)
+
+    def _no_head(self, client: connection.Client) -> None:
+        worker = self.workers.get(client)
+        if worker is None or worker.in_flight:
+            return
+        worker.deadline = None
+        self.metrics.closed.labels("draining" if self.draining else "header_timeout").inc()
+        internals.close_client(ctx.master, client)
+
+    # upstreams -------------------------------------------------------------------------------
+
+    def dialling(self, client: connection.Client, server: connection.Server) -> None:
+        """An upstream connection is being opened: it has upstream_timeout to be."""
+        self._wait(server, lambda: internals.abort_upstream(ctx.master, client, server))
+
+    def dialled(self, server: connection.Server) -> None:
+        self._stop_waiting(server)
+
+    def sent(self, flow: http.HTTPFlow) -> None:
+        """The request has gone: its answer has upstream_timeout to begin."""
+        self._wait(flow, lambda: internals.abort_upstream(ctx.master, flow, flow.server_conn))
+
+    def answering(self, flow: http.HTTPFlow) -> None:
+        self._stop_waiting(flow)
+
+    def _wait(self, key: object, give_up) -> None:
+        def fire() -> None:
+            self.waiting.pop(key, None)
+            if give_up():
+                self.metrics.closed.labels("upstream_timeout").inc()
+        self._stop_waiting(key)
+        self.waiting[key] = asyncio.get_running_loop().call_later(self.limits.upstream_timeout, fire)
+
+    def _stop_waiting(self, key: object) -> None:
+        if (timer := self.waiting.pop(key, None)) is not None:
+            timer.cancel()
+
+    # stopping --------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Take no new connection; close the idle ones now, the busy ones as their exchanges end."""
+        self.draining = True
+        for client, worker in list(self.workers.items()):
+            if not worker.in_flight:
+                self._await_head(client)
+
+    @property
+    def busy(self) -> int:
+        """Worker connections still open."""
+        return len(self.workers)
