@@ -115,6 +115,8 @@ class Wiring:
         self.resender = Resender(self.releaser.request, self.states, self.linked)
         self.metrics.size("audit_queue", lambda: self.audit.waiting if self.audit else 0)
         self.metrics.size("scrubbers", lambda: len(self.scrubbers.sessions))
+        self.metrics.size("store_cache", lambda: self.store.cached_count if self.store else 0)
+        self.metrics.size("certificates", _certificates)
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -396,6 +398,12 @@ class Sealgate(Wiring):
             self.recorder.refuse(flow, refusal, Answer.RESPOND if flow.websocket is None else Answer.KILL)
         elif flow.killable:
             flow.kill()
+
+
+def _certificates() -> int:
+    """Certificates mitmproxy made for workers and keeps (its CertStore keeps 100 at most)."""
+    tls = ctx.master.addons.get("tlsconfig") if hasattr(ctx, "master") else None
+    return len({id(e) for e in tls.certstore.certs.values()}) if tls is not None and getattr(tls, "certstore", None) else 0
 
 
 def _body_of_unknown_length(request: http.Request) -> bool:

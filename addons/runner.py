@@ -141,7 +141,10 @@ async def serve(settings: Settings) -> None:
         if settings.web_port is not None:
             dashboard, socket_path, password = start_dashboard(settings, Path(workdir))
             sealgate = m.addons.get("sealgate")
-            m.addons.add(Mirror(socket_path, sealgate.flow_scrubber))
+            mirror = Mirror(socket_path, sealgate.flow_scrubber)
+            m.addons.add(mirror)
+            sealgate.metrics.size("mirror_bytes", lambda: mirror.queued_bytes)
+            sealgate.metrics.size("mirror_dropped", lambda: mirror.dropped)
             children.append(dashboard)
             watchers.append(asyncio.get_running_loop().create_task(_watch(dashboard, "the dashboard", "its copies")))
         if settings.api is not None:

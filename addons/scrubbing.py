@@ -26,6 +26,7 @@ from .streams import StreamFilter, StreamRewriter
 RESPONSE_BODY_LIMIT = 256 * 1024 * 1024  # decoded bytes scrubbed of values
 STREAM_OVER = 1024 * 1024  # identity bodies larger than this (or of unknown length) stream through
 SCRUBBER_GRACE = 3600  # seconds a session's scrubber outlives the session, for slow responses
+SCRUBBERS_MAX = 10_000  # sessions' scrubbers kept at once (expired ones go first, then the oldest)
 
 
 @dataclass
@@ -51,9 +52,8 @@ class Scrubbers:
         store = self.store()
         entry = self.sessions.get(session.id)
         if entry is None:
-            now = time.time()
-            for sid in [sid for sid, e in self.sessions.items() if e.expires_at + SCRUBBER_GRACE < now]:
-                del self.sessions[sid]
+            if len(self.sessions) >= SCRUBBERS_MAX:
+                self._prune()
             entry = self.sessions[session.id] = _Entry(session.record.expires_at, Scrubber())
         version = store.version()
         if entry.version == version:
@@ -67,6 +67,14 @@ class Scrubbers:
             entry.signature = signature
         entry.version = version  # only once loaded: a failure is tried again, and refused again
         return entry.scrubber
+
+    def _prune(self) -> None:
+        """Forget expired sessions' scrubbers; if that is not enough, the oldest quarter (a session whose
+        scrubber goes loads its principal's values again, but forgets the signatures it made)."""
+        now = time.time()
+        self.sessions = {sid: e for sid, e in self.sessions.items() if e.expires_at + SCRUBBER_GRACE >= now}
+        if len(self.sessions) >= SCRUBBERS_MAX:
+            self.sessions = dict(list(self.sessions.items())[SCRUBBERS_MAX // 4:])
 
     def learn(self, state: FlowState, result: decision.Allow, signatures: list[tuple[str, str]] = ()) -> None:
         """Scrub values just filled into a flow that the session's scrubber does not know yet (a secret

@@ -285,6 +285,10 @@ class SecretStore:
         except crypto.EnvelopeError as e:
             raise StoreError(str(e)) from None
 
+    @property
+    def cached_count(self) -> int:
+        return len(self._cached)
+
     def cached(self, what: tuple, load):
         """What load() gives, kept until the store's version changes (read before loading, so a change
         committed meanwhile is loaded again next time)."""

@@ -75,3 +75,16 @@ def test_the_gateway_is_reached_only_by_workers():
     assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
     [c] = deployment["spec"]["template"]["spec"]["containers"]
     assert c["securityContext"]["readOnlyRootFilesystem"] and "readinessProbe" in c
+
+
+def test_kubernetes_waits_for_a_graceful_stop():
+    """preStop, then SIGTERM: sealgate's shutdown grace and its audit flush fit in the pod's grace period."""
+    from sealgate.addon import AUDIT_FLUSH
+    [gateway, *_] = docs(K8S / "gateway" / "deployment.yaml")
+    [pod] = docs(K8S / "sidecar" / "worker-pod.yaml")
+    for spec in (gateway["spec"]["template"]["spec"], pod["spec"]):
+        [sidecar] = [c for c in spec["containers"] if c["name"] == "sealgate"]
+        grace = int({e["name"]: e.get("value") for e in sidecar["env"]}["SEALGATE_SHUTDOWN_GRACE"])
+        pre_stop = sidecar["lifecycle"]["preStop"]["exec"]["command"]
+        slept = float(re.search(r"sleep\((\d+)\)", pre_stop[-1]).group(1))
+        assert slept + grace + AUDIT_FLUSH < spec["terminationGracePeriodSeconds"]

@@ -86,6 +86,7 @@ def world(tmp_path, pki, make_upstream, user, value):
 
 # --- upstream timeouts -----------------------------------------------------------------------------
 
+@pytest.mark.e2e  # waits out a timeout by design
 def test_an_upstream_that_never_answers_gets_the_worker_a_504_after_the_timeout(world, pki, value):
     p, _, s = world(SEALGATE_UPSTREAM_TIMEOUT="1")
     silent = RawUpstream(pki, lambda head, body, sock: time.sleep(30))  # takes the request, says nothing
@@ -98,6 +99,7 @@ def test_an_upstream_that_never_answers_gets_the_worker_a_504_after_the_timeout(
     assert metric(p, 'sealgate_connections_closed_total{reason="upstream_timeout"}') >= 1
 
 
+@pytest.mark.e2e  # waits out a timeout by design
 def test_an_injecting_request_to_a_silent_upstream_is_audited_with_the_504(tmp_path, pki, user, value):
     silent = RawUpstream(pki, lambda head, body, sock: time.sleep(30))
     p = make_proxy(tmp_path, pki, SEALGATE_UPSTREAM_TIMEOUT="1")
@@ -115,6 +117,7 @@ def test_an_injecting_request_to_a_silent_upstream_is_audited_with_the_504(tmp_p
     assert_clean(p, value, r.body)
 
 
+@pytest.mark.e2e  # waits out a timeout by design
 def test_an_upstream_that_does_not_accept_is_given_up_on_at_connect(world):
     p, _, s = world(SEALGATE_UPSTREAM_TIMEOUT="1")
     full = socket.socket()
@@ -139,6 +142,7 @@ def test_an_upstream_that_does_not_accept_is_given_up_on_at_connect(world):
     full.close()
 
 
+@pytest.mark.e2e  # waits out a timeout by design
 def test_an_upstream_that_stalls_mid_body_is_cut_after_the_idle_timeout(world, pki):
     def stall(head, body, sock):
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
@@ -166,6 +170,7 @@ def test_an_upstream_that_resets_mid_body_disturbs_nobody_else(world, pki, value
 
 # --- worker connections: head timeout, head size, how many -----------------------------------------
 
+@pytest.mark.e2e  # waits out a timeout by design
 def test_a_trickling_client_is_closed_at_the_header_timeout_while_real_workers_are_served(world, value):
     p, api, s = world(SEALGATE_HEADER_TIMEOUT="2")
     tricklers = []
@@ -187,6 +192,7 @@ def test_a_trickling_client_is_closed_at_the_header_timeout_while_real_workers_a
     assert metric(p, 'sealgate_connections_closed_total{reason="header_timeout"}') >= 200
 
 
+@pytest.mark.e2e  # waits out a timeout by design
 def test_a_tunnel_must_bring_its_first_request_within_the_header_timeout(world):
     p, api, s = world(SEALGATE_HEADER_TIMEOUT="1")
     sock, head = connect(p, s, api.origin.split("//")[1])
@@ -194,6 +200,7 @@ def test_a_tunnel_must_bring_its_first_request_within_the_header_timeout(world):
     assert closed_within(sock, 4)  # no TLS hello, no request: closed
 
 
+@pytest.mark.e2e  # waits out a timeout by design
 def test_an_idle_keep_alive_connection_is_closed_at_the_header_timeout(world):
     import requests
     p, api, s = world(SEALGATE_HEADER_TIMEOUT="1")
@@ -493,3 +500,30 @@ def test_sigterm_gives_up_on_requests_past_the_grace(tmp_path, pki, user, value)
     assert 0.9 < time.monotonic() - began < 5
     worker.join(20)
     assert failed  # the worker's connection was closed: it knows its request did not finish
+
+
+def test_every_queue_and_cache_reports_its_size(world, value):
+    p, api, s = world()
+    assert sent(api, s)[1] == value
+    import urllib.request
+    text = urllib.request.urlopen(p.metrics_url + "/metrics", timeout=5).read().decode()
+    sizes = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith("sealgate_bounded{")}
+    assert {"audit_queue", "scrubbers", "store_cache", "certificates", "connections"} <= set(sizes)
+    assert sizes["scrubbers"] == 1 and sizes["certificates"] >= 1 and sizes["store_cache"] >= 1
+
+
+def test_scrubbers_are_bounded_expired_first(monkeypatch):
+    from sealgate import scrubbing
+    monkeypatch.setattr(scrubbing, "SCRUBBERS_MAX", 8)
+    scrubbers = scrubbing.Scrubbers(lambda: None)
+    now = time.time()
+    for i in range(8):
+        scrubbers.sessions[f"s{i}"] = scrubbing._Entry(now - 10 * scrubbing.SCRUBBER_GRACE if i % 2 else now + 60,
+                                                       scrubbing.Scrubber())
+    scrubbers._prune()
+    assert list(scrubbers.sessions) == ["s0", "s2", "s4", "s6"]  # the expired went
+    for i in range(8, 12):
+        scrubbers.sessions[f"s{i}"] = scrubbing._Entry(now + 60, scrubbing.Scrubber())
+    scrubbers._prune()
+    assert list(scrubbers.sessions) == ["s4", "s6", "s8", "s9", "s10", "s11"]  # then the oldest quarter
