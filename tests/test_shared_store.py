@@ -410,6 +410,7 @@ def test_postgresql_restarted_under_load(pg, tmp_path, pki, api, user, value):
     assert not leaks(value, p.visible_to_operators())
 
 
+@pytest.mark.e2e  # waits out the audit flush at shutdown (10 s) by design
 def test_a_value_never_goes_unaudited(tmp_path, pki, make_upstream, user, value):
     """The audit trail cannot take a row (here: its table is gone): rows wait in the queue, up to its bound;
     past it an injecting request is refused and its value goes nowhere; a request that fills nothing is
