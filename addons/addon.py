@@ -115,7 +115,7 @@ class Wiring:
         self.resender = Resender(self.releaser.request, self.states, self.linked)
         self.metrics.size("audit_queue", lambda: self.audit.waiting if self.audit else 0)
         self.metrics.size("scrubbers", lambda: len(self.scrubbers.sessions))
-        self.metrics.size("store_cache", lambda: self.store.cached_count if self.store else 0)
+        self.metrics.size("store_cache", lambda: len(self.store.cache) if self.store else 0)
         self.metrics.size("certificates", _certificates)
 
     # lifecycle ----------------------------------------------------------------------------

@@ -122,7 +122,7 @@ class SecretStore:
         self.where = self.backend.where
         self._key: bytes | None = None
         self._ring: dict[str, bytes] = {}
-        self._cached: dict[tuple, tuple[object, object]] = {}  # secrets_for and session, by what was asked
+        self.cache: dict[tuple, tuple[object, object]] = {}  # secrets_for and session, by what was asked (bounded)
         self.audit = AuditTrail(self.backend)  # store.audit(user=...) reads it; .add and .set_status write it
         self.usage = UsageCounters(self.backend)  # requests counted against caps and rates
         self.links = Links(self)  # linked accounts' tokens
@@ -285,20 +285,16 @@ class SecretStore:
         except crypto.EnvelopeError as e:
             raise StoreError(str(e)) from None
 
-    @property
-    def cached_count(self) -> int:
-        return len(self._cached)
-
     def cached(self, what: tuple, load):
         """What load() gives, kept until the store's version changes (read before loading, so a change
         committed meanwhile is loaded again next time)."""
         version = self.version()
-        if (hit := self._cached.get(what)) is not None and hit[0] == version:
+        if (hit := self.cache.get(what)) is not None and hit[0] == version:
             return hit[1]
         found = load()
-        if len(self._cached) >= CACHED_MAX:
-            self._cached.clear()
-        self._cached[what] = (version, found)
+        if len(self.cache) >= CACHED_MAX:
+            self.cache.clear()
+        self.cache[what] = (version, found)
         return found
 
     def secrets_signature(self, owner: str) -> tuple:
@@ -346,7 +342,7 @@ class SecretStore:
         with self.read() as tx:
             row = next(iter(tx.rows("select * from sessions where id = ?", [session_id])), None)
         if row is None:
-            if (seen := self._cached.get(("session", session_id), (None, None))[1]) is not None:
+            if (seen := self.cache.get(("session", session_id), (None, None))[1]) is not None:
                 self._gone(session_id, seen.expires_at)
             return None
         seals.verified_session(self.key, row)

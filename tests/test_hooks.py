@@ -221,6 +221,7 @@ def test_scrubber_survives_session_pruning(monkeypatch, tmp_path):
     kept = scrubbers.for_session(old)
     kept.add([(b"sk-the-old-value", b"PLACEHOLDER")])
     monkeypatch.setattr(scrubbing.time, "time", lambda: now + SCRUBBER_GRACE + 10)
+    monkeypatch.setattr(scrubbing, "SCRUBBERS_MAX", 1)  # the table is full: the expired go
     scrubbers.for_session(new)
     assert old.id not in scrubbers.sessions  # pruned from the table, but the flow's reference still scrubs
     assert kept.scrub(b"late echo: sk-the-old-value") == b"late echo: PLACEHOLDER"
