@@ -71,6 +71,7 @@ _INT_OPTIONS = (  # name, default, help (whole numbers; settings.py validates wh
     ("sealgate_max_connections", 2000, "Worker connections open at once (more: 503)."),
     ("sealgate_max_session_connections", 100, "Worker connections of one session open at once (more: 429)."),
 )
+H2_RESETS, H2_RESETS_WINDOW = 100, 10.0  # an HTTP/2 worker resetting more requests than this is closed
 AUDIT_FLUSH = 10.0  # seconds a stopping proxy waits for the store to take the audit rows still queued
 HEAD_REFUSAL_BODY_MAX = 64 * 1024  # a refused request bringing more (or of unknown length) is closed, not answered
 WEBSOCKET_HISTORY = 100  # messages a WebSocket flow keeps (mitmproxy would keep all, for the socket's life)
@@ -157,6 +158,7 @@ class Wiring:
         internals.note_bodyless_requests()
         internals.answer_timeouts()
         internals.limit_request_heads(lambda: self.connections.limits.max_head_bytes, self.connections.head_too_large)
+        internals.limit_h2_resets(H2_RESETS, H2_RESETS_WINDOW, lambda: self.metrics.closed.labels("h2_resets").inc())
 
     def done(self) -> None:
         self._close_store()
@@ -206,6 +208,9 @@ class Sealgate(Wiring):
 
     def client_disconnected(self, client) -> None:
         self.connections.disconnected(client)
+        # mitmproxy can end a connection's task without closing its socket (a close or an EOF that arrives
+        # while the task waits for its event lock): the socket would stay open until garbage collection
+        internals.close_client(ctx.master, client)
 
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -236,8 +241,9 @@ class Sealgate(Wiring):
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         if (refusal := self.dialer.refusal(flow.server_conn)) is not None:
             self.recorder.refuse(flow, refusal)
-        elif flow.server_conn.error == internals.UPSTREAM_TIMED_OUT:
-            self.recorder.refuse(flow, error_page(504))
+        elif "sealgate.refusal" not in flow.metadata:  # mitmproxy's own answer (it quotes the target, the address
+            # dialled and its advice), not one of ours: ours quotes nothing
+            self.recorder.refuse(flow, error_page(504 if flow.server_conn.error == internals.UPSTREAM_TIMED_OUT else 502))
 
     # the request ----------------------------------------------------------------------------
 

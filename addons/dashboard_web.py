@@ -83,8 +83,8 @@ class MirrorReceiver:
                 for flow in FlowReader(io.BytesIO(blob)).stream():
                     flow.live = False
                     await self.keep(flow)
-        except asyncio.IncompleteReadError:
-            pass
+        except (asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the proxy went away, or this process stops (a cancelled task here is logged as an error by 3.12)
         finally:
             writer.close()
 

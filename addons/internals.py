@@ -63,6 +63,9 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 trailers)")
     need(callable(getattr(getattr(_http1, "Http1Server", None), "read_headers", None)),
          "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers (the request head's size)")
+    need(callable(getattr(getattr(_http2, "Http2Server", None), "handle_h2_event", None))
+         and callable(getattr(getattr(_http2, "Http2Server", None), "protocol_error", None)),
+         "mitmproxy.proxy.layers.http._http2.Http2Server.handle_h2_event and protocol_error (HTTP/2 resets)")
     need(callable(getattr(stream, "handle_protocol_error", None)),
          "mitmproxy.proxy.layers.http.HttpStream.handle_protocol_error (an upstream that timed out)")
     if found:
@@ -262,6 +265,7 @@ def has_no_body(request: Any) -> bool:
 
 
 UPSTREAM_TIMED_OUT = "sealgate: the upstream did not answer in time"
+H2_SLICE = 16 * 1024  # bytes of a worker's HTTP/2 data parsed at a time
 _TIMED_OUT: weakref.WeakSet = weakref.WeakSet()  # flows whose upstream sealgate gave up on
 
 
@@ -325,7 +329,8 @@ def refuse_connection(master: Any, client: Any, answer: bytes) -> None:
 
 def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -> None:
     """Refuse an HTTP/1 request head longer than limit() bytes: mitmproxy would buffer it without bound,
-    waiting for its end. The worker gets answer() (a whole response) and the connection is closed."""
+    waiting for its end. The worker gets answer() (a whole response) and the connection is closed. Empty
+    lines before a head are dropped (h11's buffer, `_data`): mitmproxy took them for an unfinished head."""
     import asyncio
 
     from mitmproxy import ctx
@@ -337,6 +342,11 @@ def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -
 
     @functools.wraps(original)
     def read_headers(self, event):
+        if isinstance(event, events.DataReceived) and self.buf._data[:1] in (b"\r", b"\n"):
+            # empty lines before a request line are ignored (RFC 9112 2.2); mitmproxy would wait for more bytes
+            data = bytes(self.buf._data[:64])
+            if stripped := len(data) - len(data.lstrip(b"\r\n")):
+                self.buf.maybe_extract_at_most(stripped)
         if isinstance(event, events.DataReceived) and len(self.buf) > (most := limit()):
             head = bytes(self.buf)[:most + 4]
             if b"\r\n\r\n" not in head and b"\n\n" not in head:
@@ -350,3 +360,52 @@ def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -
         return (yield from original(self, event))
 
     cls.read_headers = read_headers
+
+
+def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> None:
+    """Close an HTTP/2 worker connection that resets more than `most` of its requests within `window`
+    seconds (rapid reset, CVE-2023-44487): each request costs a flow and its hooks however soon it is
+    reset, and mitmproxy sets no limit. The connection gets GOAWAY (ENHANCE_YOUR_CALM) and is closed."""
+    import asyncio
+    import time
+
+    import h2.errors
+    import h2.events
+    from mitmproxy import ctx
+    from mitmproxy.proxy import events
+    from mitmproxy.proxy.layers.http import _http2
+
+    cls = _http2.Http2Server
+    original = getattr(cls.handle_h2_event, "__wrapped__", cls.handle_h2_event)
+
+    @functools.wraps(original)
+    def handle_h2_event(self, event):
+        if isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams:
+            now = time.monotonic()
+            count, since = getattr(self, "_sealgate_resets", (0, now))
+            count, since = (count + 1, since) if now - since < window else (1, now)
+            self._sealgate_resets = (count, since)
+            if count > most:
+                closed()
+                self._sealgate_closed = True
+                yield from self.protocol_error(f"more than {most} streams reset within {window:g} s",
+                                               h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                asyncio.get_running_loop().call_soon(close_client, ctx.master, self.conn)
+                return True
+        return (yield from original(self, event))
+
+    handle_event = getattr(cls._handle_event, "__wrapped__", cls._handle_event)
+
+    @functools.wraps(handle_event)
+    def _handle_event(self, event):
+        """What arrives is parsed a slice at a time: h2 parses a whole read (64 KiB: 0.4 s of frames at
+        worst) before any of it is looked at, and a connection closed for its resets stops at the slice."""
+        if not isinstance(event, events.DataReceived) or len(event.data) <= H2_SLICE:
+            return (yield from handle_event(self, event))
+        for at in range(0, len(event.data), H2_SLICE):
+            if getattr(self, "_sealgate_closed", False):
+                return
+            yield from handle_event(self, events.DataReceived(event.connection, event.data[at:at + H2_SLICE]))
+
+    cls.handle_h2_event = handle_h2_event
+    cls._handle_event = _handle_event

@@ -40,7 +40,7 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
     m = master.Master(opts, with_termlog=with_termlog)
     # sealgate first: its server_connect check runs before anything else sees the connection,
     # and its tls_start_server names the destination before TlsConfig builds the context
-    m.addons.add(Sealgate(settings.key_source()), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
+    m.addons.add(Sealgate(settings.key_source()), next_layer.NextLayer(), proxyserver.Proxyserver(), tlsconfig.TlsConfig(),
                  errorcheck.ErrorCheck())
     opts.update(
         confdir=str(certs),

@@ -527,3 +527,13 @@ def test_scrubbers_are_bounded_expired_first(monkeypatch):
         scrubbers.sessions[f"s{i}"] = scrubbing._Entry(now + 60, scrubbing.Scrubber())
     scrubbers._prune()
     assert list(scrubbers.sessions) == ["s4", "s6", "s8", "s9", "s10", "s11"]  # then the oldest quarter
+
+
+def test_empty_lines_before_a_request_are_ignored(world, value):
+    """RFC 9112 2.2: a server ignores empty lines before the request line (mitmproxy waited for more bytes:
+    the request went unanswered until the header timeout)."""
+    p, api, s = world()
+    sock = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+    sock.sendall(b"\r\n\n\r\nGET http://127.0.0.1:9/ HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+    head = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 407")  # answered at once (no credential), not after 30 s
