@@ -110,7 +110,7 @@ class Wiring:
         self.linked = Linked(self._store)
         self.scrubbers = Scrubbers(self._store, self.linked.values)
         self.audit: AuditQueue | None = None
-        self.recorder = Recorder(self._audit, self.metrics, self.states)
+        self.recorder = Recorder(lambda: self.audit, self.metrics, self.states)
         self.connections = Connections(self.metrics)
         self.releaser = Releaser(self._store, self.scrubbers, self.recorder.allowed, self.auth.live, self.linked)
         self.resender = Resender(self.releaser.request, self.states, self.linked)
@@ -190,11 +190,6 @@ class Wiring:
             raise StoreError("sealgate_data_dir is not set")
         return self.store
 
-    def _audit(self) -> AuditQueue:
-        if self.audit is None:
-            raise StoreError("sealgate_data_dir is not set")
-        return self.audit
-
 
 
 
@@ -219,7 +214,10 @@ class Sealgate(Wiring):
             found = self.connections.admit(flow, found)
         if found is not None:
             return self.recorder.refuse(flow, found)
-        self.connections.tunnel_open(flow)
+        self.connections.began(flow)  # the dial is upstream_timeout's; the tunnel's first head is due once open
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        self.connections.ended(flow)
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         await self.dialer.server_connect(data)
@@ -239,6 +237,7 @@ class Sealgate(Wiring):
 
     @_fail_closed
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self.connections.ended(flow)
         if (refusal := self.dialer.refusal(flow.server_conn)) is not None:
             self.recorder.refuse(flow, refusal)
         elif "sealgate.refusal" not in flow.metadata:  # mitmproxy's own answer (it quotes the target, the address
@@ -250,7 +249,7 @@ class Sealgate(Wiring):
     @_fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.connections.began(flow)
-        found = self.auth.request(flow)
+        found = self.connections.head_refusal(flow.request) or self.auth.request(flow)
         if not isinstance(found, Refusal) and (refusal := self.connections.admit(flow, found)) is not None:
             found = refusal
         if isinstance(found, Refusal):
@@ -313,6 +312,7 @@ class Sealgate(Wiring):
                                         or _body_of_unknown_length(req))
         large = unbounded or (length is not None and (not length.isdigit() or int(length) > HEAD_REFUSAL_BODY_MAX))
         self.recorder.refuse(flow, refusal, Answer.KILL if large else Answer.RESPOND)
+        self.connections.ended(flow)  # a body it still sends (trickled, say) does not hold the connection open
 
     def _refuse_streamed(self, flow: http.HTTPFlow, e: Exception) -> None:
         """Part of the body has gone: cut the upstream connection, so it never sees a complete request."""
@@ -338,8 +338,13 @@ class Sealgate(Wiring):
 
     @_fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is None:
-            self.connections.ended(flow)
+        try:
+            await self._response(flow)
+        finally:  # the next head is due once this exchange (a re-send included) is over
+            if flow.websocket is None:
+                self.connections.ended(flow)
+
+    async def _response(self, flow: http.HTTPFlow) -> None:
         self.states.restore_request(flow)
         state = self.states.get(flow)
         if state is None or flow.response is None:

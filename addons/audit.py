@@ -22,6 +22,7 @@ log = logging.getLogger("sealgate")
 BATCH_EVERY = 0.02  # seconds rows gather before one transaction writes them
 BATCH_MAX = 500  # rows in one transaction
 RETRY_MAX = 1.0  # seconds between tries at most, while the store refuses the writes
+REFUSED_MAX = 5  # passes a row may be refused while later ones are taken, before it is dropped
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,13 @@ class AuditTrail:
 class Pending:
     """A row handed to the queue: its status may be set before or after it is written."""
 
-    __slots__ = ("record", "row_id", "dirty")
+    __slots__ = ("record", "row_id", "dirty", "refused")
 
     def __init__(self, record: AuditRecord) -> None:
         self.record = record
         self.row_id: int | None = None  # once written
         self.dirty = False  # a status set after it was written (or while it was being written)
+        self.refused = 0  # passes in which the store took a later row but not this one
 
 
 class AuditQueue:
@@ -113,9 +115,10 @@ class AuditQueue:
         return len(self._new) + len(self._dirty)
 
     def add(self, record: AuditRecord) -> Pending | None:
-        """Queue a row; None if `bound` rows wait already (nothing is queued then)."""
+        """Queue a row; None if `bound` rows wait already (nothing is queued then). A refusal's row takes only
+        the first half: refusals anyone can cause (no credential needed) never crowd out a value's row."""
         with self._lock:
-            if self.waiting >= self.bound or self._closed:
+            if self.waiting >= (self.bound // 2 if record.decision == "block" else self.bound) or self._closed:
                 if self.full_since is None:
                     self.full_since = time.monotonic()
                     log.error("sealgate: the audit queue is full (%d rows wait for the store); requests that "
@@ -167,14 +170,54 @@ class AuditQueue:
             time.sleep(delay)  # rows gather meanwhile: one transaction for many
             try:
                 self._write_batch()
-            except StoreError as e:
+            except Exception as e:  # noqa: BLE001 - whatever it is, the rows wait and the thread goes on
                 self.on_failure()
                 if time.monotonic() - said >= 1:  # said once a second at most: it is tried again
                     said = time.monotonic()
                     log.error("sealgate: audit rows wait (%d): %s", self.waiting, e)
                 delay = min(RETRY_MAX, max(0.1, delay * 2))
+                if self._drop_refused_rows():
+                    delay = BATCH_EVERY
             else:
                 delay = BATCH_EVERY
+
+    def _drop_refused_rows(self) -> bool:
+        """After a failed batch: write its new rows one at a time. A row that fails although the store took a
+        row after it may be one the store refuses for what it holds, which would hold up every row behind it
+        for good: after REFUSED_MAX such passes it is dropped, with a log line. Rows that fail after the last
+        one taken wait (an outage)."""
+        with self._lock:
+            rows = list(self._new[:BATCH_MAX])
+        outcomes: list[int | None] = []
+        for p in rows:
+            row_id = None
+            try:
+                with self.trail.backend.batch(wait=False) as tx:
+                    inserted = self.trail.insert(tx, p.record)
+                row_id = inserted  # only once committed
+            except Exception:  # noqa: BLE001
+                pass
+            outcomes.append(row_id)
+        taken = [i for i, row_id in enumerate(outcomes) if row_id is not None]
+        if not taken:
+            return False
+        with self._lock:
+            gone = set()
+            for p, row_id in zip(rows[:taken[-1] + 1], outcomes, strict=False):
+                if row_id is not None:
+                    gone.add(id(p))
+                    p.row_id, p.dirty = row_id, True
+                    self._dirty.append(p)  # its status, if set meanwhile, goes with the next batch
+                    continue
+                p.refused += 1
+                if p.refused >= REFUSED_MAX:
+                    gone.add(id(p))
+                    self.on_failure()
+                    log.error("sealgate: an audit row the store refuses was dropped (%s %s %s)", p.record.decision,
+                              p.record.method, p.record.origin)
+            self._new = [p for p in self._new if id(p) not in gone]
+            self._lock.notify_all()
+        return True
 
     def _write_batch(self) -> None:
         with self._lock:
@@ -184,7 +227,7 @@ class AuditQueue:
                 p.dirty = False
             statuses = [p.record.status for p in updates]
         try:
-            with self.trail.backend.batch() as tx:
+            with self.trail.backend.batch(wait=False) as tx:
                 ids = [self.trail.insert(tx, record) for _, record in rows]
                 for p, status in zip(updates, statuses, strict=True):
                     tx.one("update audit set status = ? where id = ?", [status, p.row_id])

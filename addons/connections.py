@@ -1,7 +1,8 @@
 """Bounds on connections: how many, for how long, and how a stopping proxy lets them finish.
 
-- Worker connections: at most `max_connections` open (more get 503 `proxy_busy` and are closed
-  before a byte is read), at most `max_session_connections` of one session (429
+- Worker connections: at most `max_connections` open (at the limit the oldest connection that has
+  shown no credential and has no exchange in flight is closed to make room; without one, a new
+  connection gets 503 `proxy_busy` and is closed before a byte is read), at most `max_session_connections` of one session (429
   `too_many_connections`, at its CONNECT or first request), and each must bring a complete request
   head within `header_timeout` of opening or of its previous exchange ending (a trickling client, or
   an idle keep-alive connection, is closed then).
@@ -68,6 +69,8 @@ class Connections:
     # worker connections ----------------------------------------------------------------------
 
     def connected(self, client: connection.Client) -> None:
+        if not self.draining and len(self.workers) >= self.limits.max_connections:
+            self._evict_one_without_session()
         if self.draining or len(self.workers) >= self.limits.max_connections:
             why = "the proxy is stopping" if self.draining else \
                 f"the proxy has {len(self.workers)} connections open, its limit (max_connections)"
@@ -80,6 +83,16 @@ class Connections:
             return
         self.workers[client] = _Worker()
         self._await_head(client)
+
+    def _evict_one_without_session(self) -> None:
+        """At the limit, the oldest connection that never showed a credential makes room (anyone can open
+        those; a session's own are bounded by max_session_connections)."""
+        for client, worker in self.workers.items():
+            if worker.session is None and worker.deadline is not None:  # idle between heads, or never sent one
+                self.metrics.closed.labels("evicted").inc()
+                self.disconnected(client)
+                internals.close_client(ctx.master, client)
+                return
 
     def disconnected(self, client: connection.Client) -> None:
         if (worker := self.workers.pop(client, None)) is None:
@@ -109,9 +122,13 @@ class Connections:
         return Refusal("request_head_too_large", f"a request head may have at most {self.limits.max_head_bytes} "
                        "bytes (max_head_bytes)").http_response()
 
-    def tunnel_open(self, flow: http.HTTPFlow) -> None:
-        """A CONNECT was answered: the tunnel's first request head is due within the header timeout."""
-        self._await_head(flow.client_conn)
+    def head_refusal(self, request: http.Request) -> Refusal | None:
+        """An HTTP/2 head over max_head_bytes (HTTP/1 ones never get this far: `internals.limit_request_heads`)."""
+        if request.is_http2 and sum(len(k) + len(v) + 32 for k, v in request.headers.fields) + \
+                len(request.path) > self.limits.max_head_bytes:
+            return Refusal("request_head_too_large", f"a request head may have at most {self.limits.max_head_bytes} "
+                           "bytes (max_head_bytes)")
+        return None
 
     def began(self, flow: http.HTTPFlow) -> None:
         """A request head arrived."""
@@ -195,3 +212,17 @@ class Connections:
     def busy(self) -> int:
         """Worker connections still open."""
         return len(self.workers)
+
+
+class Undecided:
+    """An addon after mitmproxy's NextLayer: mitmproxy holds what a connection sends until it can tell the
+    protocol (a whole TLS ClientHello, parsed again on every read, or a tunnel's first head), without bound;
+    past max_head_bytes, still undecided, the connection is closed."""
+
+    def __init__(self, connections: Connections) -> None:
+        self.connections = connections
+
+    def next_layer(self, nextlayer) -> None:
+        if nextlayer.layer is None and len(nextlayer.data_client()) > self.connections.limits.max_head_bytes:
+            self.connections.metrics.closed.labels("undecided").inc()
+            nextlayer.layer = internals.closing_layer(nextlayer.context)

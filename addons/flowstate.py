@@ -31,10 +31,14 @@ class Summary:
                    _text(request.path.split("?", 1)[0]))
 
 
+_CONTROLS = {i: f"\\x{i:02x}" for i in (*range(32), 127)}
+
+
 def _text(raw: str) -> str:
     """Valid text, whatever bytes a worker sent (mitmproxy keeps a non-UTF-8 byte as a lone surrogate,
-    which no store or log accepts): such a byte is written as \\xNN."""
-    return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    which no store or log accepts), and no control character (PostgreSQL refuses a NUL in text: one such
+    row would hold up the audit trail): such a byte is written as \\xNN."""
+    return raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").translate(_CONTROLS)
 
 
 @dataclass
@@ -56,7 +60,7 @@ class FlowState:
     summary: Summary
     sent: Sent | None = None  # the placeholder form, until the request has gone out
     injected: bool = False  # a value went out with this flow
-    audit: Pending | None = None  # the audit row of its latest allow, awaiting the status
+    audit: list[Pending] = field(default_factory=list)  # rows of its allows (head, body, trailers) awaiting the status
     links: dict[str, str] = field(default_factory=dict, repr=False)  # linked accounts filled: env name -> token
     retry: bool = False  # answered 401 with a linked account's token: refresh and send again once
 

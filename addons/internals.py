@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 import weakref
 from collections.abc import Callable, Iterable
@@ -66,6 +67,10 @@ def problems() -> list[str]:
     need(callable(getattr(getattr(_http2, "Http2Server", None), "handle_h2_event", None))
          and callable(getattr(getattr(_http2, "Http2Server", None), "protocol_error", None)),
          "mitmproxy.proxy.layers.http._http2.Http2Server.handle_h2_event and protocol_error (HTTP/2 resets)")
+    from mitmproxy.proxy.layers import tls
+    need(callable(getattr(getattr(tls, "ClientTLSLayer", None), "receive_handshake_data", None))
+         and "recv_buffer" in inspect.getsource(tls.ClientTLSLayer.__init__),
+         "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data and recv_buffer (the ClientHello's size)")
     need(callable(getattr(stream, "handle_protocol_error", None)),
          "mitmproxy.proxy.layers.http.HttpStream.handle_protocol_error (an upstream that timed out)")
     if found:
@@ -266,6 +271,8 @@ def has_no_body(request: Any) -> bool:
 
 UPSTREAM_TIMED_OUT = "sealgate: the upstream did not answer in time"
 H2_SLICE = 16 * 1024  # bytes of a worker's HTTP/2 data parsed at a time
+PIPELINED_MAX = 512 * 1024  # bytes a worker may send ahead while its request waits (beyond a head's worth)
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
 _TIMED_OUT: weakref.WeakSet = weakref.WeakSet()  # flows whose upstream sealgate gave up on
 
 
@@ -328,11 +335,9 @@ def refuse_connection(master: Any, client: Any, answer: bytes) -> None:
 
 
 def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -> None:
-    """Refuse an HTTP/1 request head longer than limit() bytes: mitmproxy would buffer it without bound,
+    """Refuse an HTTP/1 request head (or a TLS ClientHello) longer than limit() bytes: mitmproxy would buffer it without bound,
     waiting for its end. The worker gets answer() (a whole response) and the connection is closed. Empty
     lines before a head are dropped (h11's buffer, `_data`): mitmproxy took them for an unfinished head."""
-    import asyncio
-
     from mitmproxy import ctx
     from mitmproxy.proxy import commands, events
     from mitmproxy.proxy.layers.http import _http1
@@ -342,31 +347,56 @@ def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -
 
     @functools.wraps(original)
     def read_headers(self, event):
-        if isinstance(event, events.DataReceived) and self.buf._data[:1] in (b"\r", b"\n"):
+        while isinstance(event, events.DataReceived) and self.buf._data[:1] in (b"\r", b"\n"):
             # empty lines before a request line are ignored (RFC 9112 2.2); mitmproxy would wait for more bytes
-            data = bytes(self.buf._data[:64])
-            if stripped := len(data) - len(data.lstrip(b"\r\n")):
-                self.buf.maybe_extract_at_most(stripped)
+            data = bytes(self.buf._data[:4096])
+            self.buf.maybe_extract_at_most(len(data) - len(data.lstrip(b"\r\n")))
         if isinstance(event, events.DataReceived) and len(self.buf) > (most := limit()):
-            head = bytes(self.buf)[:most + 4]
-            if b"\r\n\r\n" not in head and b"\n\n" not in head:
+            if not _HEAD_END.search(bytes(self.buf._data[:most + 4])):  # h11's end of a head
                 yield commands.SendData(self.conn, answer())
                 yield commands.CloseConnection(self.conn)
                 # and the socket itself: a close that cancels the reading task while it waits for mitmproxy's
                 # event lock ends the task and leaves the socket open (seen one time in three)
-                asyncio.get_running_loop().call_soon(close_client, ctx.master, self.conn)
+                _soon(close_client, ctx.master, self.conn)
                 self.state = self.done
                 return
         return (yield from original(self, event))
 
     cls.read_headers = read_headers
 
+    handle_event = getattr(cls._handle_event, "__wrapped__", cls._handle_event)
+
+    @functools.wraps(handle_event)
+    def _handle_event(self, event):
+        """While a request waits for its answer, mitmproxy keeps what the worker sends next (pipelined) in
+        the buffer, without bound: past a head's worth and PIPELINED_MAX, the connection is closed."""
+        if (isinstance(event, events.DataReceived) and self.state == self.wait
+                and len(self.buf) + len(event.data) > limit() + PIPELINED_MAX):
+            yield commands.CloseConnection(self.conn)
+            _soon(close_client, ctx.master, self.conn)
+            return
+        return (yield from handle_event(self, event))
+
+    cls._handle_event = _handle_event
+
+    from mitmproxy.proxy.layers import tls
+    hello = getattr(tls.ClientTLSLayer.receive_handshake_data, "__wrapped__", tls.ClientTLSLayer.receive_handshake_data)
+
+    @functools.wraps(hello)
+    def receive_handshake_data(self, data):
+        """A ClientHello is buffered until whole (its header may claim 16 MiB) and parsed again on every read:
+        past limit() bytes, the handshake fails and the connection is closed."""
+        if not self.client_hello_parsed and len(self.recv_buffer) + len(data) > limit():
+            return False, "ClientHello too large"
+        return (yield from hello(self, data))
+
+    tls.ClientTLSLayer.receive_handshake_data = receive_handshake_data
+
 
 def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> None:
     """Close an HTTP/2 worker connection that resets more than `most` of its requests within `window`
     seconds (rapid reset, CVE-2023-44487): each request costs a flow and its hooks however soon it is
     reset, and mitmproxy sets no limit. The connection gets GOAWAY (ENHANCE_YOUR_CALM) and is closed."""
-    import asyncio
     import time
 
     import h2.errors
@@ -390,7 +420,7 @@ def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> Non
                 self._sealgate_closed = True
                 yield from self.protocol_error(f"more than {most} streams reset within {window:g} s",
                                                h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-                asyncio.get_running_loop().call_soon(close_client, ctx.master, self.conn)
+                _soon(close_client, ctx.master, self.conn)
                 return True
         return (yield from original(self, event))
 
@@ -409,3 +439,21 @@ def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> Non
 
     cls.handle_h2_event = handle_h2_event
     cls._handle_event = _handle_event
+
+
+def closing_layer(context: Any) -> Any:
+    """A layer that closes the worker's connection at once (for what no layer should be decided on)."""
+    from mitmproxy import ctx
+    from mitmproxy.proxy import commands, layer
+
+    class Closing(layer.Layer):
+        def _handle_event(self, event):
+            yield commands.CloseConnection(self.context.client)
+            _soon(close_client, ctx.master, self.context.client)
+
+    return Closing(context)
+
+
+def _soon(call, *args) -> None:
+    import asyncio
+    asyncio.get_running_loop().call_soon(call, *args)

@@ -25,6 +25,7 @@ from .flowstate import FlowStates, Summary
 from .metrics import Metrics
 
 log = logging.getLogger("sealgate")
+TEXT_MAX = 2048  # characters of a method, origin or path an audit row keeps: the queue's bound is in rows
 
 
 class Answer(enum.Enum):
@@ -37,13 +38,14 @@ class Answer(enum.Enum):
 
 
 class Recorder:
-    def __init__(self, queue: Callable[[], AuditQueue], metrics: Metrics, states: FlowStates) -> None:
+    def __init__(self, queue: Callable[[], AuditQueue | None], metrics: Metrics, states: FlowStates) -> None:
         self.queue, self.metrics, self.states = queue, metrics, states
 
     def refuse(self, flow: http.HTTPFlow, refusal: Refusal, answer: Answer = Answer.RESPOND) -> None:
         """Answer the flow with the refusal, then log, count and audit it."""
         flow.metadata["sealgate.refusal"] = str(refusal)
         status = refusal.status
+        self.answered(flow, status if answer is Answer.RESPOND else 0)  # rows of what went before it
         if answer is Answer.RESPOND:
             flow.response = http.Response.make(refusal.status, refusal.problem_json(), refusal.headers())
             if flow.request.method == "CONNECT":
@@ -76,17 +78,18 @@ class Recorder:
                            "writes), and no secret goes unaudited")
         if names:
             self.metrics.injections.inc()
-        if (state := self.states.get(flow)) is not None and pending is not None:
-            state.audit = pending
+        if (state := self.states.get(flow)) is not None and pending is not None and flow.websocket is None:
+            state.audit.append(pending)
         return None
 
     def answered(self, flow: http.HTTPFlow, status: int) -> None:
         """The status the worker got for an allowed request (0: the connection was closed)."""
         state = self.states.get(flow)
-        if state is None or state.audit is None:
+        if state is None or not state.audit or (queue := self.queue()) is None:
             return
-        pending, state.audit = state.audit, None
-        self.queue().set_status(pending, status)
+        pending, state.audit = state.audit, []
+        for p in pending:
+            queue.set_status(p, status)
 
     def _write(self, flow: http.HTTPFlow, refusal: Refusal | None, names: tuple[str, ...],
                status: int | None, decision: str | None = None) -> Pending | None:
@@ -95,11 +98,13 @@ class Recorder:
         # no state: refused before the flow was taken on (407, CONNECT), so nothing was filled
         summary = state.summary if state else Summary.of(flow.request)
         record = AuditRecord(
-            at=time.time(), **_who(session), client=_client(flow), secrets=names, method=summary.method,
-            origin=summary.origin, path=summary.path, decision=decision or ("block" if refusal else "allow"),
-            code=refusal.code if refusal else None, status=status,
+            at=time.time(), **_who(session), client=_client(flow), secrets=names, method=summary.method[:TEXT_MAX],
+            origin=summary.origin[:TEXT_MAX], path=summary.path[:TEXT_MAX],
+            decision=decision or ("block" if refusal else "allow"),
+            code=refusal.code if refusal else None,
+            status=101 if status is None and flow.websocket is not None else status,  # a message on an open socket
         )
-        pending = self.queue().add(record)
+        pending = queue.add(record) if (queue := self.queue()) is not None else None
         if pending is None:
             self.metrics.audit_queue_full.inc()
             if refusal is None and names:

@@ -25,6 +25,7 @@ from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 
 from . import ca, keys
 from .addon import Sealgate
+from .connections import Undecided
 from .dashboard import Mirror
 from .probes import ProbeServer
 from .settings import Settings
@@ -40,8 +41,9 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
     m = master.Master(opts, with_termlog=with_termlog)
     # sealgate first: its server_connect check runs before anything else sees the connection,
     # and its tls_start_server names the destination before TlsConfig builds the context
-    m.addons.add(Sealgate(settings.key_source()), next_layer.NextLayer(), proxyserver.Proxyserver(), tlsconfig.TlsConfig(),
-                 errorcheck.ErrorCheck())
+    sealgate = Sealgate(settings.key_source())
+    m.addons.add(sealgate, next_layer.NextLayer(), Undecided(sealgate.connections), proxyserver.Proxyserver(),
+                 tlsconfig.TlsConfig(), errorcheck.ErrorCheck())
     opts.update(
         confdir=str(certs),
         rawtcp=False,  # after a non-WebSocket 101 nothing could be checked: close instead
@@ -62,7 +64,6 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
         tcp_timeout=settings.idle_timeout,  # mitmproxy closes a connection silent both ways this long
     )
     if settings.metrics is not None:
-        sealgate = m.addons.get("sealgate")
         m.addons.add(_Probes(ProbeServer(*settings.metrics, sealgate.metrics, _readiness(sealgate, certs))))
     return m
 
@@ -203,6 +204,9 @@ async def _stop(m: master.Master, grace: float) -> None:
         await asyncio.sleep(0.05)
     if connections.busy:
         log.warning("sealgate: stopping with %d connections still open", connections.busy)
+        recorder = m.addons.get("sealgate").recorder
+        for flow in list(connections.flows):  # cut off: the status their rows get is "closed"
+            recorder.answered(flow, 0)
     m.shutdown()
 
 

@@ -50,7 +50,7 @@ class Backend(Protocol):
 
     def read(self) -> contextlib.AbstractContextManager[Tx]: ...
     def write(self) -> contextlib.AbstractContextManager[Tx]: ...
-    def batch(self) -> contextlib.AbstractContextManager[Tx]: ...  # rows no cache holds (audit): no version change
+    def batch(self, wait: bool = True) -> contextlib.AbstractContextManager[Tx]: ...  # rows no cache holds (audit)
     def one(self, sql: str, params: list | tuple = ()) -> tuple | None: ...
     def version(self) -> object: ...
     def schema_version(self, tx: Tx) -> int: ...
@@ -129,6 +129,7 @@ class SqliteBackend:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a crash of the process, fsyncs less
             conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+            self._busy_ms = int(busy_ms)
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"store {path} cannot be opened: {e}") from None
         self.conn = conn
@@ -152,9 +153,17 @@ class SqliteBackend:
             self._own += 1
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[Tx]:
+    def batch(self, wait: bool = True) -> Iterator[Tx]:
+        """A write that moves no cache's version. wait=False: refused at once while another process holds
+        the lock (the audit queue's thread, which tries again later, must not hold this connection meanwhile)."""
         with self._lock, self._errors("written"):
-            self.conn.execute("BEGIN IMMEDIATE")
+            if not wait:
+                self.conn.execute("PRAGMA busy_timeout=0")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            finally:
+                if not wait:
+                    self.conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
             try:
                 yield self._tx
             except BaseException:
@@ -294,7 +303,7 @@ class PostgresBackend:
             yield tx
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[Tx]:
+    def batch(self, wait: bool = True) -> Iterator[Tx]:
         with self._transaction("written", "BEGIN") as tx:
             yield tx
 

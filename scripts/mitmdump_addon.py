@@ -8,5 +8,7 @@ make sealgate's modules importable as top-level modules. `sealgate run` is leane
 """
 
 from sealgate.addon import Sealgate
+from sealgate.connections import Undecided
 
-addons = [Sealgate()]
+sealgate = Sealgate()
+addons = [sealgate, Undecided(sealgate.connections)]  # (after mitmdump's own NextLayer)

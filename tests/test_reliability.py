@@ -251,8 +251,7 @@ def test_one_session_cannot_take_every_connection(world, tmp_path):
 
 def test_past_max_connections_a_connection_gets_503_and_is_closed(world):
     p, api, s = world(SEALGATE_MAX_CONNECTIONS="4")
-    held = [socket.create_connection(("127.0.0.1", p.port), timeout=5) for _ in range(4)]
-    time.sleep(0.3)
+    held = [connect(p, s, api.origin.split("//")[1])[0] for _ in range(4)]  # tunnels of a session, open
     extra = socket.create_connection(("127.0.0.1", p.port), timeout=5)
     head = read_head(extra)
     assert head.startswith(b"HTTP/1.1 503") and b"x-sealgate-error: proxy_busy" in head.lower()
@@ -262,6 +261,18 @@ def test_past_max_connections_a_connection_gets_503_and_is_closed(world):
     time.sleep(0.3)
     assert curl(s, api.url("/after")).status == 200
     assert metric(p, 'sealgate_blocks_total{code="proxy_busy"}') == 1
+
+
+def test_at_max_connections_one_without_a_credential_makes_room(world, value):
+    """Anyone can open connections that never show a credential: at the limit the oldest of them is closed
+    for a new one, so they cannot lock the sessions out."""
+    p, api, s = world(SEALGATE_MAX_CONNECTIONS="4")
+    squatters = [socket.create_connection(("127.0.0.1", p.port), timeout=5) for _ in range(4)]
+    time.sleep(0.3)
+    r, got = sent(api, s, "/served")
+    assert r.status == 200 and got == value
+    assert closed_within(squatters[0], 2)
+    assert metric(p, 'sealgate_connections_closed_total{reason="evicted"}') >= 1
 
 
 # --- the store: locked by another process, a full disk, kill -9 --------------------------------------
