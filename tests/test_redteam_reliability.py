@@ -20,8 +20,9 @@ import time
 import pytest
 from conftest import curl, free_port, make_proxy
 from test_proxy import assert_clean, assert_problem
-from test_reliability import closed_within, connect, hold_lock, read_head, sent, world  # noqa: F401 - world: a fixture
+from test_reliability import closed_within, hold_lock, sent, world  # noqa: F401 - world: a fixture
 from upstream import H2Upstream, RawUpstream, header, raw_response
+from wire import connect, full_listener, read_head
 
 # --- helpers --------------------------------------------------------------------------------------------
 
@@ -62,21 +63,6 @@ def push(sock: socket.socket, chunk: bytes, total: int, timeout: float = 3) -> i
     except OSError:
         pass
     return done
-
-
-def full_listener():
-    """A listening socket that never accepts, its backlog full: SYNs to it go unanswered."""
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    fillers = []
-    for _ in range(4):
-        c = socket.socket()
-        c.setblocking(False)
-        c.connect_ex(full.getsockname())
-        fillers.append(c)
-    time.sleep(0.2)
-    return full, fillers
 
 
 def rows_of(p, user: str) -> list[dict]:
@@ -293,7 +279,7 @@ def test_finding_6_a_connect_whose_dial_is_slow_is_cut_at_the_header_timeout_not
     p, _, s = world(SEALGATE_UPSTREAM_TIMEOUT="3", SEALGATE_HEADER_TIMEOUT="1")
     full, fillers = full_listener()
     began = time.monotonic()
-    sock, head = connect(p, s, f"127.0.0.1:{full.getsockname()[1]}")
+    sock, head = connect(s, p.port, f"127.0.0.1:{full.getsockname()[1]}")
     took = time.monotonic() - began
     sock.close()
     for c in fillers:
@@ -576,9 +562,9 @@ def test_held_session_counts_come_back_after_connections_are_reset(world):
     p, api, s = world(SEALGATE_MAX_SESSION_CONNECTIONS="2")
     target = api.origin.split("//")[1]
     for _ in range(3):
-        held = [connect(p, s, target) for _ in range(2)]
+        held = [connect(s, p.port, target) for _ in range(2)]
         assert all(h.startswith(b"HTTP/1.1 200") for _, h in held)
-        extra, head = connect(p, s, target)
+        extra, head = connect(s, p.port, target)
         assert head.startswith(b"HTTP/1.1 429")
         extra.close()
         for sock, _ in held:
@@ -596,7 +582,7 @@ def test_held_a_plain_connection_counts_from_its_first_authenticated_request(wor
     first = socket.create_connection(("127.0.0.1", p.port), timeout=5)
     first.sendall(b"GET " + api.url("/anon").encode() + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")
     assert read_head(first).startswith(b"HTTP/1.1 407")
-    sock, head = connect(p, s, target.decode())
+    sock, head = connect(s, p.port, target.decode())
     assert head.startswith(b"HTTP/1.1 200")  # the session's one connection
     first.sendall(b"GET " + api.url("/now-with-credentials").encode() + b" HTTP/1.1\r\nHost: " + target + b"\r\n"
                   + credential(s).encode() + b"\r\n")
@@ -612,7 +598,7 @@ def test_held_a_refused_connect_carries_nothing_pipelined_behind_it(world):
     request behind does not ride on it."""
     p, api, s = world(SEALGATE_MAX_SESSION_CONNECTIONS="1")
     target = api.origin.split("//")[1]
-    held, head = connect(p, s, target)
+    held, head = connect(s, p.port, target)
     assert head.startswith(b"HTTP/1.1 200")
     before = len(api.received)
     sock = socket.create_connection(("127.0.0.1", p.port), timeout=5)
@@ -721,7 +707,7 @@ def test_held_a_websocket_outlives_the_header_timeout(world, pki, user, value):
 def test_held_a_trickled_client_hello_is_closed_at_the_header_timeout(world):
     """A tunnel whose ClientHello comes a few bytes at a time is closed at the header timeout."""
     p, api, s = world(SEALGATE_HEADER_TIMEOUT="1")
-    sock, head = connect(p, s, api.origin.split("//")[1])
+    sock, head = connect(s, p.port, api.origin.split("//")[1])
     assert head.startswith(b"HTTP/1.1 200")
     hello = big_client_hello(1)[:4000]
     began, closed = time.monotonic(), False

@@ -3,7 +3,6 @@ past with real clients, and both sides are checked: what the worker got, what th
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import ssl
@@ -15,6 +14,7 @@ from conftest import curl, make_proxy
 from test_proxy import assert_clean, assert_problem
 from test_store import Place
 from upstream import RawUpstream, raw_response
+from wire import connect, full_listener, read_head
 
 
 def sent(api, s: dict, path: str = "/x", name: str = "K"):
@@ -22,27 +22,6 @@ def sent(api, s: dict, path: str = "/x", name: str = "K"):
     before = len(api.received)
     r = curl(s, api.url(path), "-H", f"X-Key: {s['env'][name]}")
     return r, (api.received[-1].header("X-Key") if len(api.received) > before else None)
-
-
-def connect(p, s: dict | None, target: str) -> tuple[socket.socket, bytes]:
-    """A raw CONNECT through the proxy (with the session's credential): the socket and the answer's head."""
-    sock = socket.create_connection(("127.0.0.1", p.port), timeout=10)
-    auth = ""
-    if s is not None:
-        user, _, rest = s["proxy_url"].split("//", 1)[1].rpartition("@")[0].partition(":")
-        auth = "Proxy-Authorization: Basic " + base64.b64encode(f"{user}:{rest}".encode()).decode() + "\r\n"
-    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
-    return sock, read_head(sock)
-
-
-def read_head(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def closed_within(sock: socket.socket, seconds: float) -> bool:
@@ -120,18 +99,9 @@ def test_an_injecting_request_to_a_silent_upstream_is_audited_with_the_504(tmp_p
 @pytest.mark.e2e  # waits out a timeout by design
 def test_an_upstream_that_does_not_accept_is_given_up_on_at_connect(world):
     p, _, s = world(SEALGATE_UPSTREAM_TIMEOUT="1")
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)  # never accepts: once its queue is full, SYNs go unanswered
-    fillers = []
-    for _ in range(4):
-        c = socket.socket()
-        c.setblocking(False)
-        c.connect_ex(full.getsockname())
-        fillers.append(c)
-    time.sleep(0.2)
+    full, fillers = full_listener()
     began = time.monotonic()
-    sock, head = connect(p, s, f"127.0.0.1:{full.getsockname()[1]}")
+    sock, head = connect(s, p.port, f"127.0.0.1:{full.getsockname()[1]}")
     took = time.monotonic() - began
     assert head.startswith(b"HTTP/1.1 504"), head
     assert b"x-sealgate-error: upstream_timeout" in head.lower()
@@ -195,7 +165,7 @@ def test_a_trickling_client_is_closed_at_the_header_timeout_while_real_workers_a
 @pytest.mark.e2e  # waits out a timeout by design
 def test_a_tunnel_must_bring_its_first_request_within_the_header_timeout(world):
     p, api, s = world(SEALGATE_HEADER_TIMEOUT="1")
-    sock, head = connect(p, s, api.origin.split("//")[1])
+    sock, head = connect(s, p.port, api.origin.split("//")[1])
     assert head.startswith(b"HTTP/1.1 200")
     assert closed_within(sock, 4)  # no TLS hello, no request: closed
 
@@ -235,15 +205,15 @@ def test_one_session_cannot_take_every_connection(world, tmp_path):
     p, api, s = world(SEALGATE_MAX_SESSION_CONNECTIONS="3")
     other = p.issue(user="u-other")
     target = api.origin.split("//")[1]
-    held = [connect(p, s, target) for _ in range(3)]
+    held = [connect(s, p.port, target) for _ in range(3)]
     assert all(h.startswith(b"HTTP/1.1 200") for _, h in held)
-    sock, head = connect(p, s, target)
+    sock, head = connect(s, p.port, target)
     assert head.startswith(b"HTTP/1.1 429") and b"x-sealgate-error: too_many_connections" in head.lower()
     sock.close()
     assert curl(other, api.url("/other")).status == 200  # another session is served
     held[0][0].close()
     time.sleep(0.3)
-    sock, head = connect(p, s, target)
+    sock, head = connect(s, p.port, target)
     assert head.startswith(b"HTTP/1.1 200")  # one closed: one more may open
     rows = json.loads(p.cli("audit", "--json").stdout)
     assert [a["code"] for a in rows if a["decision"] == "block"] == ["too_many_connections"]
@@ -251,7 +221,7 @@ def test_one_session_cannot_take_every_connection(world, tmp_path):
 
 def test_past_max_connections_a_connection_gets_503_and_is_closed(world):
     p, api, s = world(SEALGATE_MAX_CONNECTIONS="4")
-    held = [connect(p, s, api.origin.split("//")[1])[0] for _ in range(4)]  # tunnels of a session, open
+    held = [connect(s, p.port, api.origin.split("//")[1])[0] for _ in range(4)]  # tunnels of a session, open
     extra = socket.create_connection(("127.0.0.1", p.port), timeout=5)
     head = read_head(extra)
     assert head.startswith(b"HTTP/1.1 503") and b"x-sealgate-error: proxy_busy" in head.lower()

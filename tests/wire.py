@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+import time
 
 
 def credential_header(session: dict) -> str:
@@ -16,13 +17,33 @@ def connect(session: dict, proxy_port: int, target: str) -> tuple[socket.socket,
     """Send CONNECT target; return the socket and the proxy's response head."""
     sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
     sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{credential_header(session)}\r\n".encode())
+    return sock, read_head(sock)
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """What arrives until the end of a head (or the connection's end)."""
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(4096)
         if not chunk:
             break
         head += chunk
-    return sock, head
+    return head
+
+
+def full_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket that never accepts, its backlog full: SYNs to it go unanswered."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(full.getsockname())
+        fillers.append(c)
+    time.sleep(0.2)
+    return full, fillers
 
 
 def tunnel(session: dict, proxy_port: int, target: str, sni: str | None) -> ssl.SSLSocket:
