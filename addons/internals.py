@@ -271,6 +271,7 @@ def has_no_body(request: Any) -> bool:
 
 UPSTREAM_TIMED_OUT = "sealgate: the upstream did not answer in time"
 H2_SLICE = 16 * 1024  # bytes of a worker's HTTP/2 data parsed at a time
+CONTROL_PER_RESET = 10  # an HTTP/2 worker may send this many control frames for each reset it may send
 PIPELINED_MAX = 512 * 1024  # bytes a worker may send ahead while its request waits (beyond a head's worth)
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
 _TIMED_OUT: weakref.WeakSet = weakref.WeakSet()  # flows whose upstream sealgate gave up on
@@ -394,9 +395,11 @@ def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -
 
 
 def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> None:
-    """Close an HTTP/2 worker connection that resets more than `most` of its requests within `window`
-    seconds (rapid reset, CVE-2023-44487): each request costs a flow and its hooks however soon it is
-    reset, and mitmproxy sets no limit. The connection gets GOAWAY (ENHANCE_YOUR_CALM) and is closed."""
+    """Close an HTTP/2 worker connection that resets more than `most` streams within `window` seconds (rapid
+    reset, CVE-2023-44487: each request costs a flow and its hooks however soon it is reset, and a whole
+    request reset after its end still goes upstream), or sends more than CONTROL_PER_RESET times as many
+    control frames (a PING or SETTINGS flood: about 100 µs of parsing each). mitmproxy sets no limit. The
+    connection gets GOAWAY (ENHANCE_YOUR_CALM) and is closed."""
     import time
 
     import h2.errors
@@ -407,18 +410,25 @@ def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> Non
 
     cls = _http2.Http2Server
     original = getattr(cls.handle_h2_event, "__wrapped__", cls.handle_h2_event)
+    _CONTROL = (h2.events.PingReceived, h2.events.RemoteSettingsChanged, h2.events.PriorityUpdated,
+                h2.events.WindowUpdated)
 
     @functools.wraps(original)
     def handle_h2_event(self, event):
-        if isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams:
+        kind = "reset" if isinstance(event, h2.events.StreamReset) and event.remote_reset else \
+            "control" if isinstance(event, _CONTROL) else None
+        if kind is not None:
             now = time.monotonic()
-            count, since = getattr(self, "_sealgate_resets", (0, now))
-            count, since = (count + 1, since) if now - since < window else (1, now)
-            self._sealgate_resets = (count, since)
-            if count > most:
+            counts, since = getattr(self, "_sealgate_counts", None) or ({"reset": 0, "control": 0}, now)
+            if now - since >= window:
+                counts, since = {"reset": 0, "control": 0}, now
+            counts[kind] += 1
+            self._sealgate_counts = (counts, since)
+            if counts[kind] > (most if kind == "reset" else most * CONTROL_PER_RESET):
                 closed()
                 self._sealgate_closed = True
-                yield from self.protocol_error(f"more than {most} streams reset within {window:g} s",
+                what = "streams reset" if kind == "reset" else "control frames (SETTINGS, PING, PRIORITY, WINDOW_UPDATE)"
+                yield from self.protocol_error(f"too many {what} within {window:g} s",
                                                h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
                 _soon(close_client, ctx.master, self.conn)
                 return True

@@ -114,7 +114,7 @@ def start_dashboard(settings: Settings, workdir: Path) -> tuple[subprocess.Popen
                         # the comment says who (principal, runchat) and, for a blocked flow, why
                         "web_columns": ["tls", "icon", "path", "method", "status", "size", "time", "comment"]}, f)
     cmd = [sys.executable, "-m", "sealgate.dashboard_web", str(workdir)]
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL), socket_path, password
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent), socket_path, password
 
 
 def start_api(settings: Settings) -> subprocess.Popen:
@@ -127,7 +127,18 @@ def start_api(settings: Settings) -> subprocess.Popen:
                       (keys.ENV_VAR, settings.master_key)):
         if text:
             env[var] = text
-    return subprocess.Popen([sys.executable, "-m", "sealgate.cli", "api"], stdin=subprocess.DEVNULL, env=env)
+    return subprocess.Popen([sys.executable, "-m", "sealgate.cli", "api"], stdin=subprocess.DEVNULL, env=env,
+                            preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In a child, before it runs: SIGTERM when `sealgate run` dies, however (kill -9 included), so no
+    dashboard or API outlives it holding its port (Linux; elsewhere the child is left to the caller)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 async def serve(settings: Settings) -> None:

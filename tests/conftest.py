@@ -307,6 +307,7 @@ def make_proxy(tmp: Path, pki: TestPKI, *, process: bool = False, **env: str) ->
         SEALGATE_UPSTREAM_CA=str(pki.ca_pem),
         SEALGATE_ALLOW_PRIVATE="127.0.0.1/32,127.0.0.2/32,::1/128",  # 127.0.0.3 stays blocked
         SEALGATE_METRICS_PORT=str(free_port()),
+        SEALGATE_API_PORT=str(free_port()),  # (a process's API: never the default port another test holds)
     )
     full.update(env)
     return Proxy(tmp, full, port, tmp / "proxy.log", process=process)

@@ -395,6 +395,16 @@ def test_kill_9_at_any_moment_loses_no_committed_secret_and_corrupts_nothing(tmp
         time.sleep(rng.uniform(0.2, 1.0))
         p.proc.send_signal(signal.SIGKILL)  # the proxy, mid-traffic
         p.proc.wait(10)
+        api_port = int(p.env["SEALGATE_API_PORT"])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # its API child dies with it, and lets go of its port
+            try:
+                socket.create_connection(("127.0.0.1", api_port), timeout=1).close()
+                time.sleep(0.1)
+            except OSError:
+                break
+        else:
+            raise AssertionError("the API process outlived `sealgate run` killed with -9")
         stop.set()
         load.join(30)
         for proc, name, v in adds:
