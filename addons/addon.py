@@ -148,6 +148,7 @@ class Wiring:
             self.linked.post = oauth.poster(self.dialer.policy, self.resender.context)
 
     def running(self) -> None:
+        self.connections.start()
         for handler in logging.getLogger().handlers:
             handler.addFilter(self.scrubbers.log_filter)
         internals.wrap_websocket_send(
@@ -161,6 +162,7 @@ class Wiring:
         internals.limit_h2_resets(H2_RESETS, H2_RESETS_WINDOW, lambda: self.metrics.closed.labels("h2_resets").inc())
 
     def done(self) -> None:
+        self.connections.stop()
         self._close_store()
         for handler in logging.getLogger().handlers:
             handler.removeFilter(self.scrubbers.log_filter)

@@ -22,6 +22,7 @@ import logging
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mitmproxy import connection, ctx, http
@@ -34,6 +35,7 @@ from .sessions import Session
 log = logging.getLogger("sealgate")
 
 DRAIN_IDLE_AFTER = 1.0  # seconds a drained HTTP/2 connection's last answer has to reach the worker
+SWEEP_EVERY = 0.25  # seconds between looks at the deadlines (a timer per request cost more than this)
 
 
 @dataclass
@@ -51,7 +53,7 @@ class _Worker:
 
     session: str | None = None
     in_flight: int = 0
-    deadline: asyncio.TimerHandle | None = None
+    deadline: float | None = None  # (monotonic) the next head is due by then; None: an exchange is in flight
 
 
 class Connections:
@@ -61,8 +63,10 @@ class Connections:
         self.workers: dict[connection.Client, _Worker] = {}
         self.per_session: Counter[str] = Counter()
         self.flows: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()  # exchanges in flight
-        self.waiting: weakref.WeakKeyDictionary[object, asyncio.TimerHandle] = weakref.WeakKeyDictionary()
+        # upstream connections being opened, and flows sent: when sealgate gives up on them, and how
+        self.waiting: weakref.WeakKeyDictionary[object, tuple[float, Callable[[], bool]]] = weakref.WeakKeyDictionary()
         self.draining = False
+        self._sweeper: asyncio.Task | None = None
         self._said_busy = float("-inf")
         metrics.size("connections", lambda: len(self.workers))
 
@@ -97,8 +101,6 @@ class Connections:
     def disconnected(self, client: connection.Client) -> None:
         if (worker := self.workers.pop(client, None)) is None:
             return
-        if worker.deadline:
-            worker.deadline.cancel()
         if worker.session is not None:
             self.per_session[worker.session] -= 1
             if self.per_session[worker.session] <= 0:
@@ -136,9 +138,7 @@ class Connections:
             return
         self.flows.add(flow)
         worker.in_flight += 1
-        if worker.deadline:
-            worker.deadline.cancel()
-            worker.deadline = None
+        worker.deadline = None
 
     def ended(self, flow: http.HTTPFlow) -> None:
         """An exchange ended (answered, failed, or its WebSocket closed): the next head is due."""
@@ -155,21 +155,36 @@ class Connections:
             self._await_head(flow.client_conn)
 
     def _await_head(self, client: connection.Client) -> None:
-        worker = self.workers.get(client)
-        if worker is None:
-            return
-        if worker.deadline:
-            worker.deadline.cancel()
-        timeout = DRAIN_IDLE_AFTER if self.draining else self.limits.header_timeout
-        worker.deadline = asyncio.get_running_loop().call_later(timeout, self._no_head, client)
+        if (worker := self.workers.get(client)) is not None:
+            worker.deadline = time.monotonic() + (DRAIN_IDLE_AFTER if self.draining else self.limits.header_timeout)
 
-    def _no_head(self, client: connection.Client) -> None:
-        worker = self.workers.get(client)
-        if worker is None or worker.in_flight:
-            return
-        worker.deadline = None
-        self.metrics.closed.labels("draining" if self.draining else "header_timeout").inc()
-        internals.close_client(ctx.master, client)
+    # deadlines: numbers set per request, one task that looks every SWEEP_EVERY seconds -----------------
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            try:
+                self.sweep(time.monotonic())
+            except Exception as e:  # noqa: BLE001 - the deadlines must go on being kept
+                log.error("sealgate: %s while keeping connection deadlines", e.__class__.__name__)
+
+    def sweep(self, now: float) -> None:
+        """Close the worker connections whose head is overdue; give up on the upstreams that are."""
+        for client, worker in [(c, w) for c, w in self.workers.items() if w.deadline is not None and w.deadline <= now]:
+            worker.deadline = None
+            self.metrics.closed.labels("draining" if self.draining else "header_timeout").inc()
+            internals.close_client(ctx.master, client)
+        for key, (due, give_up) in [(k, v) for k, v in self.waiting.items() if v[0] <= now]:
+            self.waiting.pop(key, None)
+            if give_up():
+                self.metrics.closed.labels("upstream_timeout").inc()
 
     # upstreams -------------------------------------------------------------------------------
 
@@ -187,17 +202,11 @@ class Connections:
     def answering(self, flow: http.HTTPFlow) -> None:
         self._stop_waiting(flow)
 
-    def _wait(self, key: object, give_up) -> None:
-        def fire() -> None:
-            self.waiting.pop(key, None)
-            if give_up():
-                self.metrics.closed.labels("upstream_timeout").inc()
-        self._stop_waiting(key)
-        self.waiting[key] = asyncio.get_running_loop().call_later(self.limits.upstream_timeout, fire)
+    def _wait(self, key: object, give_up: Callable[[], bool]) -> None:
+        self.waiting[key] = (time.monotonic() + self.limits.upstream_timeout, give_up)
 
     def _stop_waiting(self, key: object) -> None:
-        if (timer := self.waiting.pop(key, None)) is not None:
-            timer.cancel()
+        self.waiting.pop(key, None)
 
     # stopping --------------------------------------------------------------------------------
 

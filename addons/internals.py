@@ -62,6 +62,8 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers (whether a request has a body)")
     need(callable(getattr(_http1, "make_body_reader", None)),
          "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 trailers)")
+    need(callable(getattr(getattr(_http1, "Http1Server", None), "wait", None)),
+         "mitmproxy.proxy.layers.http._http1.Http1Server.wait (bytes pipelined behind a request)")
     need(callable(getattr(getattr(_http1, "Http1Server", None), "read_headers", None)),
          "mitmproxy.proxy.layers.http._http1.Http1Server.read_headers (the request head's size)")
     need(callable(getattr(getattr(_http2, "Http2Server", None), "handle_h2_event", None))
@@ -365,20 +367,19 @@ def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -
 
     cls.read_headers = read_headers
 
-    handle_event = getattr(cls._handle_event, "__wrapped__", cls._handle_event)
+    wait = getattr(cls.wait, "__wrapped__", cls.wait)
 
-    @functools.wraps(handle_event)
-    def _handle_event(self, event):
+    @functools.wraps(wait)
+    def waiting(self, event):
         """While a request waits for its answer, mitmproxy keeps what the worker sends next (pipelined) in
         the buffer, without bound: past a head's worth and PIPELINED_MAX, the connection is closed."""
-        if (isinstance(event, events.DataReceived) and self.state == self.wait
-                and len(self.buf) + len(event.data) > limit() + PIPELINED_MAX):
+        if isinstance(event, events.DataReceived) and len(self.buf) > limit() + PIPELINED_MAX:
             yield commands.CloseConnection(self.conn)
             _soon(close_client, ctx.master, self.conn)
             return
-        return (yield from handle_event(self, event))
+        return (yield from wait(self, event))
 
-    cls._handle_event = _handle_event
+    cls.wait = waiting
 
     from mitmproxy.proxy.layers import tls
     hello = getattr(tls.ClientTLSLayer.receive_handshake_data, "__wrapped__", tls.ClientTLSLayer.receive_handshake_data)
