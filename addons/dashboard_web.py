@@ -33,8 +33,8 @@ log = logging.getLogger("sealgate.dashboard")
 
 # the mitmweb addons the dashboard runs; any other (a new mitmweb's among them) is removed
 # with its commands before it ever runs: whatever loads code, touches files or connects
-KEPT = ("TermLog", "Core", "Comment", "Proxyserver", "WebAddon", "WebAuth", "Intercept", "View", "EventStore",
-        "ErrorCheck")
+KEPT = ("TermLog", "Core", "Comment", "Proxyserver", "NextLayer", "WebAddon", "WebAuth", "Intercept", "View",
+        "EventStore", "ErrorCheck")  # (NextLayer: inert without a server, but Proxyserver warns at start without it)
 # the commands the dashboard's API may run: viewing and marking flows; every other (options.reset,
 # options.load/save, inject.*, view.flows.load, ...) is removed, so nothing is applied before a check
 KEPT_COMMAND_PREFIXES = ("view.", "flow.", "eventstore.")  # and `set`, whose options the guard checks
