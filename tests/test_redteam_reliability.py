@@ -24,6 +24,8 @@ from test_reliability import closed_within, hold_lock, sent, world  # noqa: F401
 from upstream import H2Upstream, RawUpstream, header, raw_response
 from wire import connect, full_listener, read_head
 
+pytestmark = pytest.mark.e2e  # proxies pushed past their bounds: about 70 s, in the full suite (CI), not the fast tier
+
 # --- helpers --------------------------------------------------------------------------------------------
 
 def credential(s: dict) -> str:
