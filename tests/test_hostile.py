@@ -1349,3 +1349,23 @@ def test_h2_a_normal_request_still_works_after_the_abuse(scene):
     ours = [h for h, _, _ in scene.h2up.received if h.get(b":path") == b"/after-" + nonce]
     assert ours and ours[-1].get(b"x-key") == scene.values[0].encode(), "the placeholder was not filled"
     no_value(scene, a.received_bytes())
+
+
+def test_h2_window_updates_of_a_reading_worker_are_not_a_flood(scene):
+    """A worker reading a large response sends a WINDOW_UPDATE every few frames: 3000 of them, then a
+    request, on one connection: the request is answered, the connection stays open (the control-frame
+    limit counts SETTINGS, PING and PRIORITY, never WINDOW_UPDATE)."""
+    a = H2Attack(scene)
+    update = hf.WindowUpdateFrame(0)
+    update.window_increment = 1
+    try:
+        assert a.send(update.serialize() * 3000)
+        a.conn.send_headers(1, a.headers(1), end_stream=True)
+        a.sock.sendall(a.conn.data_to_send())
+        began = time.monotonic()
+        while not a.of(h2.events.StreamEnded) and not a.closed and time.monotonic() - began < PROMPT:
+            a.pump(0.2)
+        assert not a.of(h2.events.ConnectionTerminated), "a reading worker's WINDOW_UPDATEs closed its connection"
+        assert [e for e in a.of(h2.events.ResponseReceived) if e.stream_id == 1], "the request was not answered"
+    finally:
+        a.close()
