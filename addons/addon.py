@@ -26,8 +26,8 @@ from mitmproxy.proxy import server_hooks
 
 from . import internals, keys, oauth, origins, outbound, policy, providers, scrubbing
 from .audit import AuditQueue
-from .connections import Connections, Limits
 from .auth import Authenticator
+from .connections import Connections, Limits
 from .dial import Dialer
 from .egress import EgressPolicy, parse_cidrs
 from .errors import Refusal, error_page
@@ -71,7 +71,7 @@ _INT_OPTIONS = (  # name, default, help (whole numbers; settings.py validates wh
     ("sealgate_max_connections", 2000, "Worker connections open at once (more: 503)."),
     ("sealgate_max_session_connections", 100, "Worker connections of one session open at once (more: 429)."),
 )
-H2_RESETS, H2_RESETS_WINDOW = 100, 10.0  # an HTTP/2 worker resetting more requests than this is closed
+H2_RESETS, H2_RESETS_WINDOW = 100, 10.0  # an HTTP/2 worker resetting more streams than this is closed
 AUDIT_FLUSH = 10.0  # seconds a stopping proxy waits for the store to take the audit rows still queued
 HEAD_REFUSAL_BODY_MAX = 64 * 1024  # a refused request bringing more (or of unknown length) is closed, not answered
 WEBSOCKET_HISTORY = 100  # messages a WebSocket flow keeps (mitmproxy would keep all, for the socket's life)
@@ -159,7 +159,7 @@ class Wiring:
         internals.note_bodyless_requests()
         internals.answer_timeouts()
         internals.limit_request_heads(lambda: self.connections.limits.max_head_bytes, self.connections.head_too_large)
-        internals.limit_h2_resets(H2_RESETS, H2_RESETS_WINDOW, lambda: self.metrics.closed.labels("h2_resets").inc())
+        internals.limit_h2_floods(H2_RESETS, H2_RESETS_WINDOW, lambda kind: self.metrics.closed.labels(f"h2_{kind}").inc())
 
     def done(self) -> None:
         self.connections.stop()
@@ -191,8 +191,6 @@ class Wiring:
         if self.store is None:
             raise StoreError("sealgate_data_dir is not set")
         return self.store
-
-
 
 
 class Sealgate(Wiring):

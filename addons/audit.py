@@ -14,7 +14,6 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from .errors import StoreError
 from .sql import Backend
 
 log = logging.getLogger("sealgate")
@@ -53,13 +52,9 @@ class AuditTrail:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
-    def add(self, record: AuditRecord) -> int:
-        """Write one decision; its row id (the CLI's and tests' way: the proxy queues, `AuditQueue`)."""
-        with self.backend.batch() as tx:
-            return self.insert(tx, record)
-
     @staticmethod
     def insert(tx, record: AuditRecord) -> int:
+        """Write one decision in tx (the proxy's rows come through an `AuditQueue`); its row id."""
         row = {**record.__dict__, "secrets": ",".join(record.secrets)}
         return tx.one(_AUDIT_INSERT, [row[c] for c in _AUDIT_COLUMNS])[0]
 
@@ -105,8 +100,7 @@ class AuditQueue:
         self._new: list[Pending] = []  # not written yet
         self._dirty: list[Pending] = []  # written; their status changed since
         self._closed = False
-        self.full_since: float | None = None
-        self.written = 0
+        self._said_full = False  # (once, until the queue drains)
         self._thread = threading.Thread(target=self._write_forever, name="sealgate-audit", daemon=True)
         self._thread.start()
 
@@ -119,8 +113,8 @@ class AuditQueue:
         the first half: refusals anyone can cause (no credential needed) never crowd out a value's row."""
         with self._lock:
             if self.waiting >= (self.bound // 2 if record.decision == "block" else self.bound) or self._closed:
-                if self.full_since is None:
-                    self.full_since = time.monotonic()
+                if not self._said_full:
+                    self._said_full = True
                     log.error("sealgate: the audit queue is full (%d rows wait for the store); requests that "
                               "would inject are refused until it drains", self.bound)
                 return None
@@ -245,8 +239,7 @@ class AuditQueue:
                 if p.record is not record:  # a status set while it was being written
                     p.dirty = True
                     self._dirty.append(p)
-            self.written += len(rows)
-            if self.full_since is not None and self.waiting < self.bound // 2:
+            if self._said_full and self.waiting < self.bound // 2:
                 log.warning("sealgate: the audit queue drains (%d rows wait)", self.waiting)
-                self.full_since = None
+                self._said_full = False
             self._lock.notify_all()

@@ -18,6 +18,7 @@ was read gets the problem+json on the wire, a metric and a log line, and no audi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
@@ -63,8 +64,10 @@ class Connections:
         self.workers: dict[connection.Client, _Worker] = {}
         self.per_session: Counter[str] = Counter()
         self.flows: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()  # exchanges in flight
-        # upstream connections being opened, and flows sent: when sealgate gives up on them, and how
-        self.waiting: weakref.WeakKeyDictionary[object, tuple[float, Callable[[], bool]]] = weakref.WeakKeyDictionary()
+        # upstream connections being opened, and flows sent: when sealgate gives up on them, and how (given the
+        # key: a closure holding it would keep the key alive)
+        self.waiting: weakref.WeakKeyDictionary[object, tuple[float, Callable[[object], bool]]] = \
+            weakref.WeakKeyDictionary()
         self.draining = False
         self._sweeper: asyncio.Task | None = None
         self._said_busy = float("-inf")
@@ -119,18 +122,20 @@ class Connections:
         return None
 
     def head_too_large(self) -> bytes:
-        """The answer to a request head over max_head_bytes (`internals.limit_request_heads` sends it)."""
+        """The answer to an HTTP/1 request head over max_head_bytes (`internals.limit_request_heads` sends it)."""
         self.metrics.blocks.labels("request_head_too_large").inc()
-        return Refusal("request_head_too_large", f"a request head may have at most {self.limits.max_head_bytes} "
-                       "bytes (max_head_bytes)").http_response()
+        return self._head_too_large().http_response()
 
     def head_refusal(self, request: http.Request) -> Refusal | None:
         """An HTTP/2 head over max_head_bytes (HTTP/1 ones never get this far: `internals.limit_request_heads`)."""
         if request.is_http2 and sum(len(k) + len(v) + 32 for k, v in request.headers.fields) + \
                 len(request.path) > self.limits.max_head_bytes:
-            return Refusal("request_head_too_large", f"a request head may have at most {self.limits.max_head_bytes} "
-                           "bytes (max_head_bytes)")
+            return self._head_too_large()
         return None
+
+    def _head_too_large(self) -> Refusal:
+        return Refusal("request_head_too_large",
+                       f"a request head may have at most {self.limits.max_head_bytes} bytes (max_head_bytes)")
 
     def began(self, flow: http.HTTPFlow) -> None:
         """A request head arrived."""
@@ -183,26 +188,26 @@ class Connections:
             internals.close_client(ctx.master, client)
         for key, (due, give_up) in [(k, v) for k, v in self.waiting.items() if v[0] <= now]:
             self.waiting.pop(key, None)
-            if give_up():
+            if give_up(key):
                 self.metrics.closed.labels("upstream_timeout").inc()
 
     # upstreams -------------------------------------------------------------------------------
 
     def dialling(self, client: connection.Client, server: connection.Server) -> None:
         """An upstream connection is being opened: it has upstream_timeout to be."""
-        self._wait(server, lambda: internals.abort_upstream(ctx.master, client, server))
+        self._wait(server, functools.partial(_give_up_dial, client))
 
     def dialled(self, server: connection.Server) -> None:
         self._stop_waiting(server)
 
     def sent(self, flow: http.HTTPFlow) -> None:
         """The request has gone: its answer has upstream_timeout to begin."""
-        self._wait(flow, lambda: internals.abort_upstream(ctx.master, flow, flow.server_conn))
+        self._wait(flow, _give_up_answer)
 
     def answering(self, flow: http.HTTPFlow) -> None:
         self._stop_waiting(flow)
 
-    def _wait(self, key: object, give_up: Callable[[], bool]) -> None:
+    def _wait(self, key: object, give_up: Callable[[object], bool]) -> None:
         self.waiting[key] = (time.monotonic() + self.limits.upstream_timeout, give_up)
 
     def _stop_waiting(self, key: object) -> None:
@@ -221,6 +226,14 @@ class Connections:
     def busy(self) -> int:
         """Worker connections still open."""
         return len(self.workers)
+
+
+def _give_up_dial(client: connection.Client, server: connection.Server) -> bool:
+    return internals.abort_upstream(ctx.master, client, server)
+
+
+def _give_up_answer(flow: http.HTTPFlow) -> bool:
+    return internals.abort_upstream(ctx.master, flow.client_conn, flow.server_conn, flow)
 
 
 class Undecided:

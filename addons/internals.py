@@ -287,13 +287,12 @@ class _GatewayTimeout:
         return 504
 
 
-def abort_upstream(master: Any, flow_or_client: Any, server: Any) -> bool:
-    """Give up on an upstream connection (still being opened, or not answering): its task is cancelled with
-    UPSTREAM_TIMED_OUT, and the worker's request, if any, is answered 504 (`answer_timeouts`). False if
+def abort_upstream(master: Any, client: Any, server: Any, flow: Any = None) -> bool:
+    """Give up on an upstream connection (still being opened, or not answering flow): its task is cancelled
+    with UPSTREAM_TIMED_OUT, and the worker's request, if any, is answered 504 (`answer_timeouts`). False if
     the connection is gone already."""
-    client = getattr(flow_or_client, "client_conn", flow_or_client)
-    if client is not flow_or_client:
-        _TIMED_OUT.add(flow_or_client)
+    if flow is not None:
+        _TIMED_OUT.add(flow)
     proxy = master.addons.get("proxyserver")
     handler = proxy.connections.get(client.id) if proxy else None
     io = handler.transports.get(server) if handler is not None else None
@@ -338,10 +337,10 @@ def refuse_connection(master: Any, client: Any, answer: bytes) -> None:
 
 
 def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -> None:
-    """Refuse an HTTP/1 request head (or a TLS ClientHello) longer than limit() bytes: mitmproxy would buffer it without bound,
-    waiting for its end. The worker gets answer() (a whole response) and the connection is closed. Empty
-    lines before a head are dropped (h11's buffer, `_data`): mitmproxy took them for an unfinished head."""
-    from mitmproxy import ctx
+    """Bound by limit() what mitmproxy buffers without bound from a worker: an HTTP/1 request head until it
+    ends (the worker gets answer(), a whole response), bytes pipelined behind a waiting request and a TLS
+    ClientHello until whole (closed). Empty lines before a head are dropped (h11's buffer, `_data`):
+    mitmproxy took them for an unfinished head."""
     from mitmproxy.proxy import commands, events
     from mitmproxy.proxy.layers.http import _http1
 
@@ -357,10 +356,7 @@ def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -
         if isinstance(event, events.DataReceived) and len(self.buf) > (most := limit()):
             if not _HEAD_END.search(bytes(self.buf._data[:most + 4])):  # h11's end of a head
                 yield commands.SendData(self.conn, answer())
-                yield commands.CloseConnection(self.conn)
-                # and the socket itself: a close that cancels the reading task while it waits for mitmproxy's
-                # event lock ends the task and leaves the socket open (seen one time in three)
-                _soon(close_client, ctx.master, self.conn)
+                yield from _close(self.conn)
                 self.state = self.done
                 return
         return (yield from original(self, event))
@@ -374,8 +370,7 @@ def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -
         """While a request waits for its answer, mitmproxy keeps what the worker sends next (pipelined) in
         the buffer, without bound: past a head's worth and PIPELINED_MAX, the connection is closed."""
         if isinstance(event, events.DataReceived) and len(self.buf) > limit() + PIPELINED_MAX:
-            yield commands.CloseConnection(self.conn)
-            _soon(close_client, ctx.master, self.conn)
+            yield from _close(self.conn)
             return
         return (yield from wait(self, event))
 
@@ -395,17 +390,16 @@ def limit_request_heads(limit: Callable[[], int], answer: Callable[[], bytes]) -
     tls.ClientTLSLayer.receive_handshake_data = receive_handshake_data
 
 
-def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> None:
+def limit_h2_floods(most: int, window: float, closed: Callable[[str], None]) -> None:
     """Close an HTTP/2 worker connection that resets more than `most` streams within `window` seconds (rapid
     reset, CVE-2023-44487: each request costs a flow and its hooks however soon it is reset, and a whole
     request reset after its end still goes upstream), or sends more than CONTROL_PER_RESET times as many
     control frames (a PING or SETTINGS flood: about 100 µs of parsing each). mitmproxy sets no limit. The
-    connection gets GOAWAY (ENHANCE_YOUR_CALM) and is closed."""
+    connection gets GOAWAY (ENHANCE_YOUR_CALM) and is closed; closed(kind) is told ("resets", "control_frames")."""
     import time
 
     import h2.errors
     import h2.events
-    from mitmproxy import ctx
     from mitmproxy.proxy import events
     from mitmproxy.proxy.layers.http import _http2
 
@@ -416,22 +410,21 @@ def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> Non
 
     @functools.wraps(original)
     def handle_h2_event(self, event):
-        kind = "reset" if isinstance(event, h2.events.StreamReset) and event.remote_reset else \
-            "control" if isinstance(event, _CONTROL) else None
+        kind = "resets" if isinstance(event, h2.events.StreamReset) and event.remote_reset else \
+            "control_frames" if isinstance(event, _CONTROL) else None
         if kind is not None:
             now = time.monotonic()
-            counts, since = getattr(self, "_sealgate_counts", None) or ({"reset": 0, "control": 0}, now)
+            counts, since = getattr(self, "_sealgate_counts", None) or ({"resets": 0, "control_frames": 0}, now)
             if now - since >= window:
-                counts, since = {"reset": 0, "control": 0}, now
+                counts, since = {"resets": 0, "control_frames": 0}, now
             counts[kind] += 1
             self._sealgate_counts = (counts, since)
-            if counts[kind] > (most if kind == "reset" else most * CONTROL_PER_RESET):
-                closed()
+            if counts[kind] > (most if kind == "resets" else most * CONTROL_PER_RESET):
+                closed(kind)
                 self._sealgate_closed = True
-                what = "streams reset" if kind == "reset" else "control frames (SETTINGS, PING, PRIORITY)"
-                yield from self.protocol_error(f"too many {what} within {window:g} s",
+                yield from self.protocol_error(f"too many {kind.replace('_', ' ')} within {window:g} s",
                                                h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-                _soon(close_client, ctx.master, self.conn)
+                yield from _close(self.conn)
                 return True
         return (yield from original(self, event))
 
@@ -454,17 +447,23 @@ def limit_h2_resets(most: int, window: float, closed: Callable[[], None]) -> Non
 
 def closing_layer(context: Any) -> Any:
     """A layer that closes the worker's connection at once (for what no layer should be decided on)."""
-    from mitmproxy import ctx
-    from mitmproxy.proxy import commands, layer
+    from mitmproxy.proxy import layer
 
     class Closing(layer.Layer):
         def _handle_event(self, event):
-            yield commands.CloseConnection(self.context.client)
-            _soon(close_client, ctx.master, self.context.client)
+            yield from _close(self.context.client)
 
     return Closing(context)
 
 
-def _soon(call, *args) -> None:
+def _close(client: Any):
+    """Close a worker's connection from inside a layer, and its socket too: mitmproxy's close, when it cancels
+    the connection's reading task while that task waits for the event lock, ends the task and leaves the
+    socket open (seen one time in three)."""
     import asyncio
-    asyncio.get_running_loop().call_soon(call, *args)
+
+    from mitmproxy import ctx
+    from mitmproxy.proxy import commands
+
+    yield commands.CloseConnection(client)
+    asyncio.get_running_loop().call_soon(close_client, ctx.master, client)

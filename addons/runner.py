@@ -205,7 +205,8 @@ async def _run(m: master.Master, settings: Settings, web_password: str | None) -
 async def _stop(m: master.Master, grace: float) -> None:
     """SIGTERM: stop listening (and say not ready), let the requests in flight finish for up to grace
     seconds, then shut down; the audit queue is written out as the addon stops."""
-    connections = m.addons.get("sealgate").connections
+    sealgate = m.addons.get("sealgate")
+    connections = sealgate.connections
     connections.drain()
     await m.addons.get("proxyserver").servers.update([])  # stop listening; the connections open stay
     log = logging.getLogger("sealgate")
@@ -215,9 +216,8 @@ async def _stop(m: master.Master, grace: float) -> None:
         await asyncio.sleep(0.05)
     if connections.busy:
         log.warning("sealgate: stopping with %d connections still open", connections.busy)
-        recorder = m.addons.get("sealgate").recorder
         for flow in list(connections.flows):  # cut off: the status their rows get is "closed"
-            recorder.answered(flow, 0)
+            sealgate.recorder.answered(flow, 0)
     m.shutdown()
 
 

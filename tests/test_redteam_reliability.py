@@ -418,20 +418,27 @@ def test_finding_9b_websocket_message_rows_never_get_a_status(world, pki, user, 
     assert rows and None not in [st for _, st in rows], f"rows of a closed WebSocket that carried a value: {rows}"
 
 
+def used_then_expired(p, idp, user) -> tuple[dict, str]:
+    """A linked account used once through a new session, then its access token expired at the provider:
+    (the session, the account's placeholder)."""
+    from test_links import link
+    link(p, idp, user)
+    s = p.issue(user=user)
+    ph = s["env"]["MY_PROV"]
+    assert curl(s, idp.origin + "/api/me", "-H", f"Authorization: Bearer {ph}").status == 200
+    idp.expire_access_tokens()
+    return s, ph
+
+
 def test_finding_10_a_failed_401_resend_leaves_its_allow_row_without_status(tmp_path, pki, client_secret, user,
                                                                           monkeypatch):
     """Sealgate.response: when Resender.resend returns a refusal after the request was released again (a new
     allow row, the refreshed token sent), the refusal is recorded but the new allow row is never answered:
     the audit shows a request that went out, with status null, for good."""
     from sealgate import outbound
-    from test_links import link
     p, idp = linked_proxy(tmp_path, pki, client_secret)
     try:
-        link(p, idp, user)
-        s = p.issue(user=user)
-        ph = s["env"]["MY_PROV"]
-        assert curl(s, idp.origin + "/api/me", "-H", f"Authorization: Bearer {ph}").status == 200
-        idp.expire_access_tokens()
+        s, ph = used_then_expired(p, idp, user)
         real, calls = idp._api, []
 
         def slow_second(rec):  # the request sent again (after the 401) is answered too late
@@ -456,14 +463,9 @@ def test_finding_11_the_header_timeout_cuts_a_401_resend_in_progress(tmp_path, p
     """Sealgate.response calls connections.ended before it awaits the refresh and the re-send (up to
     outbound.DEADLINE each, 30 s): the header deadline runs meanwhile and closes the worker's connection in
     the middle of its own exchange. Defaults: header_timeout 30 s."""
-    from test_links import link
     p, idp = linked_proxy(tmp_path, pki, client_secret, SEALGATE_HEADER_TIMEOUT="1")
     try:
-        link(p, idp, user)
-        s = p.issue(user=user)
-        ph = s["env"]["MY_PROV"]
-        assert curl(s, idp.origin + "/api/me", "-H", f"Authorization: Bearer {ph}").status == 200
-        idp.expire_access_tokens()
+        s, ph = used_then_expired(p, idp, user)
         idp.delay = 2.0  # the token endpoint takes 2 s
         try:
             r = curl(s, idp.origin + "/api/me", "-H", f"Authorization: Bearer {ph}")

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import threading
 import time
 
 import pytest
 from conftest import curl, make_proxy
 from test_proxy import assert_clean, assert_problem
-from test_store import Place
 from upstream import RawUpstream, raw_response
 from wire import connect, full_listener, read_head
 
