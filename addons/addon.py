@@ -24,7 +24,7 @@ from mitmproxy import ctx, exceptions, http, tcp, tls
 from mitmproxy.connection import Server
 from mitmproxy.proxy import server_hooks
 
-from . import internals, keys, oauth, origins, outbound, policy, providers, scrubbing
+from . import bodies, internals, keys, oauth, origins, outbound, policy, providers, scrubbing
 from .audit import AuditQueue
 from .auth import Authenticator
 from .connections import Connections, Limits
@@ -75,6 +75,15 @@ H2_RESETS, H2_RESETS_WINDOW = 100, 10.0  # an HTTP/2 worker resetting more strea
 AUDIT_FLUSH = 10.0  # seconds a stopping proxy waits for the store to take the audit rows still queued
 HEAD_REFUSAL_BODY_MAX = 64 * 1024  # a refused request bringing more (or of unknown length) is closed, not answered
 WEBSOCKET_HISTORY = 100  # messages a WebSocket flow keeps (mitmproxy would keep all, for the socket's life)
+
+
+RANGE_HEADERS = frozenset({b"range", b"if-range", b"request-range"})  # (an older name some servers still honour)
+
+
+def drop_headers(headers: http.Headers, names: frozenset[bytes]) -> None:
+    """Remove every header of these (lower-case) names, looking at the fields once."""
+    if any(k.lower() in names for k, _ in headers.fields):
+        headers.fields = tuple((k, v) for k, v in headers.fields if k.lower() not in names)
 
 
 def _fail_closed(hook):
@@ -261,13 +270,12 @@ class Sealgate(Wiring):
             return self._refuse_head(flow, Refusal("store_unavailable", f"cannot read this session's secrets: {e}"))
         state = self.states.start(flow, found, scrubber)
         flow.metadata["sealgate"] = _who(found)
-        if (refusal := encoded_body_refusal(flow.request.headers)) is not None:
+        framing = bodies.Framing.of(flow.request.headers.fields)
+        if (refusal := encoded_body_refusal(framing)) is not None:
             return self._refuse_head(flow, refusal)
         if scrubber:  # slices of a stored value, each too short to scrub, could be joined again
-            flow.request.headers.pop("Range", None)
-            flow.request.headers.pop("If-Range", None)
-            flow.request.headers.pop("Request-Range", None)  # an older name some servers still honour
-        if scrubbing.streams(flow.request.headers, unknown_length=_body_of_unknown_length(flow.request)) and not \
+            drop_headers(flow.request.headers, RANGE_HEADERS)
+        if scrubbing.streams(framing, unknown_length=_body_of_unknown_length(flow.request)) and not \
                 self.releaser.holds_body(flow, state):
             # The head goes out when this hook returns: check URL and headers now, the body as it flows.
             if await self._release(flow, with_body=False, refuse=self._refuse_head):
@@ -355,9 +363,9 @@ class Sealgate(Wiring):
             if (refusal := await self.resender.resend(flow, state)) is not None:
                 return self.recorder.refuse(flow, refusal)
         self.metrics.latency.observe(time.time() - flow.request.timestamp_start)
-        self.recorder.answered(flow, flow.response.status_code)
         if (refusal := scrubbing.response(flow, lambda: self.scrubbers.for_session(state.session))) is not None:
-            self.recorder.refuse(flow, refusal)
+            return self.recorder.refuse(flow, refusal)  # the rows before it get the status of the refusal
+        self.recorder.answered(flow, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """A failed flow: the worker gets sealgate's error page (internals.replace_error_pages), and

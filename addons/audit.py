@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from .errors import StoreBusy
 from .sql import Backend
 
 log = logging.getLogger("sealgate")
@@ -22,6 +23,7 @@ BATCH_EVERY = 0.02  # seconds rows gather before one transaction writes them
 BATCH_MAX = 500  # rows in one transaction
 RETRY_MAX = 1.0  # seconds between tries at most, while the store refuses the writes
 REFUSED_MAX = 5  # passes a row may be refused while later ones are taken, before it is dropped
+BUSY_PATIENCE = 1.0  # seconds other processes' writes may keep the store busy before it counts as a failure
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,10 @@ class AuditTrail:
         self.backend = backend
 
     @staticmethod
-    def insert(tx, record: AuditRecord) -> int:
-        """Write one decision in tx (the proxy's rows come through an `AuditQueue`); its row id."""
-        row = {**record.__dict__, "secrets": ",".join(record.secrets)}
+    def insert(tx, record: AuditRecord, status: int | None) -> int:
+        """Write one decision in tx, with the status known by now (the proxy's rows come through an
+        `AuditQueue`); its row id."""
+        row = {**record.__dict__, "secrets": ",".join(record.secrets), "status": status}
         return tx.one(_AUDIT_INSERT, [row[c] for c in _AUDIT_COLUMNS])[0]
 
     def __call__(self, *, user: str | None = None, runchat: str | None = None, since: float | None = None,
@@ -76,10 +79,11 @@ class AuditTrail:
 class Pending:
     """A row handed to the queue: its status may be set before or after it is written."""
 
-    __slots__ = ("record", "row_id", "dirty", "refused")
+    __slots__ = ("record", "status", "row_id", "dirty", "refused")
 
     def __init__(self, record: AuditRecord) -> None:
         self.record = record
+        self.status = record.status  # once known (set here: no copy of the record for it)
         self.row_id: int | None = None  # once written
         self.dirty = False  # a status set after it was written (or while it was being written)
         self.refused = 0  # passes in which the store took a later row but not this one
@@ -99,6 +103,7 @@ class AuditQueue:
         self._lock = threading.Condition()
         self._new: list[Pending] = []  # not written yet
         self._dirty: list[Pending] = []  # written; their status changed since
+        self._updating = 0  # statuses taken from _dirty by the batch being written
         self._closed = False
         self._said_full = False  # (once, until the queue drains)
         self._thread = threading.Thread(target=self._write_forever, name="sealgate-audit", daemon=True)
@@ -106,7 +111,7 @@ class AuditQueue:
 
     @property
     def waiting(self) -> int:
-        return len(self._new) + len(self._dirty)
+        return len(self._new) + len(self._dirty) + self._updating
 
     def add(self, record: AuditRecord) -> Pending | None:
         """Queue a row; None if `bound` rows wait already (nothing is queued then). A refusal's row takes only
@@ -119,24 +124,21 @@ class AuditQueue:
                               "would inject are refused until it drains", self.bound)
                 return None
             pending = Pending(record)
-            self._new.append(pending)
-            self._lock.notify()
+            self._new.append(pending)  # (the thread is not woken for it: it looks every BATCH_EVERY)
             return pending
 
     def set_status(self, pending: Pending, status: int) -> None:
         """The status the worker got; written with the row, or after it."""
         with self._lock:
-            pending.record = replace(pending.record, status=status)
+            pending.status = status
             if pending.row_id is not None and not pending.dirty:  # else the row is still to be written
                 pending.dirty = True
                 self._dirty.append(pending)
-                self._lock.notify()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued row is written (True), or timeout seconds have passed."""
         end = time.monotonic() + timeout
         with self._lock:
-            self._lock.notify()
             while self.waiting and (left := end - time.monotonic()) > 0:
                 self._lock.wait(min(left, 0.05))
             return not self.waiting
@@ -145,8 +147,7 @@ class AuditQueue:
         """Flush within timeout, then stop; the number of rows that could not be written."""
         self.flush(timeout)
         with self._lock:
-            self._closed = True
-            self._lock.notify()
+            self._closed = True  # the thread sees it within BATCH_EVERY
             lost = self.waiting
         self._thread.join(timeout=1)
         if lost:
@@ -154,17 +155,22 @@ class AuditQueue:
         return lost
 
     def _write_forever(self) -> None:
-        delay, said = BATCH_EVERY, float("-inf")
+        delay, said, busy_since = BATCH_EVERY, float("-inf"), None
         while True:
+            time.sleep(delay)  # rows gather meanwhile: one transaction for many, and no wake-up per request
             with self._lock:
-                while not self.waiting and not self._closed:
-                    self._lock.wait()
                 if self._closed:
                     return
-            time.sleep(delay)  # rows gather meanwhile: one transaction for many
+                if not self.waiting:
+                    continue
             try:
                 self._write_batch()
             except Exception as e:  # noqa: BLE001 - whatever it is, the rows wait and the thread goes on
+                if isinstance(e, StoreBusy):  # another process's write (--workers, the CLI): ours comes next
+                    busy_since = busy_since or time.monotonic()
+                    if time.monotonic() - busy_since < BUSY_PATIENCE:
+                        delay = BATCH_EVERY
+                        continue
                 self.on_failure()
                 if time.monotonic() - said >= 1:  # said once a second at most: it is tried again
                     said = time.monotonic()
@@ -173,7 +179,7 @@ class AuditQueue:
                 if self._drop_refused_rows():
                     delay = BATCH_EVERY
             else:
-                delay = BATCH_EVERY
+                delay, busy_since = BATCH_EVERY, None
 
     def _drop_refused_rows(self) -> bool:
         """After a failed batch: write its new rows one at a time. A row that fails although the store took a
@@ -183,12 +189,15 @@ class AuditQueue:
         with self._lock:
             rows = list(self._new[:BATCH_MAX])
         outcomes: list[int | None] = []
+        busy: set[int] = set()  # rows that met another process's lock: nothing said about what they hold
         for p in rows:
             row_id = None
             try:
                 with self.trail.backend.batch(wait=False) as tx:
-                    inserted = self.trail.insert(tx, p.record)
+                    inserted = self.trail.insert(tx, p.record, p.status)
                 row_id = inserted  # only once committed
+            except StoreBusy:
+                busy.add(id(p))
             except Exception:  # noqa: BLE001
                 pass
             outcomes.append(row_id)
@@ -203,6 +212,8 @@ class AuditQueue:
                     p.row_id, p.dirty = row_id, True
                     self._dirty.append(p)  # its status, if set meanwhile, goes with the next batch
                     continue
+                if id(p) in busy:
+                    continue
                 p.refused += 1
                 if p.refused >= REFUSED_MAX:
                     gone.add(id(p))
@@ -215,28 +226,31 @@ class AuditQueue:
 
     def _write_batch(self) -> None:
         with self._lock:
-            rows = [(p, p.record) for p in self._new[:BATCH_MAX]]
+            rows = [(p, p.status) for p in self._new[:BATCH_MAX]]
             updates, self._dirty = self._dirty[:BATCH_MAX], self._dirty[BATCH_MAX:]
             for p in updates:
                 p.dirty = False
-            statuses = [p.record.status for p in updates]
+            statuses = [p.status for p in updates]
+            self._updating = len(updates)  # still waiting (for `flush`) until committed
         try:
             with self.trail.backend.batch(wait=False) as tx:
-                ids = [self.trail.insert(tx, record) for _, record in rows]
+                ids = [self.trail.insert(tx, p.record, status) for p, status in rows]
                 for p, status in zip(updates, statuses, strict=True):
                     tx.one("update audit set status = ? where id = ?", [status, p.row_id])
         except BaseException:
             with self._lock:
+                self._updating = 0
                 again = [p for p in updates if not p.dirty]
                 for p in again:
                     p.dirty = True
                 self._dirty[:0] = again
             raise
         with self._lock:
+            self._updating = 0
             del self._new[:len(rows)]
-            for (p, record), row_id in zip(rows, ids, strict=True):
+            for (p, status), row_id in zip(rows, ids, strict=True):
                 p.row_id = row_id
-                if p.record is not record:  # a status set while it was being written
+                if p.status != status:  # a status set while it was being written
                     p.dirty = True
                     self._dirty.append(p)
             if self._said_full and self.waiting < self.bound // 2:

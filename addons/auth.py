@@ -35,7 +35,7 @@ class Authenticator:
         session = self.states.tunnels.get(flow.client_conn)
         if session is None:
             return self._from_header(flow)
-        flow.request.headers.pop("Proxy-Authorization", None)  # never forward a credential
+        take_credentials(flow.request.headers)  # never forward a credential
         return self.live(session)
 
     def live(self, session: sessions.Session) -> sessions.Session | Refusal:
@@ -53,7 +53,7 @@ class Authenticator:
         return session
 
     def _from_header(self, flow: http.HTTPFlow) -> sessions.Session | Refusal:
-        header = flow.request.headers.pop("Proxy-Authorization", "")
+        header = take_credentials(flow.request.headers)
         decoded = inject.decode_basic(header) or b""
         session_id, _, credential = decoded.decode("utf-8", "replace").partition(":")
         try:
@@ -64,3 +64,13 @@ class Authenticator:
             why = "no proxy credentials were sent" if not header else "the proxy credentials are invalid or expired"
             return Refusal("proxy_auth_required", f"{why}; {HINT}")
         return session
+
+
+def take_credentials(headers: http.Headers) -> str:
+    """Remove every Proxy-Authorization field; their values as `Headers.pop` gives them (joined by ", "),
+    "" if none. One look at the fields, which most requests (in a tunnel) do not have."""
+    found = [v for k, v in headers.fields if k.lower() == b"proxy-authorization"]
+    if not found:
+        return ""
+    headers.fields = tuple((k, v) for k, v in headers.fields if k.lower() != b"proxy-authorization")
+    return b", ".join(found).decode("utf-8", "surrogateescape")

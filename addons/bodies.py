@@ -9,6 +9,8 @@ it cannot check.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import brotli
 
@@ -22,6 +24,34 @@ SUPPORTED = ("identity", "gzip", "x-gzip", "deflate", "br", "zstd")
 
 class BodyError(ValueError):
     """A body that cannot be decoded within the bound; says why."""
+
+
+@dataclass(frozen=True)
+class Framing:
+    """A message's Content-Encoding, Content-Length (None: absent) and Transfer-Encoding, each as
+    mitmproxy's `Headers.get` gives it (repeated fields joined by ", "), read in one look at the fields:
+    every request and response asks for several of them."""
+
+    content_encoding: str = ""
+    content_length: str | None = None
+    transfer_encoding: str = ""
+
+    @classmethod
+    def of(cls, fields: Iterable[tuple[bytes, bytes]]) -> Framing:
+        found: dict[bytes, list[bytes]] = {}
+        for name, value in fields:
+            if (name := name.lower()) in _FRAMING:
+                found.setdefault(name, []).append(value)
+        if not found:
+            return _NO_FRAMING
+
+        def text(name: bytes) -> str | None:
+            return None if (values := found.get(name)) is None else b", ".join(values).decode("utf-8", "surrogateescape")
+        return cls(text(b"content-encoding") or "", text(b"content-length"), text(b"transfer-encoding") or "")
+
+
+_FRAMING = frozenset({b"content-encoding", b"content-length", b"transfer-encoding"})
+_NO_FRAMING = Framing()
 
 
 def codings(content_encoding: str) -> list[str]:

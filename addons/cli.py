@@ -41,7 +41,7 @@ class UsageError(Exception):
 def _settings(args: argparse.Namespace) -> settings.Settings:
     flags = {k: getattr(args, k, None) for k in ("listen_host", "listen_port", "web_port", "web_password",
                                                  "data_dir", "certs_dir", "upstream_ca", "allow_private", "metrics",
-                                                 "store_url", "api")}
+                                                 "store_url", "api", "workers")}
     flags["no_web"] = getattr(args, "no_web", False)
     flags["no_metrics"] = getattr(args, "no_metrics", False)
     flags["no_api"] = getattr(args, "no_api", False)
@@ -246,11 +246,24 @@ def cmd_run(args: argparse.Namespace) -> None:
     from . import runner  # mitmproxy's master is only needed here
 
     try:
-        asyncio.run(runner.serve(s))
+        if s.workers == 1:
+            asyncio.run(runner.serve(s))
+        else:
+            _run_gateway(s)
     except OptionsError as e:
         raise UsageError(str(e)) from None
     except KeyboardInterrupt:
         pass
+
+
+def _run_gateway(s: settings.Settings) -> None:
+    """`run` with several proxy processes on the port, and a supervisor (this process) for them."""
+    from . import workers
+
+    try:
+        asyncio.run(workers.serve(s))
+    except workers.Failed as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_egress_lock(args: argparse.Namespace) -> None:
@@ -445,6 +458,7 @@ def _parser() -> argparse.ArgumentParser:
     apis = run.add_mutually_exclusive_group()
     apis.add_argument("--api-port", dest="api", help="[host:]port of the platform API [SEALGATE_API_PORT]")
     apis.add_argument("--no-api", action="store_true", help="run without the platform API")
+    run.add_argument("--workers", help="proxy processes sharing the listen port, 1 to 64 [SEALGATE_WORKERS]")
     run.set_defaults(func=cmd_run)
     lock = sub.add_parser("egress-lock", help="let only the proxy's uid open connections that leave this network "
                           "namespace (an init container's job; needs NET_ADMIN)")

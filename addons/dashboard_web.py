@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import io
 import logging
 import signal
 import struct
@@ -25,9 +24,9 @@ import yaml
 from mitmproxy import ctx, exceptions, http, options
 from mitmproxy.addons.view import View
 from mitmproxy.flow import Flow
-from mitmproxy.io import FlowReader
 
 from . import internals
+from .dashboard import unframe
 
 log = logging.getLogger("sealgate.dashboard")
 
@@ -79,21 +78,23 @@ class MirrorReceiver:
         try:
             while True:
                 (length,) = struct.unpack(">I", await reader.readexactly(4))
-                blob = await reader.readexactly(length)
-                for flow in FlowReader(io.BytesIO(blob)).stream():
-                    flow.live = False
-                    await self.keep(flow)
+                copy = await reader.readexactly(length)
+                try:
+                    self.keep(unframe(copy))
+                except (ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+                    log.warning("sealgate dashboard: a copy that is not one was dropped (%s)", type(e).__name__)
         except (asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # the proxy went away, or this process stops (a cancelled task here is logged as an error by 3.12)
         finally:
             writer.close()
 
-    async def keep(self, f: Flow) -> None:
-        """Show a received flow, then drop the oldest past the bound: the dashboard runs for months."""
+    def keep(self, f: Flow) -> None:
+        """Show a received flow (the view alone: the flow is finished, no other addon has anything to do
+        with it), then drop the oldest past the bound: the dashboard runs for months."""
         view: View = ctx.master.addons.get("view")
         if view.get_by_id(f.id) is None:
             self.arrived.append(f.id)
-        await ctx.master.load_flow(f)
+            view.add([f])
         self.trim(view)
 
     def trim(self, view: View) -> None:
@@ -122,6 +123,8 @@ async def serve(confdir: Path) -> None:
 
     m = WebMaster(options.Options(), with_termlog=True)
     restrict(m)
+    internals.quiet_web_broadcasts()
+    internals.unchecked_messages()
     config = yaml.safe_load((confdir / "config.yaml").read_text())
     m.options.update(confdir=str(confdir), **config)
     loop = asyncio.get_running_loop()

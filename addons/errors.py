@@ -51,6 +51,10 @@ class StoreError(Exception):
     """The store, its key or a record in it cannot be read or written; says which."""
 
 
+class StoreBusy(StoreError):
+    """Another process holds the store's write lock (SQLite): a write that did not wait for it is tried again."""
+
+
 class NotFound(StoreError):
     """What was named does not exist (the API answers 404)."""
 

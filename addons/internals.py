@@ -75,6 +75,13 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data and recv_buffer (the ClientHello's size)")
     need(callable(getattr(stream, "handle_protocol_error", None)),
          "mitmproxy.proxy.layers.http.HttpStream.handle_protocol_error (an upstream that timed out)")
+    from mitmproxy import http, master
+    from mitmproxy import addonmanager
+    need(all(callable(getattr(addonmanager, n, None)) for n in ("safecall", "traverse"))
+         and "UpdateHook" in inspect.getsource(addonmanager.AddonManager.handle_lifecycle),
+         "mitmproxy.addonmanager.AddonManager.handle_lifecycle, safecall and traverse (direct_hooks)")
+    need((hasattr(http.MessageData, "__post_init__") or not __debug__) and "_legacy_log_events" in inspect.getsource(master.Master.__init__),
+         "mitmproxy.http.MessageData.__post_init__ and mitmproxy.master.Master._legacy_log_events (trim_master)")
     if found:
         found.append(f"(sealgate was checked against mitmproxy {CHECKED_VERSIONS}; this is {version.VERSION})")
     return found
@@ -165,6 +172,89 @@ def keep_only_addons(master: Any, allowed: Iterable[str]) -> list[str]:
         if getattr(command.func, "__self__", None) in removed:
             del master.commands.commands[name]
     return [type(a).__name__ for a in removed]
+
+
+def trim_master(master: Any) -> None:
+    """Drop two per-request costs of a mitmproxy master that buy `sealgate run` nothing (a tenth of its CPU):
+    the type check of every field of every request and response mitmproxy parses (run only when Python
+    runs without -O: the parser makes the right types), and the deprecated `add_log` event, which wakes the
+    event loop and runs every addon for every log line (no addon of the lean master has an `add_log`)."""
+    unchecked_messages()
+    master._legacy_log_events.uninstall()
+    direct_hooks(master)
+
+
+def direct_hooks(master: Any) -> None:
+    """Run each hook on the addons that have it, straight from a table (built again when the chain changes).
+
+    mitmproxy's AddonManager takes every event of a flow through every addon of the chain twice (the hook,
+    then `update`), with two generators, a coroutine and a context manager per addon: most of the cost of a
+    hook for a handful of addons that have it. Here: the same addons in the same order, each call under
+    mitmproxy's own `safecall` (an addon's error is logged, AddonHalt ends the event), and `update` only if
+    an addon has one."""
+    import types
+
+    from mitmproxy import exceptions
+    from mitmproxy import flow as mflow
+    from mitmproxy.addonmanager import safecall, traverse
+
+    addons = master.addons
+    tables: dict[str, list[Callable]] = {}
+    built_for: list[tuple[int, int]] = [(0, 0)]
+
+    def hooks(name: str) -> list[Callable]:
+        if built_for[0] != (key := (id(addons.chain), len(addons.chain))):
+            tables.clear()
+            built_for[0] = key
+        if (table := tables.get(name)) is None:
+            table = tables[name] = [f for a in traverse(addons.chain) if (f := getattr(a, name, None))
+                                    and callable(f) and not isinstance(f, types.ModuleType)]
+        return table
+
+    async def run(name: str, args: list) -> None:
+        for func in hooks(name):
+            try:
+                with safecall():
+                    result = func(*args)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+            except exceptions.AddonHalt:
+                return
+
+    async def handle_lifecycle(event: Any) -> None:
+        args = event.args()
+        await run(event.name, args)
+        if isinstance(args[0], mflow.Flow) and hooks("update"):
+            await run("update", [[args[0]]])
+
+    addons.handle_lifecycle = handle_lifecycle
+
+
+def unchecked_messages() -> None:
+    """mitmproxy type-checks every field of every request and response it makes (without -O): not ours."""
+    from mitmproxy import http
+
+    http.MessageData.__post_init__ = _unchecked
+
+
+def _unchecked(self: Any) -> None:
+    """mitmproxy's MessageData.__post_init__ without its type checks."""
+
+
+def quiet_web_broadcasts() -> None:
+    """mitmweb turns every flow it shows into JSON for its web UI's websockets, also when none is open:
+    skipped then (the dashboard's cost while nobody watches). A UI that connects asks for the flows anew."""
+    from mitmproxy.tools.web import app
+
+    cls = app.ClientConnection
+    original = getattr(cls.broadcast_flow, "__wrapped__", cls.broadcast_flow.__func__)
+
+    @functools.wraps(original)
+    def broadcast_flow(cls, type, f):
+        if cls.connections:
+            original(cls, type, f)
+
+    cls.broadcast_flow = classmethod(broadcast_flow)
 
 
 def put_addon_first(master: Any, addon: Any) -> None:
@@ -467,3 +557,48 @@ def _close(client: Any):
 
     yield commands.CloseConnection(client)
     asyncio.get_running_loop().call_soon(close_client, ctx.master, client)
+
+
+# --- several processes on one port (`sealgate run --workers N`) ---------------------------------------
+
+_LISTEN_CALL = "asyncio.start_server(self.handle_stream, host, port)"  # mitmproxy's bind of a TCP proxy mode
+
+
+def listen_problems() -> list[str]:
+    """What `listen_reusing_port` needs and the installed mitmproxy lacks, as sentences (empty: all there).
+    `sealgate run --workers N` checks it before it starts a worker, as every run checks `problems()`."""
+    from mitmproxy.proxy import mode_servers
+
+    listen = getattr(getattr(mode_servers, "AsyncioServerInstance", None), "listen", None)
+    listen = getattr(listen, "__wrapped__", listen)
+    try:
+        found = listen is not None and _LISTEN_CALL in inspect.getsource(listen)
+    except (OSError, TypeError):
+        found = False
+    return [] if found else [f"mitmproxy.proxy.mode_servers.AsyncioServerInstance.listen calling {_LISTEN_CALL} "
+                             f"(several workers on one port; checked against mitmproxy {CHECKED_VERSIONS})"]
+
+
+def listen_reusing_port() -> None:
+    """Have this process's proxy listener join the others on its address (SO_REUSEPORT): the kernel spreads new
+    connections across every process listening there. For the workers of `sealgate run --workers N` only.
+
+    mitmproxy binds a TCP proxy mode with `_LISTEN_CALL` and no option for it; that one call is made here with
+    reuse_port=True (UDP modes, and port 0, which mitmproxy picks a port for, go to mitmproxy as they are).
+    Raises InternalsMissing when mitmproxy binds another way."""
+    import asyncio
+
+    from mitmproxy.proxy import mode_servers
+
+    if missing := listen_problems():
+        raise InternalsMissing("this mitmproxy lacks what sealgate needs: " + "; ".join(missing))
+    cls = mode_servers.AsyncioServerInstance
+    original = getattr(cls.listen, "__wrapped__", cls.listen)
+
+    @functools.wraps(original)
+    async def listen(self, host, port):
+        if self.mode.transport_protocol != "tcp" or port == 0:
+            return await original(self, host, port)
+        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+
+    cls.listen = listen

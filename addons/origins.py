@@ -7,6 +7,7 @@ subdomains only. Every malformed origin raises `OriginError` saying what is wron
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -63,12 +64,20 @@ def serialise(scheme: str, host: str, port: int) -> str:
     return f"{scheme}://{bracketed(host)}:{port}"
 
 
+HOST_CACHED_MAX = 256  # a host name is at most 253 characters: longer text (a worker's Host header) is not kept
+
+
 def normalise_host(host: str) -> str:
     """Lower-case, punycode, no trailing dot; IP literals in canonical form.
 
     Raises OriginError for anything that is not a plain DNS name or IP address,
-    including IPv4 written in decimal, hex or octal shorthand.
+    including IPv4 written in decimal, hex or octal shorthand. Asked on every request (the destination,
+    Host headers, SNI), so the answers for short texts are kept (4096 at most, some 1 MiB).
     """
+    return _normalised(host) if len(host) <= HOST_CACHED_MAX else _normalise(host)
+
+
+def _normalise(host: str) -> str:
     h = host.strip()
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
@@ -110,6 +119,9 @@ def normalise_host(host: str) -> str:
             except idna.IDNAError:
                 raise OriginError(f"{host!r} has an invalid punycode label {label!r}") from None
     return h
+
+
+_normalised = functools.lru_cache(maxsize=4096)(_normalise)
 
 
 def parse(text: str, *, allow_http: bool = False) -> Origin:

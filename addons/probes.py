@@ -2,6 +2,8 @@
 
 A tiny asyncio server in the proxy process: /healthz says the process answers, /readyz
 that the store and key can be read and the CA is loaded, /metrics renders `Metrics`.
+A worker of `sealgate run --workers N` serves them on a Unix socket instead, for the
+supervisor that answers on the port for them all (workers.py).
 Nothing here ever sees a secret value or a session credential.
 """
 
@@ -17,12 +19,17 @@ Readiness = Callable[[], str | None]  # None when ready, else why not
 
 
 class ProbeServer:
-    def __init__(self, host: str, port: int, metrics: Metrics, readiness: Readiness) -> None:
-        self.host, self.port, self.metrics, self.readiness = host, port, metrics, readiness
+    def __init__(self, host: str, port: int, metrics: Metrics, readiness: Readiness, *,
+                 unix: str | None = None) -> None:
+        """On host:port, or on the Unix socket unix when given (then host and port are not used)."""
+        self.host, self.port, self.metrics, self.readiness, self.unix = host, port, metrics, readiness, unix
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        if self.unix is not None:
+            self._server = await asyncio.start_unix_server(self._serve, self.unix)
+        else:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -41,11 +48,15 @@ class ProbeServer:
             return 200, "text/plain; version=0.0.4", self.metrics.render()
         return 404, "text/plain", "not found: try /healthz, /readyz or /metrics\n"
 
+    async def respond(self, path: str) -> tuple[int, str, str]:
+        """answer(path), for a server whose answers must wait for something (workers.GatewayProbes)."""
+        return self.answer(path)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            status, ctype, body = self.answer(path.split("?", 1)[0]) if method == "GET" else (
+            status, ctype, body = await self.respond(path.split("?", 1)[0]) if method == "GET" else (
                 405, "text/plain", "GET only\n")
             data = body.encode()
             writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\nContent-Type: {ctype}\r\n"

@@ -191,12 +191,12 @@ class Releaser:
         return lookup
 
 
-def encoded_body_refusal(headers: http.Headers) -> Refusal | None:
+def encoded_body_refusal(framing: bodies.Framing) -> Refusal | None:
     """A compressed request body is held whole before it can be decoded: refuse a large one, or one of
     unknown length, before any of it is read."""
-    if bodies.codings(headers.get("content-encoding", "")) in ([], ["identity"]):
+    if bodies.codings(framing.content_encoding) in ([], ["identity"]):
         return None
-    length = headers.get("content-length")
+    length = framing.content_length
     if length is None:
         return Refusal("unreadable_body", "a compressed request body needs a Content-Length")
     if not length.isdigit() or int(length) > ENCODED_REQUEST_LIMIT:
@@ -413,8 +413,12 @@ def facts(flow: http.HTTPFlow, found: tuple[placeholders.Placeholder, ...], wher
 
 
 
+_OVERRIDES = tuple(name.encode() for name in policy.OVERRIDES)
+
+
 def _overrides(req: http.Request) -> tuple[str, ...]:
-    """What in the request claims another method or path than its own."""
-    found = tuple(name for name in policy.OVERRIDES if name in req.headers)
+    """What in the request claims another method or path than its own (the header names in one pass)."""
+    names = {k.lower() for k, _ in req.headers.fields}
+    found = tuple(name for name, raw in zip(policy.OVERRIDES, _OVERRIDES, strict=True) if raw in names)
     query = req.path.partition("?")[2].lower()
     return found + (("_method=",) if "_method=" in query or "_method%3d" in query else ())

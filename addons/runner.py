@@ -8,6 +8,10 @@ selection, TLS, error checking and its own addon, nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import io
+import json
 import logging
 import os
 import secrets
@@ -16,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import argon2
@@ -23,7 +28,7 @@ import yaml
 from mitmproxy import master, options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 
-from . import ca, keys
+from . import ca, internals, keys
 from .addon import Sealgate
 from .connections import Undecided
 from .dashboard import Mirror
@@ -39,6 +44,7 @@ def build_master(settings: Settings, *, with_termlog: bool = True) -> master.Mas
     bundle = ca.upstream_bundle(certs, settings.upstream_ca)
     opts = options.Options(listen_host=settings.listen_host, listen_port=settings.listen_port)
     m = master.Master(opts, with_termlog=with_termlog)
+    internals.trim_master(m)
     # sealgate first: its server_connect check runs before anything else sees the connection,
     # and its tls_start_server names the destination before TlsConfig builds the context
     sealgate = Sealgate(settings.key_source())
@@ -142,35 +148,58 @@ def _die_with_parent() -> None:
 
 
 async def serve(settings: Settings) -> None:
+    _output()
+    m = build_master(settings)
+    with tempfile.TemporaryDirectory(prefix="sealgate-dashboard-") as workdir:
+        async with dashboard_and_api(settings, Path(workdir)) as (mirror_socket, password):
+            if mirror_socket is not None:
+                _add_mirror(m, mirror_socket)
+            await _run(m, settings, password)
+
+
+def _output() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # one log line at a time
     logging.getLogger().setLevel(logging.INFO)  # one line per sealgate decision
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # not every connection
-    m = build_master(settings)
+    # a line per request: no caller's frame, process or task looked up for a record (the logging HOWTO's
+    # "Optimization"; no handler here prints them)
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logProcesses = logging.logMultiprocessing = logging.logAsyncioTasks = False
+
+
+@contextlib.asynccontextmanager
+async def dashboard_and_api(settings: Settings, workdir: Path) -> AsyncIterator[tuple[str | None, str | None]]:
+    """The dashboard and the platform API, each a process of its own when it is on, for as long as the block
+    runs (a line if one dies; both stopped at the end): (the mirror's socket, the dashboard's password), or
+    (None, None) without a dashboard."""
     children: list[subprocess.Popen] = []
     watchers = []
-    with tempfile.TemporaryDirectory(prefix="sealgate-dashboard-") as workdir:
-        password = None
+    socket_path = password = None
+    try:
         if settings.web_port is not None:
-            dashboard, socket_path, password = start_dashboard(settings, Path(workdir))
-            sealgate = m.addons.get("sealgate")
-            mirror = Mirror(socket_path, sealgate.flow_scrubber)
-            m.addons.add(mirror)
-            sealgate.metrics.size("mirror_bytes", lambda: mirror.queued_bytes)
-            sealgate.metrics.size("mirror_dropped", lambda: mirror.dropped)
+            dashboard, socket_path, password = start_dashboard(settings, workdir)
             children.append(dashboard)
             watchers.append(asyncio.get_running_loop().create_task(_watch(dashboard, "the dashboard", "its copies")))
         if settings.api is not None:
             children.append(start_api(settings))
             watchers.append(asyncio.get_running_loop().create_task(_watch(children[-1], "the platform API", "its calls")))
-        try:
-            await _run(m, settings, password)
-        finally:
-            for w in watchers:
-                w.cancel()
-            for child in children:
-                child.terminate()
-            for child in children:
-                child.wait(10)
+        yield socket_path, password
+    finally:
+        for w in watchers:
+            w.cancel()
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(10)
+
+
+def _add_mirror(m: master.Master, socket_path: str) -> None:
+    """Send redacted copies of finished flows to the dashboard's socket."""
+    sealgate = m.addons.get("sealgate")
+    mirror = Mirror(socket_path, sealgate.flow_scrubber)
+    m.addons.add(mirror)
+    sealgate.metrics.size("mirror_bytes", lambda: mirror.queued_bytes)
+    sealgate.metrics.size("mirror_dropped", lambda: mirror.dropped)
 
 
 async def _watch(child: subprocess.Popen, what: str, lost: str) -> None:
@@ -182,11 +211,21 @@ async def _watch(child: subprocess.Popen, what: str, lost: str) -> None:
 
 
 async def _run(m: master.Master, settings: Settings, web_password: str | None) -> None:
+    _handle_signals(m, settings.shutdown_grace)
+    m.addons.add(_Announce("\n".join(announcement(settings, web_password))))
+    await m.run()
+
+
+def _handle_signals(m: master.Master, grace: float) -> None:
+    """SIGINT stops at once; SIGTERM drains (`_stop`)."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, m.shutdown)
     stopping: list[asyncio.Task] = []
-    loop.add_signal_handler(signal.SIGTERM, lambda: stopping or stopping.append(
-        loop.create_task(_stop(m, settings.shutdown_grace))))
+    loop.add_signal_handler(signal.SIGTERM, lambda: stopping or stopping.append(loop.create_task(_stop(m, grace))))
+
+
+def announcement(settings: Settings, web_password: str | None) -> list[str]:
+    """The start-up lines: where the proxy, its probes, the API and the dashboard are."""
     lines = [f"sealgate: proxy on {settings.listen_host}:{settings.listen_port}; "
              f"workers trust {settings.certs_dir / ca.CA_CERT}"]
     if settings.metrics is not None:
@@ -198,8 +237,7 @@ async def _run(m: master.Master, settings: Settings, web_password: str | None) -
     if web_password is not None:
         shown = "as set in SEALGATE_WEB_PASSWORD" if settings.web_password else web_password
         lines.append(f"sealgate: dashboard on http://127.0.0.1:{settings.web_port}/ (password: {shown})")
-    m.addons.add(_Announce("\n".join(lines)))
-    await m.run()
+    return lines
 
 
 async def _stop(m: master.Master, grace: float) -> None:
@@ -229,3 +267,65 @@ class _Announce:
 
     def running(self) -> None:
         print(self.text, file=sys.stderr)
+
+
+# --- one of the proxy processes of `sealgate run --workers N` (workers.py) -----------------------------
+
+WORKER_ENV = "SEALGATE_WORKER"  # a proxy process's index, settings and sockets (JSON), set by workers.Supervisor
+
+
+async def serve_worker(settings: Settings, probes: str, mirror_socket: str | None) -> None:
+    """The proxy `serve` runs, listening on the port it shares with the other proxy processes, its probes on
+    the Unix socket `probes` (the supervisor answers the probe port for all of them), its copies sent to the
+    dashboard's socket (None: no dashboard). No dashboard, API or start-up lines of its own."""
+    whole_lines()
+    _output()
+    internals.listen_reusing_port()
+    # its probes: on the socket, not on the port; the upstream trust bundle: written once, by the supervisor
+    # (each process rewriting it at start would have another read it half-written)
+    m = build_master(dataclasses.replace(settings, metrics=None, upstream_ca=None))
+    bundle = settings.certs_dir / ca.UPSTREAM_BUNDLE if settings.upstream_ca else None
+    m.options.update(sealgate_guard_ports=",".join(str(p) for p in settings.own_ports()),  # the probe port too
+                     ssl_verify_upstream_trusted_ca=str(bundle) if bundle else None)
+    sealgate = m.addons.get("sealgate")
+    m.addons.add(_Probes(ProbeServer("", 0, sealgate.metrics, _readiness(sealgate, settings.certs_dir), unix=probes)))
+    if mirror_socket is not None:
+        _add_mirror(m, mirror_socket)
+    _handle_signals(m, settings.shutdown_grace)
+    await m.run()
+
+
+def whole_lines() -> None:
+    """Write each line of stdout and stderr in one write(): the gateway's processes share them, and a line
+    written in two (as Python writes a print when unbuffered, PYTHONUNBUFFERED, as images often set it) could
+    get another process's line in between."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        stream.flush()
+        setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False), 1 << 16),
+                                            encoding=stream.encoding, errors=stream.errors, line_buffering=True))
+
+
+def worker_main() -> int:
+    """`python -m sealgate.runner`, as workers.Supervisor starts it (settings in WORKER_ENV and, for the master
+    key, SEALGATE_MASTER_KEY: never on a command line); an error is one line, as `sealgate run` gives it."""
+    import sqlite3
+
+    from mitmproxy.exceptions import OptionsError
+
+    from .settings import ConfigError
+    spec = json.loads(os.environ[WORKER_ENV])
+    try:
+        settings = Settings.from_json(spec["settings"], os.environ.get(keys.ENV_VAR) or None)
+        asyncio.run(serve_worker(settings, spec["probes"], spec.get("mirror")))
+    except KeyboardInterrupt:
+        pass
+    except (OptionsError, internals.InternalsMissing, StoreError, ConfigError, ca.CertError, ValueError, OSError,
+            sqlite3.Error) as e:
+        print(f"sealgate: error: proxy process {spec['index']}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -457,8 +457,8 @@ class _Matcher:
             words.frombytes(memoryview(data)[: n - n % _WORD])
             if self.stride > 1:
                 words = words[:: self.stride]
-            if not self.words.keys().isdisjoint(words):
-                hits, step = self.words.keys() & words, _WORD * self.stride
+            if hits := self.words.keys() & words:  # (one pass over the words, whatever the count of values)
+                step = _WORD * self.stride
                 anchors += [(j * step, j * step + _WORD, self.words[w]) for j, w in enumerate(words) if w in hits]
         for literal, pats in self.literals:
             anchors += _occurrences(data, literal, pats)
@@ -707,13 +707,19 @@ class _Rewriter(StreamRewriter):
     value's match may be far longer than the value (`&#x0000000073;` for an `s`)."""
 
     def __init__(self, current: Callable[[], Scrubber]) -> None:
-        super().__init__(lambda buf: current().matches(buf), lambda: current().max_len)
+        super().__init__(lambda buf: self._now.matches(buf), lambda: self._now.max_len)
         self._current = current
+        self._now = Scrubber()  # current(), asked once per chunk
 
     def feed(self, chunk: bytes) -> bytes:
-        m = self._current()._matcher
+        self._now = scrubber = self._current()
+        m = scrubber._matcher
         last = m.breaker.search(chunk[::-1]) if m is not None else None
         if last is None:
             return super().feed(chunk)
         end = len(chunk) - last.start()  # just past the last such byte
         return super().feed(chunk[:end]) + super().finish() + super().feed(chunk[end:])
+
+    def finish(self) -> bytes:
+        self._now = self._current()
+        return super().finish()

@@ -129,10 +129,11 @@ def response_head(flow: http.HTTPFlow, current: Current) -> None:
         resp.stream = False  # held whole, and refused in `response` unless the store is back by then
         return
     has_body = flow.request.method != "HEAD" and resp.status_code >= 200 and resp.status_code not in (204, 304)
-    coding = bodies.codings(resp.headers.get("content-encoding", ""))
-    if bodies.transfer_codings(resp.headers.get("transfer-encoding", "")):
+    framing = bodies.Framing.of(resp.headers.fields)
+    coding = bodies.codings(framing.content_encoding)
+    if bodies.transfer_codings(framing.transfer_encoding):
         resp.stream = False  # buffered, to be refused whole in `response`: nothing of it goes out
-    elif has_body and (streams(resp.headers, unknown_length=True) or _large_single_coding(resp.headers, coding)):
+    elif has_body and (streams(framing, unknown_length=True) or _large_single_coding(framing, coding)):
         scrub_head(scrubber, resp)
         rewriter = stream_rewriter(current)
         if coding not in ([], ["identity"]):
@@ -144,9 +145,9 @@ def response_head(flow: http.HTTPFlow, current: Current) -> None:
         resp.stream = False  # someone asked to stream an encoded body: buffer it, so it can be scrubbed
 
 
-def _large_single_coding(headers: http.Headers, coding: list[str]) -> bool:
+def _large_single_coding(framing: bodies.Framing, coding: list[str]) -> bool:
     """A compressed body too large (or of unknown length) to hold whole, in one coding that decodes as it streams."""
-    length = headers.get("content-length")
+    length = framing.content_length
     return (len(coding) == 1 and coding[0] in bodies.SUPPORTED and coding[0] != "identity"
             and (length is None or not length.isdigit() or int(length) > STREAM_OVER))
 
@@ -177,11 +178,12 @@ def response(flow: http.HTTPFlow, current: Current) -> Refusal | None:
     scrub_head(scrubber, resp)
     if resp.trailers:
         resp.trailers.fields = scrub_fields(scrubber, resp.trailers.fields)
-    if other := bodies.transfer_codings(resp.headers.get("transfer-encoding", "")):
+    framing = bodies.Framing.of(resp.headers.fields)
+    if other := bodies.transfer_codings(framing.transfer_encoding):
         return Refusal("unscrubbable_response", f"the upstream used Transfer-Encoding {other!r}, which sealgate "
                                                 "does not decode")
     if resp.raw_content and not resp.stream:
-        encoding = resp.headers.get("content-encoding", "")
+        encoding = framing.content_encoding
         try:
             body = bodies.decode(resp.raw_content, encoding, RESPONSE_BODY_LIMIT)
         except bodies.BodyError as e:
@@ -218,17 +220,17 @@ def scrub_fields(scrubber: Scrubber, fields: Fields) -> Fields:
     return tuple((scrubber.scrub(k), scrubber.scrub(v)) for k, v in fields)
 
 
-def streams(headers: http.Headers, *, unknown_length: bool) -> bool:
+def streams(framing: bodies.Framing, *, unknown_length: bool) -> bool:
     """True for an identity body that is large, or of unknown length (chunked, SSE, until close).
 
     unknown_length says whether a message without Content-Length has a body of unknown
     length (a response) or, unless chunked, none at all (an HTTP/1 request).
     """
-    if bodies.codings(headers.get("content-encoding", "")) not in ([], ["identity"]):
+    if bodies.codings(framing.content_encoding) not in ([], ["identity"]):
         return False
-    length = headers.get("content-length")
+    length = framing.content_length
     if length is None:
-        return unknown_length or "chunked" in headers.get("transfer-encoding", "").lower()
+        return unknown_length or "chunked" in framing.transfer_encoding.lower()
     return not length.isdigit() or int(length) > STREAM_OVER
 
 

@@ -9,8 +9,9 @@ bad value raises ConfigError naming where it came from (file and key, variable o
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "audit_queue": 10000,  # audit rows waiting for the store; past it, injecting requests are refused (503)
     "shutdown_grace": 20,  # seconds SIGTERM waits for requests in flight before the proxy exits
     "dashboard_max_flows": 5000,  # finished flows the dashboard keeps (the oldest go)
+    "workers": 1,  # proxy processes sharing the listen port (`run --workers N`, workers.py); 1: one process
 }
 # The master key itself is never a config key: the file in the data dir, or SEALGATE_MASTER_KEY.
 
@@ -85,6 +87,7 @@ class Settings:
     audit_queue: int = DEFAULTS["audit_queue"]
     shutdown_grace: int = DEFAULTS["shutdown_grace"]
     dashboard_max_flows: int = DEFAULTS["dashboard_max_flows"]
+    workers: int = DEFAULTS["workers"]
 
     def key_source(self) -> keys.KeySource:
         return keys.source(self.data_dir / "master.key", self.master_key, self.key_hook)
@@ -103,6 +106,20 @@ class Settings:
     def egress_policy(self) -> EgressPolicy:
         """What sealgate's own requests (a token exchange) may reach: the proxy's policy."""
         return EgressPolicy(tuple(parse_cidrs(self.allow_private)), frozenset((self.listen_port, *self.own_ports())))
+
+    def to_json(self) -> str:
+        """Every setting but the dashboard's password and the master key, for a worker process of `run --workers`
+        (in its environment, never on a command line): the settings as resolved, no config file read again."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("web_password", "master_key")}
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+
+    @classmethod
+    def from_json(cls, text: str, master_key: str | None) -> Settings:
+        """What to_json wrote, with the master key (SEALGATE_MASTER_KEY's hex, or None)."""
+        data = json.loads(text)
+        data.update({k: Path(data[k]) for k in _PATH_FIELDS if data.get(k) is not None})
+        data.update({k: tuple(data[k]) for k in ("metrics", "api") if data.get(k) is not None})
+        return cls(**data, web_password=None, master_key=master_key)
 
 
 def _port(v: Any) -> int:
@@ -185,10 +202,12 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "audit_queue": ("SEALGATE_AUDIT_QUEUE", _whole(1, 10_000_000, " of rows")),
     "shutdown_grace": ("SEALGATE_SHUTDOWN_GRACE", _whole(0, 3600, " of seconds")),
     "dashboard_max_flows": ("SEALGATE_DASHBOARD_MAX_FLOWS", _whole(1, 10_000_000, " of flows")),
+    "workers": ("SEALGATE_WORKERS", _whole(1, 64, " of processes")),
 }
 _BOUNDS = ("upstream_timeout", "header_timeout", "idle_timeout", "max_head_bytes", "max_connections",
            "max_session_connections", "audit_queue", "shutdown_grace", "dashboard_max_flows")
 _PATHS = ("data_dir", "certs_dir", "upstream_ca", "providers")
+_PATH_FIELDS = (*_PATHS, "providers_base")
 
 
 def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -234,6 +253,7 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
         providers=Path(values["providers"]) if values.get("providers") else None,
         providers_base=config_path.parent.absolute() / providers.FILE_NAME,
         **{key: values[key] for key in _BOUNDS},
+        workers=values["workers"],
     )
 
 

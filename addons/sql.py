@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from .errors import StoreError
+from .errors import StoreBusy, StoreError
 
 CHANNEL = "sealgate_changes"  # NOTIFY channel of every committed write
 WRITE_LOCK = 0x5EA16A7E  # advisory lock id: one writer at a time (writes are an operator's, and rare)
@@ -135,6 +135,7 @@ class SqliteBackend:
         self.conn = conn
         self._tx = _SqliteTx(conn)
         self._lock = threading.RLock()
+        self._writing: tuple[int, int] | None = None  # version() while a write of ours holds the store's lock
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
@@ -164,11 +165,15 @@ class SqliteBackend:
             finally:
                 if not wait:
                     self.conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            # no other connection commits while this write holds the lock: version() need not wait for it
+            self._writing = (self.conn.execute("PRAGMA data_version").fetchone()[0], self._own)
             try:
                 yield self._tx
             except BaseException:
+                self._writing = None
                 self.conn.execute("ROLLBACK")
                 raise
+            self._writing = None
             self.conn.execute("COMMIT")
 
     def one(self, sql: str, params: list | tuple = ()) -> tuple | None:
@@ -176,9 +181,18 @@ class SqliteBackend:
             return self.conn.execute(sql, params).fetchone()
 
     def version(self) -> object:
+        """Without waiting for a write of this process's other thread (the audit queue's batch): the version
+        as that write began is the current one, since no other connection can commit meanwhile."""
         self._check_file()
-        with self._lock, self._errors("read"):
-            return (self.conn.execute("PRAGMA data_version").fetchone()[0], self._own)
+        if not self._lock.acquire(blocking=False):
+            if (writing := self._writing) is not None:
+                return writing
+            self._lock.acquire()
+        try:
+            with self._errors("read"):
+                return (self.conn.execute("PRAGMA data_version").fetchone()[0], self._own)
+        finally:
+            self._lock.release()
 
     def schema_version(self, tx: Tx) -> int:
         return tx.one("PRAGMA user_version")[0]
@@ -216,7 +230,8 @@ class SqliteBackend:
         try:
             yield
         except (sqlite3.Error, UnicodeError) as e:
-            raise StoreError(f"store {self.path} cannot be {doing}: {e.__class__.__name__}: {e}") from None
+            kind = StoreBusy if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY else StoreError
+            raise kind(f"store {self.path} cannot be {doing}: {e.__class__.__name__}: {e}") from None
 
 
 @functools.lru_cache(maxsize=512)

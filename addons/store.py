@@ -9,9 +9,12 @@ under data keys wrapped by the master key (`keys`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +116,36 @@ def open_store(settings, *, listen: bool = False) -> SecretStore:
     return SecretStore(settings.data_dir, settings.store_url, settings.key_source(), listen=listen)
 
 
+class PerIteration:
+    """A value read at most once per event-loop iteration (the store's version: a request asks for it several
+    times), after every I/O event the iteration handles had arrived: so a change committed before a request
+    reached sealgate is seen, and one committed while the iteration runs is as if it came a moment later.
+    Off the event loop (the CLI, the API's threads, a refresh thread) it is read each time."""
+
+    def __init__(self, read: Callable[[], object]) -> None:
+        self.read = read
+        self.seen: tuple[asyncio.AbstractEventLoop, object] | None = None
+
+    def __call__(self) -> object:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self.read()
+        if (seen := self.seen) is not None and seen[0] is loop:
+            return seen[1]
+        value = self.read()
+        self.seen = (loop, value)
+        loop.call_soon(self._forget, loop)
+        return value
+
+    def forget(self) -> None:
+        self.seen = None
+
+    def _forget(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.seen is not None and self.seen[0] is loop:
+            self.seen = None
+
+
 class SecretStore:
     def __init__(self, data_dir: Path, url: str | None = None, source: keys.KeySource | None = None, *,
                  listen: bool = False) -> None:
@@ -123,6 +156,8 @@ class SecretStore:
         self._key: bytes | None = None
         self._ring: dict[str, bytes] = {}
         self.cache: dict[tuple, tuple[object, object]] = {}  # secrets_for and session, by what was asked (bounded)
+        # changes whenever any node commits a change: the request path's cache key
+        self.version = PerIteration(self.backend.version)
         self.audit = AuditTrail(self.backend)  # store.audit(user=...) reads it; .add and .set_status write it
         self.usage = UsageCounters(self.backend)  # requests counted against caps and rates
         self.links = Links(self)  # linked accounts' tokens
@@ -176,10 +211,13 @@ class SecretStore:
         self.key  # noqa: B018
         return self.backend.read()
 
+    @contextlib.contextmanager
     def write(self):
         """A write transaction (one writer at a time, on every node), the key loaded first."""
         self.key  # noqa: B018
-        return self.backend.write()
+        with self.backend.write() as tx:
+            yield tx
+        self.version.forget()  # this process's own write is seen at once
 
     def check(self) -> None:
         """Raise StoreError unless the store is the one opened and readable, the key source still gives
@@ -194,10 +232,6 @@ class SecretStore:
         if canary is None:
             raise StoreError(f"store {self.where} has no key check: it was edited or replaced")
         keys.open_canary(self.key, canary, self.source.where, self.where)
-
-    def version(self) -> object:
-        """Changes whenever any node commits a change; nearly free to read (the request path's cache key)."""
-        return self.backend.version()
 
     # secrets ------------------------------------------------------------------------
 

@@ -324,10 +324,11 @@ def test_the_dashboard_keeps_only_the_newest_flows():
 
     from sealgate.dashboard import frame
     from sealgate.dashboard_web import MirrorReceiver
+    from sealgate.scrub import Scrubber
 
     async def feed(receiver: MirrorReceiver, flows: list[http.HTTPFlow]) -> None:
         reader = asyncio.StreamReader()
-        reader.feed_data(b"".join(frame(f) for f in flows))
+        reader.feed_data(b"".join(frame(f, Scrubber()) for f in flows))
         reader.feed_eof()
         await receiver._receive(reader, mock.Mock())
 
@@ -393,10 +394,11 @@ def _answers(port: int) -> bool:
 def _mirror(socket_path: str, board: Dashboard, flows: list[http.HTTPFlow]) -> list[dict]:
     """Send flows as the proxy's Mirror does; the dashboard's flows once it shows the last one."""
     from sealgate.dashboard import frame
+    from sealgate.scrub import Scrubber
 
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(socket_path)
-        s.sendall(b"".join(frame(f) for f in flows))
+        s.sendall(b"".join(frame(f, Scrubber()) for f in flows))
     end = time.time() + 60
     while True:
         shown = board.flows()
