@@ -104,6 +104,11 @@ class _Probes:
         await self.server.stop()
 
 
+# children run `python -P -m ...`: without -P, -m puts the working directory first on the import path, and a
+# yaml.py (say) in the folder sealgate was started from would run in a process that holds the master key
+SAFE_PATH = ("-P",)
+
+
 def start_dashboard(settings: Settings, workdir: Path) -> tuple[subprocess.Popen, str, str]:
     """Start mitmweb as its own process, fed by the mirror; (process, socket path, password).
 
@@ -119,7 +124,7 @@ def start_dashboard(settings: Settings, workdir: Path) -> tuple[subprocess.Popen
                         "sealgate_dashboard_max_flows": settings.dashboard_max_flows,
                         # the comment says who (principal, runchat) and, for a blocked flow, why
                         "web_columns": ["tls", "icon", "path", "method", "status", "size", "time", "comment"]}, f)
-    cmd = [sys.executable, "-m", "sealgate.dashboard_web", str(workdir)]
+    cmd = [sys.executable, *SAFE_PATH, "-m", "sealgate.dashboard_web", str(workdir)]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent), socket_path, password
 
 
@@ -133,7 +138,7 @@ def start_api(settings: Settings) -> subprocess.Popen:
                       (keys.ENV_VAR, settings.master_key)):
         if text:
             env[var] = text
-    return subprocess.Popen([sys.executable, "-m", "sealgate.cli", "api"], stdin=subprocess.DEVNULL, env=env,
+    return subprocess.Popen([sys.executable, *SAFE_PATH, "-m", "sealgate.cli", "api"], stdin=subprocess.DEVNULL, env=env,
                             preexec_fn=_die_with_parent)
 
 

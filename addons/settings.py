@@ -234,6 +234,10 @@ def load(flags: dict[str, Any] | None = None, env: dict[str, str] | None = None)
             values[key] = _parse(key, raw, where)
             if key in _PATHS:  # relative to where the command runs
                 values[key] = Path(values[key]).absolute()
+    for limit in ("max_connections", "max_session_connections"):  # each proxy process takes limit // workers
+        if values[limit] < values["workers"]:
+            raise ConfigError(f"{limit} ({values[limit]}) is below workers ({values['workers']}): each proxy "
+                              "process needs at least one connection of its own")
     return Settings(
         listen_host=values["listen_host"],
         listen_port=values["listen_port"],

@@ -5,7 +5,8 @@ address with SO_REUSEPORT (`internals.listen_reusing_port`), so the kernel sprea
 them. Each has its own store connection, audit queue, scrubbers and dashboard mirror; what must hold for the
 whole gateway is in the store, shared by all: sessions (a revocation reaches every process), caps and rates
 (one atomic count per request), the audit trail. Connection limits are split: each process takes
-ceil(limit / N) of `max_connections` and `max_session_connections`, so the gateway stays within them.
+limit // N of `max_connections` and `max_session_connections` (settings refuse a limit below N), so the
+gateway stays within them.
 
 This process, the supervisor, proxies nothing. It starts the dashboard and the API once, then the proxy
 processes (settings in their environment: a store URL or the master key is never on a command line), and
@@ -23,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -49,6 +49,7 @@ log = logging.getLogger("sealgate")
 START_WITHIN = 60.0  # seconds a proxy process has to answer on its probe socket once started
 RESTART_AFTER = 1.0  # seconds between a proxy process's death and its replacement
 ASK_WITHIN = 5.0  # seconds a proxy process has to answer the supervisor's probe
+ANSWER_MAX = 16 * 1024 * 1024  # bytes of a probe answer the supervisor reads from a proxy process
 LOOK_EVERY = 0.2  # seconds between looks at whether each proxy process still runs
 
 
@@ -71,8 +72,8 @@ class Supervisor:
         n = settings.workers
         self.settings = settings
         # each process takes its share of the connection limits: the gateway stays within them
-        self.shared = dataclasses.replace(settings, max_connections=math.ceil(settings.max_connections / n),
-                                          max_session_connections=math.ceil(settings.max_session_connections / n))
+        self.shared = dataclasses.replace(settings, max_connections=settings.max_connections // n,
+                                          max_session_connections=settings.max_session_connections // n)
         self.mirror_socket = mirror_socket
         self.slots = [Slot(i, str(workdir / f"proxy-{i}.sock")) for i in range(n)]
         self.stopping = False
@@ -89,7 +90,7 @@ class Supervisor:
                                              "probes": slot.probes, "mirror": self.mirror_socket})
         if self.settings.master_key:
             env[keys.ENV_VAR] = self.settings.master_key
-        slot.proc = subprocess.Popen([sys.executable, "-m", "sealgate.runner"], stdin=subprocess.DEVNULL, env=env,
+        slot.proc = subprocess.Popen([sys.executable, *runner.SAFE_PATH, "-m", "sealgate.runner"], stdin=subprocess.DEVNULL, env=env,
                                      preexec_fn=runner._die_with_parent)
 
     async def listening(self, slot: Slot) -> None:
@@ -147,7 +148,7 @@ class Supervisor:
             return 0, ""
         try:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: sealgate\r\n\r\n".encode())
-            data = await asyncio.wait_for(reader.read(), ASK_WITHIN)  # it closes the connection after answering
+            data = await asyncio.wait_for(_at_most(reader, ANSWER_MAX), ASK_WITHIN)  # it closes after answering
             head, _, body = data.partition(b"\r\n\r\n")
             return int(head.split(b" ", 2)[1]), body.decode()
         except (OSError, TimeoutError, ValueError, IndexError):
@@ -194,12 +195,30 @@ class Supervisor:
         return merged(parts, [up, pids, restarts])
 
 
+async def _at_most(reader: asyncio.StreamReader, most: int) -> bytes:
+    """Everything until the other end closes; ValueError past `most` bytes."""
+    data = b""
+    while chunk := await reader.read(65536):
+        data += chunk
+        if len(data) > most:
+            raise ValueError(f"an answer of more than {most} bytes")
+    return data
+
+
 def merged(parts: Iterable[tuple[str, Iterable[Metric]]], extra: Iterable[Metric] = ()) -> str:
     """Prometheus text of the metric families of each part, every sample labelled worker="<its part>", one
     family per name (HELP and TYPE once), then the extra families as they are."""
+    extra = list(extra)
+    reserved = {e.name for e in extra} | {s.name for e in extra for s in e.samples}  # the supervisor's own
+    owner: dict[str, str] = {}  # a series name: the family it belongs to
     families: dict[str, Metric] = {}
     for worker, metrics in parts:
         for family in metrics:
+            names = {family.name} | {s.name for s in family.samples}
+            if names & reserved or any(owner.get(n, family.name) != family.name for n in names) or (
+                    family.name in families and families[family.name].type != family.type):
+                continue  # a process's family that would shadow or duplicate another's series: left out
+            owner |= dict.fromkeys(names, family.name)
             into = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
                                                            family.unit))
             into.samples += [s._replace(labels={**s.labels, "worker": worker}) for s in family.samples]

@@ -364,10 +364,10 @@ def test_finding_8b_a_row_the_store_always_refuses_holds_up_every_other_row(tmp_
     store = SecretStore(tmp_path / "data", None)
     real = audit_mod.AuditTrail.insert
 
-    def insert(tx, record):
+    def insert(tx, record, status):
         if record.path == "/poison":
             raise StoreError("this row cannot be written")
-        return real(tx, record)
+        return real(tx, record, status)
     monkeypatch.setattr(audit_mod.AuditTrail, "insert", staticmethod(insert))
     queue = audit_mod.AuditQueue(store.audit, 100)
     try:

@@ -177,10 +177,9 @@ def test_a_proxy_process_gets_exactly_the_settings_but_the_password_and_the_key(
 def test_each_process_takes_its_share_of_the_connection_limits(tmp_path):
     s = settings.load({"workers": "3"}, env={"SEALGATE_MAX_CONNECTIONS": "2000", "SEALGATE_MAX_SESSION_CONNECTIONS": "100"})
     shared = workers.Supervisor(s, tmp_path, None).shared
-    assert (shared.max_connections, shared.max_session_connections) == (667, 34)  # never more than set, together
-    one = workers.Supervisor(settings.load({"workers": "2"}, env={"SEALGATE_MAX_SESSION_CONNECTIONS": "1"}),
-                             tmp_path, None).shared
-    assert one.max_session_connections == 1  # never 0: each process takes at least one
+    assert (shared.max_connections, shared.max_session_connections) == (666, 33)  # never more than set, together
+    with pytest.raises(settings.ConfigError, match="max_session_connections .1. is below workers .2."):
+        settings.load({"workers": "2"}, env={"SEALGATE_MAX_SESSION_CONNECTIONS": "1"})  # a process would get 0
 
 
 def test_the_port_must_be_free_and_unshared(tmp_path):
