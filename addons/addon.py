@@ -80,12 +80,6 @@ WEBSOCKET_HISTORY = 100  # messages a WebSocket flow keeps (mitmproxy would keep
 RANGE_HEADERS = frozenset({b"range", b"if-range", b"request-range"})  # (an older name some servers still honour)
 
 
-def drop_headers(headers: http.Headers, names: frozenset[bytes]) -> None:
-    """Remove every header of these (lower-case) names, looking at the fields once."""
-    if any(k.lower() in names for k, _ in headers.fields):
-        headers.fields = tuple((k, v) for k, v in headers.fields if k.lower() not in names)
-
-
 def _fail_closed(hook):
     """Run a flow hook; on any exception, refuse the flow with internal_error instead."""
     if inspect.iscoroutinefunction(hook):
@@ -274,7 +268,7 @@ class Sealgate(Wiring):
         if (refusal := encoded_body_refusal(framing)) is not None:
             return self._refuse_head(flow, refusal)
         if scrubber:  # slices of a stored value, each too short to scrub, could be joined again
-            drop_headers(flow.request.headers, RANGE_HEADERS)
+            bodies.take_headers(flow.request.headers, RANGE_HEADERS)
         if scrubbing.streams(framing, unknown_length=_body_of_unknown_length(flow.request)) and not \
                 self.releaser.holds_body(flow, state):
             # The head goes out when this hook returns: check URL and headers now, the body as it flows.

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from . import inject, sessions
+from . import bodies, inject, sessions
 from .errors import Refusal
 from .flowstate import FlowStates
 from .store import SecretStore, StoreError
@@ -68,9 +68,8 @@ class Authenticator:
 
 def take_credentials(headers: http.Headers) -> str:
     """Remove every Proxy-Authorization field; their values as `Headers.pop` gives them (joined by ", "),
-    "" if none. One look at the fields, which most requests (in a tunnel) do not have."""
-    found = [v for k, v in headers.fields if k.lower() == b"proxy-authorization"]
-    if not found:
-        return ""
-    headers.fields = tuple((k, v) for k, v in headers.fields if k.lower() != b"proxy-authorization")
-    return b", ".join(found).decode("utf-8", "surrogateescape")
+    "" if none."""
+    return b", ".join(bodies.take_headers(headers, CREDENTIALS)).decode("utf-8", "surrogateescape")
+
+
+CREDENTIALS = frozenset({b"proxy-authorization"})

@@ -54,6 +54,15 @@ _FRAMING = frozenset({b"content-encoding", b"content-length", b"transfer-encodin
 _NO_FRAMING = Framing()
 
 
+def take_headers(headers, names: frozenset[bytes]) -> list[bytes]:
+    """Remove every field of these (lower-case) names from mitmproxy Headers, looking at the fields once;
+    their values, in order (most requests have none of them: nothing is rebuilt then)."""
+    found = [v for k, v in headers.fields if k.lower() in names]
+    if found:
+        headers.fields = tuple((k, v) for k, v in headers.fields if k.lower() not in names)
+    return found
+
+
 def codings(content_encoding: str) -> list[str]:
     return [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
 

@@ -268,7 +268,7 @@ def test_finding_2_one_copy_for_the_dashboard_exceeds_the_mirror_bound(tmp_path,
 # --- 6. one-pass header checks ---------------------------------------------------------------------------
 
 def test_held_range_and_override_headers_in_any_case_and_repeated(tmp_path, pki, user, value):
-    """drop_headers and _overrides look at the raw fields once, lower-casing bytes: every spelling and every
+    """bodies.take_headers (Range) and _overrides look at the raw fields once, lower-casing bytes: every spelling and every
     repeat of Range, If-Range and Request-Range is gone before the upstream sees the request, and an override
     header in any case still refuses a method-scoped secret."""
     from wire import tunnel
