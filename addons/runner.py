@@ -163,7 +163,7 @@ async def serve(settings: Settings) -> None:
 
 
 def _output() -> None:
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # one log line at a time
+    whole_lines()  # one log line at a time, in one write()
     logging.getLogger().setLevel(logging.INFO)  # one line per sealgate decision
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)  # not every connection
     # a line per request: no caller's frame, process or task looked up for a record (the logging HOWTO's
@@ -283,7 +283,6 @@ async def serve_worker(settings: Settings, probes: str, mirror_socket: str | Non
     """The proxy `serve` runs, listening on the port it shares with the other proxy processes, its probes on
     the Unix socket `probes` (the supervisor answers the probe port for all of them), its copies sent to the
     dashboard's socket (None: no dashboard). No dashboard, API or start-up lines of its own."""
-    whole_lines()
     _output()
     internals.listen_reusing_port()
     # its probes: on the socket, not on the port; the upstream trust bundle: written once, by the supervisor
@@ -301,9 +300,9 @@ async def serve_worker(settings: Settings, probes: str, mirror_socket: str | Non
 
 
 def whole_lines() -> None:
-    """Write each line of stdout and stderr in one write(): the gateway's processes share them, and a line
-    written in two (as Python writes a print when unbuffered, PYTHONUNBUFFERED, as images often set it) could
-    get another process's line in between."""
+    """Write each line of stdout and stderr in one write(): a line written in two (as Python writes a print
+    when unbuffered, PYTHONUNBUFFERED, as images often set it) costs a system call more per request, and
+    could get another of the gateway's processes' lines in between."""
     for name, fd in (("stdout", 1), ("stderr", 2)):
         stream = getattr(sys, name)
         stream.flush()

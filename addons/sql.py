@@ -3,7 +3,8 @@
 The store speaks one small SQL dialect (`?` parameters, `on conflict`, `returning`) and asks the
 backend only for what differs: column types, the schema version, a read that sees one snapshot,
 a write that excludes every other writer, and `version()`, a value that changes whenever any node
-commits a change (SQLite: `PRAGMA data_version`; PostgreSQL: LISTEN/NOTIFY on a connection of
+commits a change (SQLite: `PRAGMA data_version`, asked only after the WAL-index header in the -shm
+file changed; PostgreSQL: LISTEN/NOTIFY on a connection of
 its own, and a change every second while that connection is down, so caches fall back to
 checking the database once a second). A database error leaves as StoreError, saying which store.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import mmap
 import os
 import sqlite3
 import threading
@@ -27,6 +29,7 @@ from .errors import StoreBusy, StoreError
 CHANNEL = "sealgate_changes"  # NOTIFY channel of every committed write
 WRITE_LOCK = 0x5EA16A7E  # advisory lock id: one writer at a time (writes are an operator's, and rare)
 FILE_CHECK_EVERY = 1.0  # seconds between looks at whether the SQLite file was replaced
+WAL_HEADER = 48  # bytes of the WAL-index header at the start of the -shm file: every commit rewrites it
 RETRY_AFTER = 1.0  # seconds a PostgreSQL store that failed is refused at once (without a listener to say)
 CONNECT_TIMEOUT = 2  # seconds to reach PostgreSQL: a request never waits longer for the store
 STATEMENT_TIMEOUT = 2.0  # seconds a statement is waited for; then the store is unavailable until a heartbeat
@@ -136,6 +139,8 @@ class SqliteBackend:
         self._tx = _SqliteTx(conn)
         self._lock = threading.RLock()
         self._writing: tuple[int, int] | None = None  # version() while a write of ours holds the store's lock
+        self._shm: tuple[mmap.mmap, int] | None = None  # the -shm file's start, mapped, and its inode
+        self._seen: tuple[bytes, int] | None = None  # the WAL-index header, and data_version read after it
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
@@ -181,18 +186,43 @@ class SqliteBackend:
             return self.conn.execute(sql, params).fetchone()
 
     def version(self) -> object:
-        """Without waiting for a write of this process's other thread (the audit queue's batch): the version
-        as that write began is the current one, since no other connection can commit meanwhile."""
+        """Costs no statement while the WAL-index header is as it was: SQLite rewrites it with every commit of
+        any connection (frame count, change counter, checksum), so an unchanged header is an unchanged store.
+        Else `PRAGMA data_version`, without waiting for a write of this process's other thread (the audit
+        queue's batch): the version as that write began is the current one, since no other connection can
+        commit meanwhile."""
         self._check_file()
+        if (seen := self._seen) is not None and (shm := self._shm) is not None and shm[0][:WAL_HEADER] == seen[0]:
+            return seen[1], self._own
         if not self._lock.acquire(blocking=False):
             if (writing := self._writing) is not None:
                 return writing
             self._lock.acquire()
         try:
+            header = self._shm[0][:WAL_HEADER] if self._shm is not None or self._map_shm() else None
             with self._errors("read"):
-                return (self.conn.execute("PRAGMA data_version").fetchone()[0], self._own)
+                data_version = self.conn.execute("PRAGMA data_version").fetchone()[0]  # read after the header
+            self._seen = None if header is None else (header, data_version)
+            return data_version, self._own
         finally:
             self._lock.release()
+
+    def _map_shm(self) -> bool:
+        """Map the -shm file's first page (read only) once SQLite has made it; False while it cannot."""
+        try:
+            fd = os.open(f"{self.path}-shm", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if st.st_size < mmap.PAGESIZE:
+                return False
+            self._shm = (mmap.mmap(fd, mmap.PAGESIZE, access=mmap.ACCESS_READ), st.st_ino)
+            return True
+        except (OSError, ValueError):
+            return False
+        finally:
+            os.close(fd)
 
     def schema_version(self, tx: Tx) -> int:
         return tx.one("PRAGMA user_version")[0]
@@ -210,10 +240,12 @@ class SqliteBackend:
         self._check_file(force=True)
 
     def close(self) -> None:
+        self._forget_shm()
         self.conn.close()
 
     def _check_file(self, *, force: bool = False) -> None:
-        """The file is still the one opened (looked at most once a second: it is on every request)."""
+        """The file is still the one opened (looked at most once a second: it is on every request); a -shm
+        file that is not the one mapped is mapped again before the header is trusted."""
         now = time.monotonic()
         if not force and now - self._file_checked_at < FILE_CHECK_EVERY:
             return
@@ -222,8 +254,19 @@ class SqliteBackend:
         except OSError:
             same = False
         if not same:
+            self._forget_shm()
             raise StoreError(f"store {self.path} was replaced or removed while sealgate ran; restart it")
+        if self._shm is not None:
+            try:
+                if os.stat(f"{self.path}-shm").st_ino != self._shm[1]:
+                    self._forget_shm()
+            except OSError:
+                self._forget_shm()
         self._file_checked_at = now
+
+    def _forget_shm(self) -> None:
+        """(The map closes when no thread holds it any more: version() may be reading it.)"""
+        self._seen = self._shm = None
 
     @contextlib.contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
