@@ -9,12 +9,10 @@ under data keys wrapped by the master key (`keys`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,36 +114,6 @@ def open_store(settings, *, listen: bool = False) -> SecretStore:
     return SecretStore(settings.data_dir, settings.store_url, settings.key_source(), listen=listen)
 
 
-class PerIteration:
-    """A value read at most once per event-loop iteration (the store's version: a request asks for it several
-    times), after every I/O event the iteration handles had arrived: so a change committed before a request
-    reached sealgate is seen, and one committed while the iteration runs is as if it came a moment later.
-    Off the event loop (the CLI, the API's threads, a refresh thread) it is read each time."""
-
-    def __init__(self, read: Callable[[], object]) -> None:
-        self.read = read
-        self.seen: tuple[asyncio.AbstractEventLoop, object] | None = None
-
-    def __call__(self) -> object:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return self.read()
-        if (seen := self.seen) is not None and seen[0] is loop:
-            return seen[1]
-        value = self.read()
-        self.seen = (loop, value)
-        loop.call_soon(self._forget, loop)
-        return value
-
-    def forget(self) -> None:
-        self.seen = None
-
-    def _forget(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.seen is not None and self.seen[0] is loop:
-            self.seen = None
-
-
 class SecretStore:
     def __init__(self, data_dir: Path, url: str | None = None, source: keys.KeySource | None = None, *,
                  listen: bool = False) -> None:
@@ -156,8 +124,9 @@ class SecretStore:
         self._key: bytes | None = None
         self._ring: dict[str, bytes] = {}
         self.cache: dict[tuple, tuple[object, object]] = {}  # secrets_for and session, by what was asked (bounded)
-        # changes whenever any node commits a change: the request path's cache key
-        self.version = PerIteration(self.backend.version)
+        # changes whenever any node commits a change (this process's own writes included): the request path's
+        # cache key, read several times per request (a few attribute reads while nothing was committed)
+        self.version = self.backend.version
         self.audit = AuditTrail(self.backend)  # store.audit(user=...) reads it; .add and .set_status write it
         self.usage = UsageCounters(self.backend)  # requests counted against caps and rates
         self.links = Links(self)  # linked accounts' tokens
@@ -217,7 +186,6 @@ class SecretStore:
         self.key  # noqa: B018
         with self.backend.write() as tx:
             yield tx
-        self.version.forget()  # this process's own write is seen at once
 
     def check(self) -> None:
         """Raise StoreError unless the store is the one opened and readable, the key source still gives
