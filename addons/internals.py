@@ -8,6 +8,7 @@ internal must never turn into a silent pass-through.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -77,9 +78,16 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http.HttpStream.handle_protocol_error (an upstream that timed out)")
     from mitmproxy import http, master
     from mitmproxy import addonmanager
-    need(all(callable(getattr(addonmanager, n, None)) for n in ("safecall", "traverse"))
+    need(all(callable(getattr(addonmanager, n, None)) for n in ("traverse", "cut_traceback"))
          and "UpdateHook" in inspect.getsource(addonmanager.AddonManager.handle_lifecycle),
-         "mitmproxy.addonmanager.AddonManager.handle_lifecycle, safecall and traverse (direct_hooks)")
+         "mitmproxy.addonmanager.AddonManager.handle_lifecycle, cut_traceback and traverse (direct_hooks)")
+    from mitmproxy.proxy import mode_servers
+    handle_hook = mode_servers.ProxyConnectionHandler.handle_hook
+    need(all(n in inspect.getsource(getattr(handle_hook, "__wrapped__", handle_hook))  # (mitmproxy's, once replaced)
+             for n in ("timeout_watchdog.disarm()", "hook.args()", "handle_lifecycle(hook)", "wait_for_resume()"))
+         and all(n in inspect.getsource(server.TimeoutWatchdog.disarm)
+                 for n in ("can_timeout.clear()", "blocker += 1", "blocker -= 1", "register_activity()")),
+         "mitmproxy.proxy.mode_servers.ProxyConnectionHandler.handle_hook and TimeoutWatchdog.disarm (lean_hooks)")
     need((hasattr(http.MessageData, "__post_init__") or not __debug__) and "_legacy_log_events" in inspect.getsource(master.Master.__init__),
          "mitmproxy.http.MessageData.__post_init__ and mitmproxy.master.Master._legacy_log_events (trim_master)")
     if found:
@@ -177,11 +185,13 @@ def keep_only_addons(master: Any, allowed: Iterable[str]) -> list[str]:
 def trim_master(master: Any) -> None:
     """Drop two per-request costs of a mitmproxy master that buy `sealgate run` nothing (a tenth of its CPU):
     the type check of every field of every request and response mitmproxy parses (run only when Python
-    runs without -O: the parser makes the right types), and the deprecated `add_log` event, which wakes the
-    event loop and runs every addon for every log line (no addon of the lean master has an `add_log`)."""
+    runs without -O: the parser makes the right types), the deprecated `add_log` event, which wakes the
+    event loop and runs every addon for every log line (no addon of the lean master has an `add_log`), and
+    the generic machinery around each hook (`direct_hooks`, `lean_hooks`)."""
     unchecked_messages()
     master._legacy_log_events.uninstall()
     direct_hooks(master)
+    lean_hooks()
 
 
 def direct_hooks(master: Any) -> None:
@@ -189,14 +199,14 @@ def direct_hooks(master: Any) -> None:
 
     mitmproxy's AddonManager takes every event of a flow through every addon of the chain twice (the hook,
     then `update`), with two generators, a coroutine and a context manager per addon: most of the cost of a
-    hook for a handful of addons that have it. Here: the same addons in the same order, each call under
-    mitmproxy's own `safecall` (an addon's error is logged, AddonHalt ends the event), and `update` only if
-    an addon has one."""
+    hook for a handful of addons that have it. Here: the same addons in the same order, each call as under
+    mitmproxy's own `safecall` (an addon's error is logged as it logs it, AddonHalt ends the event), and
+    `update` only if an addon has one."""
     import types
 
     from mitmproxy import exceptions
     from mitmproxy import flow as mflow
-    from mitmproxy.addonmanager import safecall, traverse
+    from mitmproxy.addonmanager import traverse
 
     addons = master.addons
     tables: dict[str, list[Callable]] = {}
@@ -214,20 +224,70 @@ def direct_hooks(master: Any) -> None:
     async def run(name: str, args: list) -> None:
         for func in hooks(name):
             try:
-                with safecall():
-                    result = func(*args)
-                    if result is not None and inspect.isawaitable(result):
-                        await result
+                result = func(*args)
+                if result is not None and inspect.isawaitable(result):
+                    await result
             except exceptions.AddonHalt:
                 return
+            except exceptions.OptionsError:
+                raise
+            except Exception as e:  # noqa: BLE001 - as mitmproxy's safecall: logged, and the next addon runs
+                _addon_error(e)
 
     async def handle_lifecycle(event: Any) -> None:
-        args = event.args()
+        args = hook_args(event)
         await run(event.name, args)
         if isinstance(args[0], mflow.Flow) and hooks("update"):
             await run("update", [[args[0]]])
 
     addons.handle_lifecycle = handle_lifecycle
+
+
+def _addon_error(e: Exception) -> None:
+    """What mitmproxy's `safecall` logs for an addon's error (its context manager costs a generator per call)."""
+    import logging
+
+    from mitmproxy.addonmanager import cut_traceback
+
+    tb = cut_traceback(cut_traceback(e.__traceback__, "invoke_addon_sync"), "invoke_addon")
+    logging.getLogger("mitmproxy.addonmanager").error(f"Addon error: {e}", exc_info=(type(e), e, tb))
+
+
+def hook_args(hook: Any) -> list[Any]:
+    """mitmproxy's Hook.args(), with the dataclass's field names looked up once per hook class."""
+    if (names := _HOOK_FIELDS.get(type(hook))) is None:
+        names = _HOOK_FIELDS[type(hook)] = tuple(f.name for f in dataclasses.fields(hook))
+    return [getattr(hook, name) for name in names]
+
+
+_HOOK_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def lean_hooks() -> None:
+    """mitmproxy's ProxyConnectionHandler.handle_hook, four times per request, without its generic parts: the
+    watchdog disarmed inline (not by a generator-based context manager), the hook's one argument read by
+    name (`hook_args`), the flow waited for only if intercepted."""
+    from mitmproxy import flow as mflow
+    from mitmproxy.proxy import mode_servers
+
+    async def handle_hook(self: Any, hook: Any) -> None:
+        watchdog = self.timeout_watchdog
+        watchdog.can_timeout.clear()
+        watchdog.blocker += 1
+        try:
+            (data,) = hook_args(hook)  # (mitmproxy: "we currently only support single-argument hooks")
+            await self.master.addons.handle_lifecycle(hook)
+            if isinstance(data, mflow.Flow) and data.intercepted:
+                await data.wait_for_resume()
+        finally:
+            watchdog.blocker -= 1
+            if watchdog.blocker == 0:
+                watchdog.register_activity()
+                watchdog.can_timeout.set()
+
+    original = mode_servers.ProxyConnectionHandler.handle_hook
+    handle_hook.__wrapped__ = getattr(original, "__wrapped__", original)  # type: ignore[attr-defined]
+    mode_servers.ProxyConnectionHandler.handle_hook = handle_hook
 
 
 def unchecked_messages() -> None:

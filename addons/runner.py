@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -218,7 +219,16 @@ async def _watch(child: subprocess.Popen, what: str, lost: str) -> None:
 async def _run(m: master.Master, settings: Settings, web_password: str | None) -> None:
     _handle_signals(m, settings.shutdown_grace)
     m.addons.add(_Announce("\n".join(announcement(settings, web_password))))
+    _freeze_start_up()
     await m.run()
+
+
+def _freeze_start_up() -> None:
+    """What start-up made (modules, the master, the addons: some 90,000 objects) lives as long as the process:
+    out of the garbage collector's sight, each full collection scans what requests leave instead of all of
+    it (one took 100 ms of the event loop, some 3% of the CPU under load)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _handle_signals(m: master.Master, grace: float) -> None:
@@ -296,15 +306,19 @@ async def serve_worker(settings: Settings, probes: str, mirror_socket: str | Non
     if mirror_socket is not None:
         _add_mirror(m, mirror_socket)
     _handle_signals(m, settings.shutdown_grace)
+    _freeze_start_up()
     await m.run()
 
 
 def whole_lines() -> None:
     """Write each line of stdout and stderr in one write(): a line written in two (as Python writes a print
     when unbuffered, PYTHONUNBUFFERED, as images often set it) costs a system call more per request, and
-    could get another of the gateway's processes' lines in between."""
+    could get another of the gateway's processes' lines in between. A stream the caller redirected (not the
+    one Python opened) is left as it is."""
     for name, fd in (("stdout", 1), ("stderr", 2)):
         stream = getattr(sys, name)
+        if stream is not getattr(sys, f"__{name}__"):
+            continue
         stream.flush()
         setattr(sys, name, io.TextIOWrapper(io.BufferedWriter(io.FileIO(fd, "w", closefd=False), 1 << 16),
                                             encoding=stream.encoding, errors=stream.errors, line_buffering=True))

@@ -212,11 +212,27 @@ def websocket_control_frame(scrubber: Scrubber | None, event):
 
 
 def scrub_head(scrubber: Scrubber, resp: http.Response) -> None:
-    resp.headers.fields = scrub_fields(scrubber, resp.headers.fields)
-    resp.reason = scrubber.scrub_text(resp.reason)
+    if _any_match(scrubber, [resp.reason.encode("utf-8", "surrogateescape"), *_flat(resp.headers.fields)]):
+        resp.headers.fields = _each(scrubber, resp.headers.fields)
+        resp.reason = scrubber.scrub_text(resp.reason)
 
 
 def scrub_fields(scrubber: Scrubber, fields: Fields) -> Fields:
+    return _each(scrubber, fields) if _any_match(scrubber, _flat(fields)) else fields
+
+
+def _any_match(scrubber: Scrubber, parts: list[bytes]) -> bool:
+    """Whether any part holds a match, in one scan of them joined by a line feed. A match within one part is
+    one there too (the feed is none of the escape bytes a pattern looks behind for, and shape-matched
+    signatures end at it as at the end of a part); one that only spans parts costs a scan of each, no more."""
+    return bool(parts) and bool(scrubber.matches(b"\n".join(parts)))
+
+
+def _flat(fields: Fields) -> list[bytes]:
+    return [part for field in fields for part in field]
+
+
+def _each(scrubber: Scrubber, fields: Fields) -> Fields:
     return tuple((scrubber.scrub(k), scrubber.scrub(v)) for k, v in fields)
 
 

@@ -141,3 +141,86 @@ def test_no_class_in_the_package_is_over_250_lines():
              for p in pathlib.Path(sealgate.__file__).parent.glob("*.py")
              for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)}
     assert {k: v for k, v in sizes.items() if v > 250} == {}
+
+
+
+
+def test_direct_hooks_run_each_addon_in_order_log_an_error_as_mitmproxy_does_and_stop_at_addon_halt(caplog):
+    from mitmproxy import exceptions
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+    from mitmproxy.test import tflow
+
+    seen: list[str] = []
+
+    class Named:
+        def __init__(self, name: str, do=None) -> None:
+            self.name, self.do = name, do
+
+        def request(self, flow) -> None:
+            seen.append(self.name)
+            if self.do:
+                raise self.do
+
+    class Async:
+        name = "async"
+
+        async def request(self, flow) -> None:
+            await asyncio.sleep(0)
+            seen.append("async")
+
+    async def go(*addons):
+        m = master.Master(options.Options())
+        internals.trim_master(m)
+        m.addons.add(*addons)
+        await m.addons.handle_lifecycle(HttpRequestHook(tflow.tflow()))
+
+    asyncio.run(go(Named("a", ValueError("boom")), Async(), Named("b", exceptions.AddonHalt()), Named("c")))
+    assert seen == ["a", "async", "b"]  # an error: logged, the next addon runs; AddonHalt: none after it
+    [record] = [r for r in caplog.records if "Addon error" in r.getMessage()]
+    assert record.getMessage() == "Addon error: boom" and record.exc_info and record.levelname == "ERROR"
+    with pytest.raises(exceptions.OptionsError):
+        asyncio.run(go(Named("d", exceptions.OptionsError("bad option"))))
+
+
+def test_lean_handle_hook_disarms_the_idle_watchdog_for_the_hook_and_waits_for_an_intercepted_flow():
+    from types import SimpleNamespace
+
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+    from mitmproxy.proxy import mode_servers, server
+    from mitmproxy.test import tflow
+
+    internals.lean_hooks()
+    during: list[tuple[int, bool]] = []
+
+    async def go() -> None:
+        async def timed_out() -> None: ...
+        watchdog = server.TimeoutWatchdog(600, timed_out)
+
+        async def handle_lifecycle(hook) -> None:
+            during.append((watchdog.blocker, watchdog.can_timeout.is_set()))
+            if getattr(hook, "fail", False):
+                raise RuntimeError("addon failed")
+
+        handler = SimpleNamespace(timeout_watchdog=watchdog,
+                                  master=SimpleNamespace(addons=SimpleNamespace(handle_lifecycle=handle_lifecycle)))
+        hook = HttpRequestHook(tflow.tflow())
+        await mode_servers.ProxyConnectionHandler.handle_hook(handler, hook)
+        assert (watchdog.blocker, watchdog.can_timeout.is_set()) == (0, True)
+
+        hook.fail = True
+        with pytest.raises(RuntimeError):
+            await mode_servers.ProxyConnectionHandler.handle_hook(handler, hook)
+        assert (watchdog.blocker, watchdog.can_timeout.is_set()) == (0, True)  # re-armed all the same
+
+        flow = tflow.tflow()
+        flow.intercept()
+        task = asyncio.ensure_future(mode_servers.ProxyConnectionHandler.handle_hook(handler, HttpRequestHook(flow)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not task.done() and watchdog.blocker == 1  # held while intercepted, not timed out meanwhile
+        flow.resume()
+        await asyncio.wait_for(task, 5)
+        assert (watchdog.blocker, watchdog.can_timeout.is_set()) == (0, True)
+
+    asyncio.run(go())
+    assert during == [(1, False)] * 3
