@@ -212,9 +212,11 @@ def websocket_control_frame(scrubber: Scrubber | None, event):
 
 
 def scrub_head(scrubber: Scrubber, resp: http.Response) -> None:
-    if _any_match(scrubber, [resp.reason.encode("utf-8", "surrogateescape"), *_flat(resp.headers.fields)]):
+    """The reason phrase as its bytes, as the worker gets them: `resp.reason` is mitmproxy's Latin-1 reading
+    of them, which re-encoded as UTF-8 no longer holds a value with a character beyond ASCII."""
+    if _any_match(scrubber, [resp.data.reason, *_flat(resp.headers.fields)]):
         resp.headers.fields = _each(scrubber, resp.headers.fields)
-        resp.reason = scrubber.scrub_text(resp.reason)
+        resp.data.reason = scrubber.scrub(resp.data.reason)
 
 
 def scrub_fields(scrubber: Scrubber, fields: Fields) -> Fields:

@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -132,6 +133,7 @@ class SqliteBackend:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a crash of the process, fsyncs less
             conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+            conn.execute("select 1 from sqlite_master limit 1")  # (opens the -shm file, held below)
             self._busy_ms = int(busy_ms)
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"store {path} cannot be opened: {e}") from None
@@ -141,6 +143,12 @@ class SqliteBackend:
         self._writing: tuple[int, int] | None = None  # version() while a write of ours holds the store's lock
         self._shm: tuple[mmap.mmap, int] | None = None  # the -shm file's start, mapped, and its inode
         self._seen: tuple[bytes, int] | None = None  # the WAL-index header, and data_version read after it
+        self._held: list[tuple[int, int]] = []  # the -shm file SQLite opened for conn, kept open (`_ShmFile`)
+        self._closed = False
+        # the -shm file let go of once the connection is closed, or when the backend is dropped without close()
+        self._let_go = weakref.finalize(self, _let_go_shm, self._held)
+        self._let_go.atexit = False  # (at exit: the process's descriptors close with it, after its connections)
+        self._map_shm()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Tx]:
@@ -199,7 +207,8 @@ class SqliteBackend:
                 return writing
             self._lock.acquire()
         try:
-            header = self._shm[0][:WAL_HEADER] if self._shm is not None or self._map_shm() else None
+            shm = self._shm if self._shm is not None or self._map_shm() else None  # (once: _check_file may forget it)
+            header = shm[0][:WAL_HEADER] if shm is not None else None
             with self._errors("read"):
                 data_version = self.conn.execute("PRAGMA data_version").fetchone()[0]  # read after the header
             self._seen = None if header is None else (header, data_version)
@@ -208,21 +217,15 @@ class SqliteBackend:
             self._lock.release()
 
     def _map_shm(self) -> bool:
-        """Map the -shm file's first page (read only) once SQLite has made it; False while it cannot."""
-        try:
-            fd = os.open(f"{self.path}-shm", os.O_RDONLY)
-        except OSError:
+        """Map the -shm file's first page (read only) once SQLite has made it; False while it cannot. The file
+        stays open until this backend's connection is closed (`_ShmFile`: never opened and closed again)."""
+        if self._closed:
             return False
-        try:
-            st = os.fstat(fd)
-            if st.st_size < mmap.PAGESIZE:
-                return False
-            self._shm = (mmap.mmap(fd, mmap.PAGESIZE, access=mmap.ACCESS_READ), st.st_ino)
-            return True
-        except (OSError, ValueError):
+        found = _hold_shm(f"{self.path}-shm", self._held)
+        if found is None:
             return False
-        finally:
-            os.close(fd)
+        self._shm = found
+        return True
 
     def schema_version(self, tx: Tx) -> int:
         return tx.one("PRAGMA user_version")[0]
@@ -240,12 +243,16 @@ class SqliteBackend:
         self._check_file(force=True)
 
     def close(self) -> None:
+        self._closed = True
         self._forget_shm()
         self.conn.close()
+        self._let_go()  # (after the connection: its locks on the -shm file go with the last descriptor)
 
     def _check_file(self, *, force: bool = False) -> None:
-        """The file is still the one opened (looked at most once a second: it is on every request); a -shm
-        file that is not the one mapped is mapped again before the header is trusted."""
+        """The file is still the one opened, and so is its -shm file (looked at most once a second: it is on
+        every request). SQLite's connection keeps the WAL-index it opened: once that file is removed or replaced,
+        other processes' commits go to another one, which this connection never reads (a revoked session would
+        stay valid): refused, as a replaced store file is, until sealgate restarts."""
         now = time.monotonic()
         if not force and now - self._file_checked_at < FILE_CHECK_EVERY:
             return
@@ -256,16 +263,20 @@ class SqliteBackend:
         if not same:
             self._forget_shm()
             raise StoreError(f"store {self.path} was replaced or removed while sealgate ran; restart it")
-        if self._shm is not None:
+        if held := self._held:
             try:
-                if os.stat(f"{self.path}-shm").st_ino != self._shm[1]:
-                    self._forget_shm()
+                st = os.stat(f"{self.path}-shm")
+                same = (st.st_dev, st.st_ino) == held[0]
             except OSError:
+                same = False
+            if not same:
                 self._forget_shm()
+                raise StoreError(f"store {self.path}: its -shm file was replaced or removed while sealgate ran (this "
+                                 "process would not see other processes' writes); restart it")
         self._file_checked_at = now
 
     def _forget_shm(self) -> None:
-        """(The map closes when no thread holds it any more: version() may be reading it.)"""
+        """Read the header no more (the file stays open, `_ShmFile`; SQLite may still use it)."""
         self._seen = self._shm = None
 
     @contextlib.contextmanager
@@ -275,6 +286,84 @@ class SqliteBackend:
         except (sqlite3.Error, UnicodeError) as e:
             kind = StoreBusy if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY else StoreError
             raise kind(f"store {self.path} cannot be {doing}: {e.__class__.__name__}: {e}") from None
+
+
+class _ShmFile:
+    """A -shm file, opened by this process once and kept open while any of its SqliteBackends holds it.
+
+    Closing a descriptor of a file drops every POSIX lock the process holds on that file, SQLite's included
+    (SQLite's "How To Corrupt An SQLite Database File", 2.2): its lock on the -shm file that tells a process
+    opening the store the WAL-index is in use, and the read locks a checkpoint waits for. Without it, the next
+    process to open the store (each `sealgate session issue`) takes itself for the first, truncates the -shm
+    file and rebuilds the WAL-index under this process's live connection, whose reads of SQLite's own map of it
+    then fault (SIGBUS) or see a half-built index. So the descriptor, and the map (which holds a copy of it),
+    are closed only once no backend of this process holds the file, after their connections closed."""
+
+    __slots__ = ("fds", "map", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fds = [fd]  # (more than one only if the file was replaced while being opened: all kept)
+        self.map: mmap.mmap | None = None
+        self.users = 0
+
+
+_SHM_FILES: dict[tuple[int, int], _ShmFile] = {}  # by (device, inode)
+_SHM_LOCK = threading.Lock()
+
+
+def _hold_shm(path: str, held: list[tuple[int, int]]) -> tuple[mmap.mmap, int] | None:
+    """The -shm file at path, its first page mapped (read only), and its inode; None while it cannot be (not
+    made yet, shorter than a page), or if it is not the one held (a backend's: the first one it saw, which its
+    connection uses; another is refused by _check_file)."""
+    with _SHM_LOCK:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = (st.st_dev, st.st_ino)
+        if held and key != held[0]:
+            return None
+        if not held:
+            if (shm := _SHM_FILES.get(key)) is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    return None
+                opened = os.fstat(fd)
+                key = (opened.st_dev, opened.st_ino)  # (the file opened, had it just been replaced)
+                if (shm := _SHM_FILES.get(key)) is None:
+                    shm = _SHM_FILES[key] = _ShmFile(fd)
+                else:
+                    shm.fds.append(fd)  # closing it now would drop the locks: closed with the others
+            shm.users += 1
+            held.append(key)
+        shm = _SHM_FILES[key]
+        if shm.map is None:
+            try:
+                if os.fstat(shm.fds[0]).st_size < mmap.PAGESIZE:
+                    return None
+                shm.map = mmap.mmap(shm.fds[0], mmap.PAGESIZE, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                return None
+        return shm.map, key[1]
+
+
+def _let_go_shm(held: list[tuple[int, int]]) -> None:
+    """A backend is done with the -shm files in held (its connection closed): each closes once no other
+    backend of this process holds it. The map is not closed here: a version() of another thread may be reading
+    it; it goes (with its copy of the descriptor) when no one refers to it any more."""
+    with _SHM_LOCK:
+        for key in held:
+            shm = _SHM_FILES.get(key)
+            if shm is None:
+                continue
+            shm.users -= 1
+            if shm.users <= 0:
+                del _SHM_FILES[key]
+                for fd in shm.fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        held.clear()
 
 
 @functools.lru_cache(maxsize=512)
