@@ -24,17 +24,27 @@ How. The patterns, the longest first, make one regular expression, and `matches`
 its `finditer` would; but it is never run as such. Python's `re` tries every pattern at every
 position where one could start, base64 and hex forms start at almost any letter, and spelling
 out every form of every character is slow to compile (some 2 ms per 10 characters). So each
-pattern is compiled on its own, when first needed, and only run near anchors: places that any
-of its matches holds. They are an 8-byte piece of a literal each pattern holds (a value's raw
-bytes, the letters and digits of its base64 form, its hex), all found at once through a set
-of aligned 8-byte words, or a shorter literal found with `bytes.find`; and an escape (`%`, `\\`,
-`&`, `+`) of a character of a value, followed by what may follow that character. A match is at
-most `max_len` bytes, so it lies within `max_len` of its anchor; in such a window, the patterns
-anchored there are searched and their first match (the first pattern at a tie) taken, just as
-the alternation would. A pattern without an anchor (a value or needle under 4 bytes) is
-searched everywhere. In a value longer than 256 characters, letters, digits and `-._~` are
-sought as themselves only: no encoder escapes those, and all forms of 16384 characters take
-seconds to compile.
+pattern is spelled out and compiled on its own, when first needed, and only run near anchors:
+places that any of its matches holds. An anchor is one of three things. A literal every match
+of the pattern holds (a value's raw bytes, the letters and digits of its base64 form, its hex):
+a body is read as aligned 8-byte words, every stride-th of them (4th, when no literal is shorter
+than 39 bytes), and a literal 8 * stride + 7 bytes or longer holds one of those read wherever it
+lies; so the words it may show there, one for each offset modulo 8 * stride (taken from its end:
+values of a kind share their first bytes), make a table that all the words read are looked up in
+at once, one lookup a word, whatever the count of values. A word found anchors the patterns whose
+literal is there around it. A shorter literal is found with `bytes.find`. Or an escape (`%`,
+`\\`, `&`, `+`) of a character of a value, followed by what may follow that character; where
+many values hold the character, it anchors only those in which the characters around it are
+what the forms around the escape may stand for (a `%41` is no anchor for every value with an
+`A`). A match is at most `max_len` bytes, so it lies within `max_len` of its anchor; in such a
+window, the patterns anchored there are searched and their first match (the first pattern at a
+tie) taken, just as the alternation would. A pattern without an anchor (a value or needle under
+4 bytes) is searched everywhere. In a value longer than 256 characters, letters, digits and
+`-._~` are sought as themselves only: no encoder escapes those, and all forms of 16384
+characters take seconds to compile. The table grows with the values, some 190 words each: past
+a few thousand words a lookup misses the CPU's caches, and reading a body with 1000 values takes
+two to three times as long as with one (no structure in Python's standard library finds a word
+among 190,000 in a cache's worth of memory, at C speed).
 
 What it cannot catch: whatever an upstream makes of a value beyond these per-character
 escapes and plain base64 or hex: its own encryption, a hash, compression, a custom or
@@ -54,7 +64,7 @@ import html.entities
 import re
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Container, Iterable
 from functools import lru_cache
 
 from . import derived
@@ -70,7 +80,9 @@ _PB = b"[%\\\\]"  # % or \
 _SHORT = {'"': '"', "\\": "\\", "/": "/", "'": "'"}
 _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _B64_URL = {"+": "-", "/": "_"}
-_WORD = 8  # bytes in an aligned word of the anchor set
+_WORD = 8  # bytes in an aligned word of the anchor table
+_FINDS = 16  # up to this many distinct words of the table read in a body are found with bytes.find
+_FEW = 16  # an escape of a character this many values hold, or fewer, is an anchor for them all
 _ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 _Form = tuple[bytes, bytes, int]  # one form of a character: its lead byte(s), a regex for the rest, its longest length
@@ -191,9 +203,33 @@ def _char_unit(ch: str) -> tuple[bytes, int]:
     return _unit(_forms(ch))
 
 
+@lru_cache(maxsize=8192)
+def _first_char_unit(ch: str) -> tuple[bytes, int]:
+    return _first_unit(_forms(ch))
+
+
+@lru_cache(maxsize=8192)
+def _full_unit(ch: str) -> tuple[re.Pattern[bytes], int]:
+    """The forms of ch, compiled as one regex, and their longest length."""
+    regex, longest = _char_unit(ch)
+    return _compile(regex, 0), longest
+
+
+@lru_cache(maxsize=8192)
+def _escape_unit(ch: str) -> tuple[re.Pattern[bytes], int]:
+    """The forms of ch other than itself, compiled as one regex, and their longest length."""
+    regex, longest = _unit(_forms(ch)[1:])
+    return _compile(regex, 0), longest
+
+
 @lru_cache(maxsize=128)
 def _b64_unit(c: str) -> tuple[bytes, int]:
     return _unit(_b64_forms(c))
+
+
+@lru_cache(maxsize=128)
+def _first_b64_unit(c: str) -> tuple[bytes, int]:
+    return _first_unit(_b64_forms(c))
 
 
 def _b64_forms(c: str) -> tuple[_Form, ...]:
@@ -209,14 +245,21 @@ def _b64_forms(c: str) -> tuple[_Form, ...]:
 class _Pattern:
     """One way a value (or needle) can appear: a regex, its longest and shortest lengths in bytes,
     and a literal every match holds (a value's forms: its raw bytes, unless an escape is in it).
-    Compiled when first needed, once for all the matchers that hold it: most never are, and
-    re takes some 2 ms per 10 characters of a value to compile its forms."""
+    The regex is spelled out and compiled when first needed, once for all the matchers that hold
+    it: most never are, a value's forms spelled out take some 3 KB, and re takes some 2 ms per 10
+    characters of a value to compile them."""
 
-    __slots__ = ("regex", "max_len", "min_len", "anchor", "_compiled")
+    __slots__ = ("_regex", "max_len", "min_len", "anchor", "_compiled")
 
-    def __init__(self, regex: bytes, max_len: int, min_len: int, anchor: bytes) -> None:
-        self.regex, self.max_len, self.min_len, self.anchor = regex, max_len, min_len, anchor
+    def __init__(self, regex: bytes | Callable[[], bytes], max_len: int, min_len: int, anchor: bytes) -> None:
+        self._regex, self.max_len, self.min_len, self.anchor = regex, max_len, min_len, anchor
         self._compiled: re.Pattern[bytes] | None = None
+
+    @property
+    def regex(self) -> bytes:
+        if not isinstance(self._regex, bytes):
+            self._regex = self._regex()
+        return self._regex
 
     @property
     def compiled(self) -> re.Pattern[bytes]:
@@ -226,10 +269,38 @@ class _Pattern:
 
 
 class _ValuePatterns:
-    __slots__ = ("patterns", "__weakref__")
+    __slots__ = ("patterns", "_words", "__weakref__")
 
     def __init__(self, patterns: list[_Pattern]) -> None:
         self.patterns = patterns
+        self._words: tuple[int, _Words] | None = None
+
+    def words(self, stride: int) -> _Words:
+        """The words of the anchors long enough for the table at this stride (`_words`), kept for the
+        next matcher: a principal's is made again whenever a value is added."""
+        if self._words is None or self._words[0] != stride:
+            self._words = (stride, _words(self.patterns, stride))
+        return self._words[1]
+
+
+_Words = dict[int, tuple[_Pattern, ...]]  # a word read -> the patterns whose anchors hold it
+
+
+def _words(patterns: Iterable[_Pattern], stride: int) -> _Words:
+    """The words that a read of every stride-th aligned word sees of each anchor 8 * stride + 7 bytes
+    or more long, wherever it lies: one at each offset modulo 8 * stride, the last there is (values of
+    one kind often share their first bytes: sk-proj-, ghp_, the base64 of {"alg":)."""
+    span = _WORD * stride + _WORD - 1
+    out: _Words = {}
+    for p in patterns:
+        if len(p.anchor) >= span:
+            tail, found = p.anchor[len(p.anchor) - span:], array.array("Q")
+            for offset in range(_WORD):  # the words at offset, offset + 8, ...
+                found.frombytes(tail[offset: offset + _WORD * stride])
+            both = {w: out[w] + (p,) for w in out.keys() & found}  # (the hex of digits, in either case)
+            out.update(dict.fromkeys(found, (p,)))
+            out.update(both)
+    return out
 
 
 _VALUE_PATTERNS: weakref.WeakValueDictionary[str, _ValuePatterns] = weakref.WeakValueDictionary()
@@ -239,15 +310,21 @@ def _value_patterns(value: str) -> _ValuePatterns:
     """Made once for a value while any matcher holds it."""
     vp = _VALUE_PATTERNS.get(value)
     if vp is None:
-        raw, long = _utf8(value), len(value) > LONG_VALUE
-        first = (re.escape(value[0].encode()), 1) if long and value[0] in _UNRESERVED else _first_unit(_forms(value[0]))
-        units = [(re.escape(c.encode()), 1) if long and c in _UNRESERVED else _char_unit(c) for c in value[1:]]
-        patterns = [_Pattern(first[0] + b"".join(u for u, _ in units), first[1] + sum(n for _, n in units),
-                             len(value), raw)]
+        raw = _utf8(value)
+        patterns = [_mixture_pattern(value)]
         patterns += [p for k in range(3) if (p := _base64_pattern(raw, k)) is not None]
         patterns += [_Pattern(h, len(h), len(h), h) for h in (raw.hex().encode(), raw.hex().upper().encode())]
         vp = _VALUE_PATTERNS[value] = _ValuePatterns(patterns)
     return vp
+
+
+def _mixture_pattern(value: str) -> _Pattern:
+    """The value character by character, each in any of its forms (in a long value, letters, digits
+    and -._~ as themselves only)."""
+    long = len(value) > LONG_VALUE
+    units = [(re.escape(c.encode()), 1) if long and c in _UNRESERVED else _char_unit(c) if i else _first_char_unit(c)
+             for i, c in enumerate(value)]
+    return _Pattern(lambda: b"".join([u for u, _ in units]), sum([n for _, n in units]), len(value), _utf8(value))
 
 
 def _base64_pattern(raw: bytes, k: int) -> _Pattern | None:
@@ -258,20 +335,22 @@ def _base64_pattern(raw: bytes, k: int) -> _Pattern | None:
         return None
     encoded = base64.b64encode(bytes(k) + raw)
     chars = encoded[start:stop].decode()
-    regex, max_len = _first_unit(_b64_forms(chars[0]))
-    for c in chars[1:]:
-        r, n = _b64_unit(c)
-        regex, max_len = regex + r, max_len + n
+    units = [_first_b64_unit(chars[0]), *map(_b64_unit, chars[1:])]
     if known := end_bits - 6 * stop:  # the next character holds the last 2 or 4 bits of raw
-        top = _B64.index(encoded[stop]) >> (6 - known)
-        tail = bytes(c for i, c in enumerate(_B64) if i >> (6 - known) == top)
         pad = (3 - (k + len(raw)) % 3) % 3  # as many = as end the text if raw does
-        pad_regex, pad_len = _char_unit("=")
-        regex += b"(?:%s%s)?" % (_cls(tail + tail.translate(bytes.maketrans(b"+/", b"-_"))),
-                                 b"(?:%s){0,%d}" % (pad_regex, pad) if pad else b"")
-        max_len += 1 + pad * pad_len
+        units.append(_b64_tail(known, _B64.index(encoded[stop]) >> (6 - known), pad))
     runs = re.findall(r"[A-Za-z0-9]+", chars)  # letters and digits have no other form: every match holds them
-    return _Pattern(regex, max_len, len(chars), max(runs, key=len).encode() if runs else b"")
+    return _Pattern(lambda: b"".join([u for u, _ in units]), sum([n for _, n in units]), len(chars),
+                    max(runs, key=len).encode() if runs else b"")
+
+
+@lru_cache(maxsize=64)
+def _b64_tail(known: int, top: int, pad: int) -> tuple[bytes, int]:
+    """Optionally, the character whose first `known` bits are `top`, then up to pad `=`."""
+    tail = bytes(c for i, c in enumerate(_B64) if i >> (6 - known) == top)
+    pad_regex, pad_len = _char_unit("=")
+    return b"(?:%s%s)?" % (_cls(tail + tail.translate(bytes.maketrans(b"+/", b"-_"))),
+                           b"(?:%s){0,%d}" % (pad_regex, pad) if pad else b""), 1 + pad * pad_len
 
 
 # -- escape anchors ------------------------------------------------------------------------
@@ -360,12 +439,13 @@ class _Matcher:
     """The patterns of one set of values and needles, in the order of the one regex (the longest
     first), and their anchors."""
 
-    __slots__ = ("_values", "patterns", "keys", "max_len", "min_len", "anywhere", "escapes", "leads",
-                 "by_char", "stride", "words", "literals", "breaker", "_regex", "__weakref__")
+    __slots__ = ("_values", "_mixtures", "_escapes", "patterns", "keys", "max_len", "min_len", "anywhere",
+                 "escapable", "leads", "stride", "words", "literals", "breaker", "_index", "_regex", "__weakref__")
 
     def __init__(self, values: tuple[str, ...], needles: tuple[bytes, ...]) -> None:
-        self._values = [_value_patterns(v) for v in values]
-        keyed = [(p, i) for i, vp in enumerate(self._values) for p in vp.patterns]
+        self._values = values
+        value_patterns = [_value_patterns(v) for v in values]
+        keyed = [(p, i) for i, vp in enumerate(value_patterns) for p in vp.patterns]
         keyed += [(_Pattern(re.escape(n), len(n), len(n), n), len(values) + i) for i, n in enumerate(needles)]
         keyed.sort(key=lambda pk: -pk[0].max_len)  # the longest first, where several match at one position
         self.patterns = [p for p, _ in keyed]
@@ -373,43 +453,38 @@ class _Matcher:
         self.max_len = self.patterns[0].max_len
         self.min_len = min(p.min_len for p in self.patterns)
         self._regex: re.Pattern[bytes] | None = None
-        index = {id(p): i for i, p in enumerate(self.patterns)}
+        self._index = index = {id(p): i for i, p in enumerate(self.patterns)}
         self.anywhere = [i for i, p in enumerate(self.patterns) if len(p.anchor) < MIN_ANCHOR]
         by_literal: dict[bytes, list[int]] = {}
         for i, p in enumerate(self.patterns):
             if len(p.anchor) >= MIN_ANCHOR:
                 by_literal.setdefault(p.anchor, []).append(i)
-        # An escape stands for some characters (or UTF-8 bytes): it is an anchor for the patterns
-        # of the values that hold one as other than itself.
-        by_char: dict[str | int, set[int]] = {}
-        for vp, v in zip(self._values, values):
-            mixture = index[id(vp.patterns[0])]
-            for c in set(v) - (_UNRESERVED if len(v) > LONG_VALUE else set()):
-                for key in [c, *(_utf8(c) if ord(c) > 0x7F else b"")]:
-                    by_char.setdefault(key, set()).add(mixture)
-        self.by_char = {key: sorted(pats) for key, pats in by_char.items()}
-        self.escapes = _escape_regex(values) if self.by_char else None
-        self.leads = [b"%", b"\\", b"&"] + ([b"+"] if " " in self.by_char else [])
+        # An escape stands for some characters (or UTF-8 bytes): it is an anchor for the mixtures of
+        # the values that hold one as other than itself (`_Escapes`, made when a body first has a lead).
+        self._mixtures = [index[id(vp.patterns[0])] for vp in value_patterns]
+        self._escapes: _Escapes | None = None
+        self.escapable = any(len(v) <= LONG_VALUE or not _UNRESERVED.issuperset(v) for v in values)
+        self.leads = [b"%", b"\\", b"&"] + ([b"+"] if any(" " in v for v in values) else [])
         # A byte no form of anything holds (a newline; a space or JSON punctuation, unless a value
         # has one): no match crosses it. Forms are made of letters, digits, %\\&+#;=-_/ and the
         # bytes of the values themselves; needles, of their own bytes.
-        allowed = set(_ALNUM + b"%\\&+#;=-_/") | {b for v in values for b in _utf8(v)} | {b for n in needles for b in n}
+        allowed = set(_ALNUM + b"%\\&+#;=-_/").union(*map(_utf8, values), *needles)
         self.breaker = _compile(b"[^" + b"".join(re.escape(bytes([b])) for b in sorted(allowed)) + b"]", 0)
-        # Long literals go to the set of aligned words, of which every stride-th is read (each such
+        # Long literals go to the table of aligned words, of which every stride-th is read (each such
         # literal holds one whole), others are found one by one: the stride that costs least
         # (some 9 ms a MiB to read every word, 0.7 ms to find a literal).
         lengths = [len(a) for a in by_literal]
         self.stride = min((1, 2, 3, 4), key=lambda s: (9 / s if max(lengths) >= _WORD * s + _WORD - 1 else 0)
                           + 0.7 * sum(n < _WORD * s + _WORD - 1 for n in lengths)) if lengths else 1
         span = _WORD * self.stride + _WORD - 1  # a literal this long holds a word read at this stride
-        self.words: dict[int, list[int]] = {}
-        self.literals: list[tuple[bytes, list[int]]] = []
-        for literal, pats in by_literal.items():
-            if len(literal) >= span:
-                for j in range(_WORD * self.stride):
-                    self.words.setdefault(int.from_bytes(literal[j:j + _WORD], sys.byteorder), []).extend(pats)
-            else:
-                self.literals.append((literal, pats))
+        self.literals = [(literal, pats) for literal, pats in by_literal.items() if len(literal) < span]
+        tables = [vp.words(self.stride) for vp in value_patterns]
+        tables.append(_words((p for p, k in keyed if k >= len(values)), self.stride))  # the needles'
+        self.words: _Words = {}
+        for table in tables:
+            shared = {w: self.words[w] + table[w] for w in self.words.keys() & table.keys()}  # words of
+            self.words |= table  # several values (their hex can share 8 digits): the patterns of them all
+            self.words |= shared
 
     @property
     def regex(self) -> re.Pattern[bytes]:
@@ -420,6 +495,12 @@ class _Matcher:
         if self._regex is None:
             self._regex = _compile(b"|".join(p.regex + b"()" for p in self.patterns), 0)
         return self._regex
+
+    @property
+    def escapes(self) -> _Escapes:
+        if self._escapes is None:
+            self._escapes = _Escapes(self._values, self._mixtures)
+        return self._escapes
 
     def matches(self, data: bytes) -> list[tuple[int, int, int]]:
         """(start, end, pattern index) of every match, in order."""
@@ -451,18 +532,17 @@ class _Matcher:
         n = len(data)
         if n < self.min_len:
             return []
-        anchors: list[tuple[int, int, list[int]]] = []
+        anchors: list[tuple[int, int, Collection[int]]] = []
         if self.words and n >= _WORD:
             words = array.array("Q")
             words.frombytes(memoryview(data)[: n - n % _WORD])
             if self.stride > 1:
                 words = words[:: self.stride]
             if hits := self.words.keys() & words:  # (one pass over the words, whatever the count of values)
-                step = _WORD * self.stride
-                anchors += [(j * step, j * step + _WORD, self.words[w]) for j, w in enumerate(words) if w in hits]
+                anchors += self._read(data, words, hits)
         for literal, pats in self.literals:
             anchors += _occurrences(data, literal, pats)
-        if self.escapes is not None:
+        if self.escapable:
             anchors += self._escaped(data)
         if self.anywhere:
             return [(0, n, sorted({*self.anywhere, *(i for _, _, pats in anchors for i in pats)}))]
@@ -479,39 +559,252 @@ class _Matcher:
                 out.append((lo, hi, set(pats)))
         return [(lo, hi, sorted(pats)) for lo, hi, pats in out]
 
-    def _escaped(self, data: bytes) -> list[tuple[int, int, list[int]]]:
+    def _read(self, data: bytes, words: array.array, hits: set[int]) -> list[tuple[int, int, list[int]]]:
+        """The anchors at the words read that are in the table, each for the patterns whose literal is
+        there around it (a piece of a value alone anchors nothing). A few such words are found among
+        the words read with bytes.find: a pass over them in Python takes as long as some 20 finds."""
+        places = _places(words.tobytes(), hits, len(words) // 8 + _FINDS) if len(hits) <= _FINDS else None
+        if places is None:
+            places = [(j, w) for j, w in enumerate(words) if w in hits]
+        step, out = _WORD * self.stride, []
+        for j, w in places:
+            at = j * step
+            pats = [self._index[id(p)] for p in self.words[w]
+                    if data.find(p.anchor, max(at + _WORD - len(p.anchor), 0), at + len(p.anchor)) >= 0]
+            if pats:
+                out.append((at, at + _WORD, pats))
+        return out
+
+    def _escaped(self, data: bytes) -> list[tuple[int, int, Collection[int]]]:
         """The escape anchors; past a budget, one scan of the whole is cheaper than a look at each."""
-        assert self.escapes is not None
-        out: list[tuple[int, int, list[int]]] = []
+        out: list[tuple[int, int, Collection[int]]] = []
         budget = 64 + len(data) // 256
-        match = self.escapes.match
+        memo: _Memo = {}
         for lead in self.leads:
             i = data.find(lead)
             while i >= 0:
                 budget -= 1
                 if budget < 0:
-                    return self._escaped_all(data)
-                if match(data, i) and (pats := self._standing_for(data, i)):
+                    return self._escaped_all(data, memo)
+                escapes = self.escapes
+                if escapes.regex.match(data, i) and (pats := escapes.standing_for(data, i, memo)):
                     out.append((i, i + 1, pats))
                 i = data.find(lead, i + 1)
         return out
 
-    def _escaped_all(self, data: bytes) -> list[tuple[int, int, list[int]]]:
-        assert self.escapes is not None
-        out: list[tuple[int, int, list[int]]] = []
-        for m in self.escapes.finditer(data):
+    def _escaped_all(self, data: bytes, memo: _Memo) -> list[tuple[int, int, Collection[int]]]:
+        escapes = self.escapes
+        out: list[tuple[int, int, Collection[int]]] = []
+        for m in escapes.regex.finditer(data):
             start, end = m.span()  # an escape may start inside this one, which finditer does not report
-            pats = {i for at in range(start, end) if data[at] in _LEADS for i in self._standing_for(data, at)}
+            pats = {i for at in range(start, end) if data[at] in _LEADS for i in escapes.standing_for(data, at, memo)}
             if pats:
-                out.append((start, end, sorted(pats)))
+                out.append((start, end, pats))
         return out
 
-    def _standing_for(self, data: bytes, at: int) -> list[int]:
-        """The patterns of the values holding a character that an escape at data[at] may stand for."""
-        out: list[int] = []
+
+class _Escapes:
+    """Where an escape of a character of a value may start (a regex), and which values' mixtures an
+    escape may be part of. Made for a matcher when a body first holds a lead byte (most never do),
+    and what it knows of a character, when an escape first stands for it."""
+
+    __slots__ = ("regex", "_values", "_held", "_chars", "_bytes")
+
+    def __init__(self, values: tuple[str, ...], mixtures: list[int]) -> None:
+        self.regex = _escape_regex(values)
+        self._values = list(zip(mixtures, values))
+        self._held = frozenset().union(*values)  # (an escape may stand for any character: most are in no value)
+        self._chars: dict[str, _Holders] = {}
+        self._bytes: dict[int, list[str]] = {}
+
+    def standing_for(self, data: bytes, at: int, memo: _Memo) -> set[int]:
+        """The mixtures an escape at data[at] may be part of: those of the values that hold what it
+        may stand for, or where many values hold a character, those in which the forms around the
+        form it is in stand for the characters around it (`_Holders`)."""
+        out: set[int] = set()
         for key in _decode(data, at):
-            out += self.by_char.get(key, ())
+            if isinstance(key, int):  # a UTF-8 byte: in a form of a character beyond ASCII that starts before
+                for ch in self._byte_chars(key):
+                    holders = self._holders(ch)
+                    if holders.places is None:
+                        out |= holders.all
+                        continue
+                    for start in range(max(at - _full_unit(ch)[1] + 1, 0), at + 1):
+                        if ends := [end for end in _unit_ends(ch, start, data, memo) if end > at]:
+                            out |= holders.standing_for(data, start, ends, memo)
+            elif key in self._held:
+                holders = self._holders(key)
+                if holders.places is None:
+                    out |= holders.all
+                elif ends := _form_ends(key, data, at):  # (none: no form of it but itself starts here)
+                    out |= holders.standing_for(data, at, ends, memo)
         return out
+
+    def _holders(self, ch: str) -> _Holders:
+        h = self._chars.get(ch)
+        if h is None:
+            h = self._chars[ch] = _Holders(ch, [(m, v) for m, v in self._values
+                                                if ch in v and not (ch in _UNRESERVED and len(v) > LONG_VALUE)])
+        return h
+
+    def _byte_chars(self, b: int) -> list[str]:
+        """The characters beyond ASCII of the values whose UTF-8 holds byte b."""
+        chars = self._bytes.get(b)
+        if chars is None:
+            chars = self._bytes[b] = [c for c in self._held if ord(c) > 0x7F and b in _utf8(c)]
+        return chars
+
+
+_Memo = dict[tuple[bool, str, int], list[int]]  # (forward?, a character, a place) -> `_unit_ends` or `_unit_starts`
+_Place = tuple[int, str, int]  # a mixture, its value, where a character is in it
+
+
+class _Holders:
+    """The values that hold a character (other than as itself only), and where many do, where. A form
+    of the character in a body is part of a match of a value only where the forms after it and before
+    it stand for the characters after it and before it in the value: where many values hold it, these
+    are looked at, a character at a time, until one place is left or `_LOOKS` characters were, after
+    it, then before it. Else a %41 in a body would be an anchor for every value with an A, and each
+    value it is an anchor for is compiled and searched. The places are kept in a trie for each
+    direction (values often share their first characters, sk- or ghp_, and their last, ==: a walk
+    goes past them at once)."""
+
+    __slots__ = ("all", "places", "_roots")
+
+    def __init__(self, ch: str, holders: list[tuple[int, str]]) -> None:
+        self.all = {m for m, _ in holders}
+        self.places: list[_Place] | None = None  # (else an anchor for them all: a closer look costs more)
+        if len(holders) > _FEW:
+            self.places = [(m, v, i) for m, v in holders for i, c in enumerate(v) if c == ch]
+        self._roots: dict[int, _Node] = {}  # by the step to the next character looked at: 1 or -1
+
+    def standing_for(self, data: bytes, start: int, ends: list[int], memo: _Memo) -> set[int]:
+        """The mixtures a form of the character spanning data[start:end], for an end in ends, may be part of."""
+        places = self._walk(1, data, ends, memo)
+        if len(places) > 1:
+            places = set(places) & set(self._walk(-1, data, [start], memo))
+        return {m for m, _, _ in places}
+
+    def _walk(self, step: int, data: bytes, at: list[int], memo: _Memo) -> list[_Place]:
+        """The places where the forms from `at` on (step 1; or back, -1) stand for the characters after
+        (before) this one, one after another, or all there are of them."""
+        if step not in self._roots:
+            assert self.places is not None
+            self._roots[step] = _Node(self.places, step)
+        frontier, ended = [(self._roots[step], at)], []
+        for _ in range(_LOOKS):
+            if len(ended) + sum(len(node.places) for node, _ in frontier) <= 1:
+                break
+            reached = []
+            for node, places in frontier:
+                ended += node.after.get(None, ())
+                found: dict[str, set[int]] = {}
+                for p in places:
+                    for key in _starting(data, p) if step > 0 else _ending(data, p, node.keys):
+                        for ch in [key] if isinstance(key, str) else node.by_byte.get(key, ()):
+                            if ch in node.after and (more := _unit_ends(ch, p, data, memo) if step > 0
+                                                     else _unit_starts(ch, p, data, memo)):
+                                found.setdefault(ch, set()).update(more)
+                reached += [(node.child(ch), sorted(more)) for ch, more in found.items()]
+            frontier = reached
+            if not frontier:
+                break
+        return ended + [place for node, _ in frontier for place in node.places]
+
+
+class _Node:
+    """Of a trie of `_Holders`: places, by the next character looked at (None: the value ends), and
+    those beyond ASCII by what `_starting` (their first UTF-8 byte) or `_ending` (`_BEYOND_ASCII`) names
+    them by. A child is kept while it holds many places: fewer are sorted again when a walk goes there."""
+
+    __slots__ = ("places", "step", "after", "by_byte", "keys", "_children")
+
+    def __init__(self, places: list[_Place], step: int) -> None:
+        self.places, self.step = places, step
+        self.after: dict[str | None, list[_Place]] = {}
+        self.by_byte: dict[int, set[str]] = {}
+        for place in places:
+            _, v, i = place
+            ch = v[i + step] if 0 <= i + step < len(v) else None
+            self.after.setdefault(ch, []).append(place)
+            if ch is not None and ord(ch) > 0x7F:
+                self.by_byte.setdefault(_utf8(ch)[0] if step > 0 else _BEYOND_ASCII, set()).add(ch)
+        self.keys = {*self.after, *self.by_byte}
+        self._children: dict[str, _Node] = {}
+
+    def child(self, ch: str) -> _Node:
+        node = self._children.get(ch)
+        if node is None:
+            node = _Node(self.after[ch], self.step + (1 if self.step > 0 else -1))
+            if len(node.places) > _FEW:
+                self._children[ch] = node
+        return node
+
+
+_LOOKS = 32  # characters looked at around an escape, at most, before the values left are taken
+_BEYOND_ASCII = -1  # what `_ending` names a character beyond ASCII by
+_LONGEST_ESCAPE = max(2 + 1 + HTML_ZEROS + 7 + 1, 1 + max(map(len, html.entities.html5)), 16)  # bytes: of &#x...;,
+# &name; and a character beyond ASCII with its first UTF-8 byte escaped
+
+
+def _starting(data: bytes, at: int) -> set[str | int]:
+    """What a form starting at data[at] may stand for: itself (an ASCII character, or the first UTF-8
+    byte of another), or what an escape there may (a superset)."""
+    if at >= len(data):
+        return set()
+    keys = _decode(data, at)
+    keys.add(chr(data[at]) if data[at] < 0x80 else data[at])
+    return keys
+
+
+def _ending(data: bytes, at: int, wanted: Container[str | int]) -> set[str | int]:
+    """What of wanted a form ending at data[at] may stand for: the ASCII character before (or one
+    beyond ASCII, `_BEYOND_ASCII`), or what an escape ending there may (a superset). Only the wanted
+    are looked for: a body chooses the characters its escapes stand for."""
+    if at == 0:
+        return set()
+    before = chr(data[at - 1]) if data[at - 1] < 0x80 else _BEYOND_ASCII
+    keys: set[str | int] = {before} if before in wanted else set()
+    for start in range(max(at - _LONGEST_ESCAPE, 0), at):
+        if data[start] in _LEADS:
+            for key in _decode(data, start):
+                if isinstance(key, int):
+                    if key > 0x7F and _BEYOND_ASCII in wanted:
+                        keys.add(_BEYOND_ASCII)  # an escaped UTF-8 byte
+                elif key in wanted and _escape_unit(key)[0].fullmatch(data, start, at):
+                    keys.add(key)
+    return keys
+
+
+def _unit_ends(ch: str, at: int, data: bytes, memo: _Memo) -> list[int]:
+    """Where a form of ch that starts at data[at] may end."""
+    ends = memo.get((True, ch, at))
+    if ends is None:
+        regex, longest = _full_unit(ch)
+        ends = memo[True, ch, at] = [end for end in range(at + 1, min(at + longest, len(data)) + 1)
+                                     if regex.fullmatch(data, at, end)] if _may_start(ch, data, at) else []
+    return ends
+
+
+def _unit_starts(ch: str, at: int, data: bytes, memo: _Memo) -> list[int]:
+    """Where a form of ch that ends at data[at] may start."""
+    starts = memo.get((False, ch, at))
+    if starts is None:
+        regex, longest = _full_unit(ch)
+        starts = memo[False, ch, at] = [start for start in range(max(at - longest, 0), at)
+                                        if _may_start(ch, data, start) and regex.fullmatch(data, start, at)]
+    return starts
+
+
+def _may_start(ch: str, data: bytes, at: int) -> bool:
+    """Whether a form of ch may start at data[at]: each starts with its first UTF-8 byte or a lead."""
+    return at < len(data) and (data[at] in _LEADS or data[at] == _utf8(ch)[0])
+
+
+def _form_ends(ch: str, data: bytes, at: int) -> list[int]:
+    """Where a form of ch other than itself that starts at data[at] may end."""
+    regex, longest = _escape_unit(ch)
+    return [end for end in range(at + 1, min(at + longest, len(data)) + 1) if regex.fullmatch(data, at, end)]
 
 
 def _decode(data: bytes, at: int) -> set[str | int]:
@@ -568,6 +861,23 @@ for _ch, _names in _NAMED.items():
     for _name in _names:
         _NAME_CHARS.setdefault(_name.encode(), set()).add(_ch)
 _NAME_RUN = re.compile(rb"[A-Za-z][A-Za-z0-9]{0,%d};?" % max(map(len, _NAME_CHARS)))
+
+
+def _places(packed: bytes, hits: set[int], tries: int) -> list[tuple[int, int]] | None:
+    """(index, word) of each word read (packed as the array holds them) that is one of hits; None past
+    `tries` finds (a word read at many places: one pass in Python is cheaper then)."""
+    out = []
+    for w in hits:
+        needle = w.to_bytes(_WORD, sys.byteorder)
+        i = packed.find(needle)
+        while i >= 0:
+            tries -= 1
+            if tries < 0:
+                return None
+            if i % _WORD == 0:  # (not across two words)
+                out.append((i // _WORD, w))
+            i = packed.find(needle, i + 1)
+    return out
 
 
 def _occurrences(data: bytes, needle: bytes, pats: list[int]) -> list[tuple[int, int, list[int]]]:

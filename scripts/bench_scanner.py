@@ -2,8 +2,9 @@
 (every request body) and the session's `Scrubber` (every response body: whole, and streamed in 16 KiB
 chunks as a streamed response is). Bodies are API-like text (JSON records with words, base64 and hex)
 of 64 KiB, 1 MiB and 8 MiB holding one placeholder and one echo of a value; the scrubber knows 1, 10,
-100 or 1000 values of the principal. MiB/s per cell (the fastest of 5 timings): a flat row means the cost does
-not grow with the secret count; equal columns down a size mean cost linear in body size."""
+100 or 1000 values of the principal. MiB/s per cell (the fastest of 5 timings, taken in rounds that time every
+secret count, in turn, so that the machine's other work hits them alike): a flat row means the cost does not
+grow with the secret count; equal columns down a size mean cost linear in body size."""
 
 from __future__ import annotations
 
@@ -47,15 +48,13 @@ def body(size: int, inserted: bytes, rng: random.Random) -> bytes:
     return text[:mid] + inserted + text[mid + len(inserted):]
 
 
-def mib_s(fn: Callable[[], object], size: int) -> float:
-    loops = max(1, round(TIMED * 100 * MIB / size))  # about TIMED s at 100 MiB/s, at least once
-    times = []
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        times.append((time.perf_counter() - t0) / loops)
-    return size / MIB / min(times)
+def seconds(fn: Callable[[], object], size: int) -> float:
+    """One timing: the seconds a call takes, over about TIMED s (at 100 MiB/s), at least one call."""
+    loops = max(1, round(TIMED * 100 * MIB / size))
+    t0 = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    return (time.perf_counter() - t0) / loops
 
 
 def streamed(scrubber: Scrubber, data: bytes) -> bytes:
@@ -73,20 +72,33 @@ def run(world: World, args: argparse.Namespace) -> Section:
     scrubs = Table("scanner: Scrubber, MiB/s by the principal's secret count (the response side)",
                    [Column("what", "what"), *(Column(str(n), f"{n} secrets", "{:.1f}") for n in COUNTS)])
     build: dict[str, object] = {"what": "build + first 64 KiB, ms"}
+    first = body(64 * 1024, f" {ph} {values[0]} ".encode(), random.Random(14))  # (the 64 KiB body below)
+    for n in COUNTS:  # each from nothing: a value's patterns are kept while a scrubber holds them
+        scrubber = Scrubber()
+        t0 = time.perf_counter()
+        scrubber.add_values((v, f"sg.PH{i}") for i, v in enumerate(values[:n]))
+        scrubber.scrub(first)
+        build[str(n)] = (time.perf_counter() - t0) * 1000
+        del scrubber
     cells: dict[tuple[str, str, int], float] = {}
     for label, size in SIZES.items():
         data = body(size, f" {ph} {values[0]} ".encode(), rng)
         assert len(placeholders.find(data)) == 1
-        finds.rows.append({"size": label, "mib_s": mib_s(lambda: placeholders.find(data), size)})
+        finds.rows.append({"size": label, "mib_s": size / MIB / min(seconds(lambda: placeholders.find(data), size)
+                                                                     for _ in range(REPEATS))})
+        scrubbers = {}
         for n in COUNTS:
-            scrubber = Scrubber()
-            t0 = time.perf_counter()
+            scrubber = scrubbers[n] = Scrubber()
             scrubber.add_values((v, f"sg.PH{i}") for i, v in enumerate(values[:n]))
-            scrubber.scrub(data[:64 * 1024])
-            build.setdefault(str(n), (time.perf_counter() - t0) * 1000)
             assert values[0].encode() not in scrubber.scrub(data) and values[0].encode() not in streamed(scrubber, data)
-            cells["whole", label, n] = mib_s(lambda: scrubber.scrub(data), size)
-            cells["stream", label, n] = mib_s(lambda: streamed(scrubber, data), size)
+        times: dict[tuple[str, int], list[float]] = {}
+        for rep in range(REPEATS):  # every count in every round, the order rotated: noise hits all alike
+            for n in COUNTS[rep % len(COUNTS):] + COUNTS[:rep % len(COUNTS)]:
+                scrubber = scrubbers[n]
+                times.setdefault(("whole", n), []).append(seconds(lambda: scrubber.scrub(data), size))
+                times.setdefault(("stream", n), []).append(seconds(lambda: streamed(scrubber, data), size))
+        for (how, n), ts in times.items():
+            cells[how, label, n] = size / MIB / min(ts)
         print(f"scanner: {label} done", file=sys.stderr, flush=True)
     for how in ("whole", "stream"):
         for label in SIZES:

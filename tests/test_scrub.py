@@ -7,7 +7,9 @@ asserts test precomputed booleans, so that no value reaches the test output.
 
 from __future__ import annotations
 
+import array
 import base64
+import functools
 import html
 import html.entities
 import json
@@ -16,13 +18,15 @@ import random
 import re
 import secrets
 import string
+import sys
 import unicodedata
+from unittest import mock
 from urllib.parse import quote, quote_plus
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sealgate import placeholders
+from sealgate import placeholders, scrub
 from sealgate.scrub import LONG_VALUE, Scrubber, stream_rewriter
 
 KEY = os.urandom(32)
@@ -523,3 +527,136 @@ def test_max_length_value_compiles_and_scrubs():
         out = s.scrub(b"<" + text + b">")
         clean = v.encode()[100:200] not in out and PH in out
         assert clean, "a 16384-character value survived"
+
+
+# -- many values -----------------------------------------------------------------------------
+# The table of words is read in one pass whatever the count of values, a word found anchors only the
+# patterns whose literal is there, and an escape of a character many values hold anchors only those
+# in which it is next to what the forms around it may stand for: none of it may lose a match.
+
+
+def every_form(v: str, rng: random.Random) -> list[bytes]:
+    """v in every form the module docstring lists that is replaced whole: each encoder above, two
+    mixtures of escapes, hex in either case."""
+    out = [enc(v).encode() for _, (_, _, cases) in SURROUNDINGS.items() for _, enc in cases]
+    return out + [mixture(v).encode(), encode(v, rng), v.encode().hex().encode(), v.encode().hex().upper().encode()]
+
+
+def base64_forms(v: str, rng: random.Random) -> list[tuple[bytes, bytes]]:
+    """(text, the part of it that depends on v alone): v's base64 at each alignment inside longer base64,
+    in either alphabet, padded or not, and in a Basic header."""
+    raw, out = v.encode(), []
+    for k in range(3):
+        for url in (False, True):
+            text = b64(rng.randbytes(30 + k) + raw + rng.randbytes(rng.randrange(4)), url, rng.random() < .5)
+            out.append((text, value_part(text, 30 + k, len(raw))))
+    header = base64.b64encode(b"someone:" + raw)
+    return out + [(b"Basic " + header, value_part(header, 9, len(raw)))]
+
+
+def test_with_1000_values_each_is_found_in_every_form():
+    rng = random.Random(1000)
+    values = [new_value(rng.randint(10, 60), rng) for _ in range(1000)]
+    s = Scrubber()
+    s.add_values((v, f"[V{i}]") for i, v in enumerate(values))
+    for i in rng.sample(range(len(values)), 12):  # (all 1000 would compile 6000 patterns: a minute)
+        forms = every_form(values[i], rng)
+        body = b"\n".join(b"<" + form + b">" for form in forms)
+        exact = s.scrub(body) == b"\n".join([b"<[V%d]>" % i] * len(forms))
+        assert exact, f"value {i} survived in a form, among 1000 values"
+        for text, part in base64_forms(values[i], rng):
+            out = s.scrub(b'{"b": "' + text + b'"}')
+            gone = part not in out and b"[V%d]" % i in out
+            assert gone, f"the base64 of value {i} survived, among 1000 values"
+
+
+@functools.cache
+def crowd() -> tuple[list[str], Scrubber]:
+    """40 values of a few characters, each held by some 20 of them: escapes of them are looked at closely."""
+    rng = random.Random(3)
+    pool = "ab1&%é€😀 /+=\\\"<#;"
+    values = list(dict.fromkeys("".join(rng.choice(pool) for _ in range(rng.randint(8, 16))) for _ in range(40)))
+    return values, scrubber(*values)
+
+
+@PROPERTY
+@given(SEEDS, st.lists(st.integers(0, 10**6), max_size=8))
+def test_many_values_anchored_equals_full_scan(seed, cuts):
+    values, s = crowd()
+    rng = random.Random(seed)
+    data = b"".join(noise(rng, values) for _ in range(rng.randint(1, 4)))
+    same_matches = s.matches(data) == reference(s, data)
+    with mock.patch.object(scrub, "_FINDS", 0):  # each word read looked at, not found with bytes.find
+        same_read = s.matches(data) == reference(s, data)
+    same_stream = run_stream(s, data, cuts) == s.scrub(data)
+    assert same_matches and same_read, "the anchors missed a match"
+    assert same_stream, "streaming differs from the whole"
+
+
+def test_a_piece_of_a_value_where_the_table_is_read_loses_no_match():
+    """The table's words of a literal without the literal (its last bytes, at every alignment to the
+    words read), pieces of the other forms, and escapes of characters many values hold, right next to
+    echoes: false hits anchor nothing, and change nothing."""
+    rng = random.Random(11)
+    values = [new_value(44, rng) for _ in range(30)]
+    s = scrubber(*values)
+    period = 8 * s._matcher.stride  # a word is read every period bytes: the table holds a literal's last period + 7
+    v, tail = values[0].encode(), period + 7
+    pieces = [v[-tail:], v.hex().encode()[-tail:], base64.b64encode(v)[-tail:], v[:tail], b"%73%6B", b"&#115;k-"]
+    for offset in range(period):
+        for piece in pieces:
+            data = b"x" * offset + piece + v + b" " + piece + json_u(values[0]).encode() + piece
+            same = s.matches(data) == reference(s, data)
+            exact = s.scrub(data) == b"x" * offset + piece + PH + b" " + piece + PH + piece
+            assert same and exact, "a false hit lost a match"
+
+
+def test_values_that_share_their_first_or_last_bytes_are_each_found():
+    """The table holds each literal's last words: values with a common end share them, and a word then
+    anchors the patterns of every value that holds it."""
+    end, start = secrets.token_urlsafe(40), "sk-proj-" + secrets.token_urlsafe(8)
+    values = ["sk-a" + end, "sk-b" + end, start + secrets.token_urlsafe(32), start + secrets.token_urlsafe(32)]
+    s = Scrubber()
+    s.add_values((v, f"[V{i}]") for i, v in enumerate(values))
+    for i, v in enumerate(values):
+        for form in (v.encode(), v.encode().hex().encode(), quote(v).encode(), json_u(v).encode()):
+            exact = s.scrub(b"<" + form + b">") == b"<[V%d]>" % i
+            assert exact, f"value {i} survived next to one sharing its ends"
+        header = base64.b64encode(b"me:" + v.encode())
+        gone = value_part(header, 3, len(v)) not in s.scrub(header)
+        assert gone, f"the base64 of value {i} survived next to one sharing its ends"
+
+
+def test_an_escape_of_a_character_many_values_hold_anchors_few():
+    rng = random.Random(5)
+    values = ["A" + new_value(20, rng) for _ in range(200)]  # every value holds an A
+    s = Scrubber()
+    s.add_values((v, f"[V{i}]") for i, v in enumerate(values))
+    windows = s._matcher._windows(b'{"q": "%41b", "r": "\\u0041=", "s": "&#65;"}')
+    assert sum(len(pats) for _, _, pats in windows) <= 8
+    for i, v in enumerate(values[:20]):
+        for form in (b"%41" + quote(v[1:]).encode(), b"\\u0041" + v[1:].encode(), b"&#65" + html.escape(v[1:]).encode()):
+            exact = s.scrub(b"<" + form + b">") == b"<[V%d]>" % i
+            assert exact, f"value {i} survived with its A escaped"
+    last = ["sk-" + new_value(10, rng) + "A" for _ in range(40)]  # ... and ends it
+    s = Scrubber()
+    s.add_values((v, f"[V{i}]") for i, v in enumerate(last))
+    for i, v in enumerate(last[:10]):
+        exact = s.scrub(b"<" + quote(v[:-1]).encode() + b"%41>") == b"<[V%d]>" % i
+        assert exact, f"value {i} survived with its last A escaped"
+
+
+def test_no_escape_form_is_longer_than_looked_back():
+    chars = {chr(c) for c in (*range(0x800), 0x20AC, 0xFFFD, 0x10000, 0x1F600, 0x10FFFF)}
+    chars |= {text for text in html.entities.html5.values() if len(text) == 1}
+    longest = max(scrub._unit(scrub._forms(c)[1:])[1] for c in chars)
+    assert longest <= scrub._LONGEST_ESCAPE
+
+
+def test_words_read_are_found_only_where_they_were_read():
+    words = array.array("Q", [1, 2, 1, 3, 0x1122334455667788, 0x99AABBCCDDEEFF00])
+    packed = words.tobytes()
+    assert sorted(scrub._places(packed, {1, 3}, 100)) == [(0, 1), (2, 1), (3, 3)]
+    across = int.from_bytes(packed[36:44], sys.byteorder)  # the halves of two words read
+    assert scrub._places(packed, {across}, 100) == []
+    assert scrub._places(packed, {1}, 1) is None  # found too often: one pass over the words then
