@@ -834,6 +834,8 @@ def _decode(data: bytes, at: int) -> set[str | int]:
             digits = rest[2:] if hexa else rest[1:]
             zeros = len(digits) - len(digits.lstrip(b"0"))
             run = re.match(rb"[0-9a-fA-F]*" if hexa else rb"[0-9]*", digits[zeros:]).group()
+            if 0 < zeros <= HTML_ZEROS + 1:  # &#0; to &#00000000;: U+0000, whose digits are all zeros
+                out.add("\0")
             if zeros <= HTML_ZEROS:
                 for j in range(1, min(len(run), 8) + 1):
                     n = int(run[:j], 16 if hexa else 10)
