@@ -439,12 +439,13 @@ class _Matcher:
     """The patterns of one set of values and needles, in the order of the one regex (the longest
     first), and their anchors."""
 
-    __slots__ = ("_values", "_mixtures", "_escapes", "patterns", "keys", "max_len", "min_len", "anywhere",
+    __slots__ = ("_values", "_held", "_mixtures", "_escapes", "patterns", "keys", "max_len", "min_len", "anywhere",
                  "escapable", "leads", "stride", "words", "literals", "breaker", "_index", "_regex", "__weakref__")
 
     def __init__(self, values: tuple[str, ...], needles: tuple[bytes, ...]) -> None:
         self._values = values
         value_patterns = [_value_patterns(v) for v in values]
+        self._held = value_patterns  # (while this matcher lives, the next one for these values reuses them)
         keyed = [(p, i) for i, vp in enumerate(value_patterns) for p in vp.patterns]
         keyed += [(_Pattern(re.escape(n), len(n), len(n), n), len(values) + i) for i, n in enumerate(needles)]
         keyed.sort(key=lambda pk: -pk[0].max_len)  # the longest first, where several match at one position
