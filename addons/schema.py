@@ -1,5 +1,5 @@
-"""The store's schema: versioned migrations, the same on SQLite and PostgreSQL, each in its own
-transaction; the version is how many have run. A store from a newer sealgate, or one whose version
+"""The store's schema: versioned migrations, the same on SQLite and PostgreSQL (but v8, SQLite's change
+counter), each in its own transaction; the version is how many have run. A store from a newer sealgate, or one whose version
 was set back below the sealing migration, is refused.
 """
 
@@ -117,8 +117,34 @@ def _v7_links(m: Step) -> None:
              f"expires_at {m.t['real']}, seal TEXT)")
 
 
+UNWATCHED = frozenset({"audit", "secret_usage"})  # written on every request, and read by no cache
+
+
+def _v8_changes(m: Step) -> None:
+    """SQLite: `changes`, one number that a trigger on every table a cache reads moves with every row written,
+    by any connection or process (the cache version, `sql.SqliteBackend.version`). SQLite's own data_version
+    moves with every commit, audit rows and usage counts too: with N proxy processes on one store each one's
+    caches were emptied by every other's audit batch, some 50 times a second each. PostgreSQL has no need:
+    only `write()` notifies there."""
+    if m.backend.dialect != "sqlite":
+        return
+    m.tx.one("create table if not exists changes (n INTEGER NOT NULL)")
+    if m.tx.one("select count(*) from changes")[0] == 0:
+        m.tx.one("insert into changes (n) values (0)")
+    for table in sorted(t for t in m.backend.tables(m.tx) - UNWATCHED - {"changes"} if not t.startswith("sqlite_")):
+        watch(m.tx, table)
+
+
+def watch(tx: Tx, table: str) -> None:
+    """Have every row written to table move `changes` (SQLite; a migration that adds a table a cache reads
+    calls it for that table: a test checks that every table but UNWATCHED is watched)."""
+    for op in ("insert", "update", "delete"):
+        tx.one(f"create trigger if not exists changes_{table}_{op} after {op} on [{table}] "
+               "begin update changes set n = n + 1; end")
+
+
 MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys, _v5_api_tokens, _v6_secret_scope,
-              _v7_links)
+              _v7_links, _v8_changes)
 SEALING_VERSION = 3  # from this version on rows are sealed; the key source then says so
 
 

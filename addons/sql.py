@@ -3,8 +3,8 @@
 The store speaks one small SQL dialect (`?` parameters, `on conflict`, `returning`) and asks the
 backend only for what differs: column types, the schema version, a read that sees one snapshot,
 a write that excludes every other writer, and `version()`, a value that changes whenever any node
-commits a change (SQLite: `PRAGMA data_version`, asked only after the WAL-index header in the -shm
-file changed; PostgreSQL: LISTEN/NOTIFY on a connection of
+commits a change a cache may hold (SQLite: the number triggers keep in `changes`, read only after the
+WAL-index header in the -shm file changed; PostgreSQL: LISTEN/NOTIFY of `write()` on a connection of
 its own, and a change every second while that connection is down, so caches fall back to
 checking the database once a second). A database error leaves as StoreError, saying which store.
 """
@@ -112,8 +112,11 @@ class _SqliteTx:
         return self.conn.execute(sql, params).rowcount
 
 
+_CHANGES = "select n, (select schema_version from pragma_schema_version) from changes"
+
+
 class SqliteBackend:
-    """One file on one machine; other processes' commits show in data_version. One connection, used by
+    """One file on one machine; other processes' changes show in `changes`. One connection, used by
     one thread at a time (the event loop, the audit queue's thread): a transaction is never shared."""
 
     dialect = "sqlite"
@@ -121,7 +124,7 @@ class SqliteBackend:
     def __init__(self, path: Path, busy_ms: int = CLI_BUSY_MS) -> None:
         self.path = path
         self.where = str(path)
-        self._own = 0  # this connection's own commits, which data_version does not count
+        self._own = 0  # this connection's own writes (`write()`)
         self._file_checked_at = float("-inf")
         try:
             if not path.parent.exists():
@@ -140,9 +143,9 @@ class SqliteBackend:
         self.conn = conn
         self._tx = _SqliteTx(conn)
         self._lock = threading.RLock()
-        self._writing: tuple[int, int] | None = None  # version() while a write of ours holds the store's lock
+        self._writing: tuple[object, int] | None = None  # version() while a write of ours holds the store's lock
         self._shm: tuple[mmap.mmap, int] | None = None  # the -shm file's start, mapped, and its inode
-        self._seen: tuple[bytes, int] | None = None  # the WAL-index header, and data_version read after it
+        self._seen: tuple[bytes, object] | None = None  # the WAL-index header, and `_changes()` read after it
         self._held: list[tuple[int, int]] = []  # the -shm file SQLite opened for conn, kept open (`_ShmFile`)
         self._closed = False
         # the -shm file let go of once the connection is closed, or when the backend is dropped without close()
@@ -179,7 +182,7 @@ class SqliteBackend:
                 if not wait:
                     self.conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
             # no other connection commits while this write holds the lock: version() need not wait for it
-            self._writing = (self.conn.execute("PRAGMA data_version").fetchone()[0], self._own)
+            self._writing = (self._changes(), self._own)
             try:
                 yield self._tx
             except BaseException:
@@ -196,9 +199,10 @@ class SqliteBackend:
     def version(self) -> object:
         """Costs no statement while the WAL-index header is as it was: SQLite rewrites it with every commit of
         any connection (frame count, change counter, checksum), so an unchanged header is an unchanged store.
-        Else `PRAGMA data_version`, without waiting for a write of this process's other thread (the audit
-        queue's batch): the version as that write began is the current one, since no other connection can
-        commit meanwhile."""
+        Else the number in `changes`, which triggers move with every row written to a table a cache reads, by
+        any connection (`schema._v8_changes`: another process's audit rows leave it as it is), without waiting
+        for a write of this process's other thread (the audit queue's batch): the version as that write began
+        is the current one, since no other connection can commit meanwhile."""
         self._check_file()
         if (seen := self._seen) is not None and (shm := self._shm) is not None and shm[0][:WAL_HEADER] == seen[0]:
             return seen[1], self._own
@@ -210,11 +214,20 @@ class SqliteBackend:
             shm = self._shm if self._shm is not None or self._map_shm() else None  # (once: _check_file may forget it)
             header = shm[0][:WAL_HEADER] if shm is not None else None
             with self._errors("read"):
-                data_version = self.conn.execute("PRAGMA data_version").fetchone()[0]  # read after the header
-            self._seen = None if header is None else (header, data_version)
-            return data_version, self._own
+                changes = self._changes()  # read after the header
+            self._seen = None if header is None else (header, changes)
+            return changes, self._own
         finally:
             self._lock.release()
+
+    def _changes(self) -> object:
+        """The number in `changes`, and the schema's (a dropped or altered table fires no trigger); before the
+        migration that makes it (`migrate` runs on this connection first), or with `changes` gone,
+        data_version, which moves with every commit of another connection."""
+        try:
+            return self.conn.execute(_CHANGES).fetchone()
+        except sqlite3.OperationalError:
+            return "data_version", self.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def _map_shm(self) -> bool:
         """Map the -shm file's first page (read only) once SQLite has made it; False while it cannot. The file

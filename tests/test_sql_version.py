@@ -5,9 +5,12 @@ while nothing was committed (it is read on every request)."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import subprocess
 import sys
+
+import pytest
 
 from sealgate.sql import SqliteBackend
 
@@ -65,3 +68,84 @@ def test_while_nothing_is_committed_the_version_costs_no_statement(tmp_path):
     assert ran == ["PRAGMA data_version"]  # a commit: looked at once, then quiet again
     b.version()
     assert ran == ["PRAGMA data_version"]
+
+
+# -- on a store as sealgate makes it: what moves the version, and what does not --------------------------
+
+
+def _store(tmp_path):
+    from sealgate.store import SecretStore
+    return SecretStore(tmp_path / "data")
+
+
+def _other_process(db, *statements: str) -> None:
+    """Statements committed by another process, one transaction each (as another proxy process's audit batch,
+    usage count or CLI write)."""
+    script = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "for s in sys.argv[2:]: c.execute(s)")
+    subprocess.run([sys.executable, "-c", script, str(db), *statements], check=True)
+
+
+def test_another_process_s_audit_rows_and_usage_counts_leave_the_version(tmp_path):
+    # --workers N: each process's audit batches (some 50 a second) emptied every other process's caches
+    s = _store(tmp_path)
+    db = s.backend.path
+    v = s.version()
+    _other_process(db, "insert into audit (at, principal, decision) values (1, 'p', 'allow')",
+                   "update audit set status = 200", "insert into secret_usage values ('p', 'K', 'cap', 0, 1)",
+                   "update secret_usage set count = count + 1", "delete from audit")
+    assert s.version() == v
+
+
+@pytest.mark.parametrize("statement", [
+    "insert into sessions (id, principal) values ('x', 'p')",  # a session issued by the CLI
+    "update secrets set origins = '[]' where owner = 'alice'",  # a narrowed scope
+    "delete from sessions",  # revoked
+])
+def test_another_process_s_writes_to_a_cached_table_move_the_version(tmp_path, statement):
+    from sealgate import origins
+    s = _store(tmp_path)
+    s.add_secret("alice", "K", "v-" + secrets.token_hex(8), [origins.parse("https://api.example")])
+    _other_process(s.backend.path, "insert into sessions (id, principal) values ('y', 'p')")
+    v = s.version()
+    _other_process(s.backend.path, statement)
+    assert s.version() != v
+
+
+def test_every_row_written_to_a_watched_table_moves_the_version_whoever_writes_it(tmp_path):
+    """Straight to the file, as someone without sealgate would (a tampered row is read again, and refused)."""
+    from sealgate import schema
+    s = _store(tmp_path)
+    con = sqlite3.connect(s.backend.path, isolation_level=None)
+    tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+    watched = sorted(tables - schema.UNWATCHED - {"changes"})
+    assert {"secrets", "sessions", "links", "data_keys", "meta", "owners", "api_tokens"} <= set(watched)
+    for table in watched:
+        columns = [r[1] for r in con.execute(f"PRAGMA table_info([{table}])")]
+        for statement in (f"insert into [{table}] ([{columns[0]}]) values ('zz-{table}')",
+                          f"update [{table}] set [{columns[0]}] = 'zy-{table}' where [{columns[0]}] = 'zz-{table}'",
+                          f"delete from [{table}] where [{columns[0]}] = 'zy-{table}'"):
+            v = s.version()
+            con.execute(statement)
+            assert s.version() != v, f"{statement!r} left the version as it was"
+
+
+def test_a_table_a_later_migration_adds_is_watched_or_named_unwatched(tmp_path):
+    """Every table but the ones written on every request is watched (`schema.watch`): a migration that adds one
+    and forgets it would leave caches stale across processes."""
+    from sealgate import schema
+    s = _store(tmp_path)
+    con = sqlite3.connect(s.backend.path)
+    tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")} - {"changes"}
+    triggers = {r[0] for r in con.execute("select tbl_name from sqlite_master where type = 'trigger'")}
+    assert tables - schema.UNWATCHED == triggers
+    assert schema.UNWATCHED <= tables  # (a name there that is no table would hide nothing, but says wrong)
+
+
+def test_a_table_dropped_or_altered_moves_the_version(tmp_path):
+    """Schema changes fire no trigger: a store whose secrets table is gone must be read again (and fail)."""
+    s = _store(tmp_path)
+    for statement in ("alter table links add column extra TEXT", "drop table link_states", "drop table changes"):
+        v = s.version()
+        _other_process(s.backend.path, statement)
+        assert s.version() != v, statement
