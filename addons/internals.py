@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import re
+import socket
 import sys
 import weakref
 from collections.abc import Callable, Iterable
@@ -622,10 +624,19 @@ def _close(client: Any):
 # --- several processes on one port (`sealgate run --workers N`) ---------------------------------------
 
 _LISTEN_CALL = "asyncio.start_server(self.handle_stream, host, port)"  # mitmproxy's bind of a TCP proxy mode
+BACKLOG = 1024  # connections the shared sockets queue (asyncio's default, 100, is one burst of a busy gateway)
+
+
+class _Shared(socket.socket):
+    """A listening socket the proxy processes share: asyncio's `listen(backlog)` as it starts serving keeps
+    the queue at BACKLOG (the backlog asyncio is given, 1, is how many it accepts per wake-up)."""
+
+    def listen(self, backlog: int = 0) -> None:
+        super().listen(BACKLOG)
 
 
 def listen_problems() -> list[str]:
-    """What `listen_reusing_port` needs and the installed mitmproxy lacks, as sentences (empty: all there).
+    """What `listen_on` needs and the installed mitmproxy lacks, as sentences (empty: all there).
     `sealgate run --workers N` checks it before it starts a worker, as every run checks `problems()`."""
     from mitmproxy.proxy import mode_servers
 
@@ -639,12 +650,15 @@ def listen_problems() -> list[str]:
                              f"(several workers on one port; checked against mitmproxy {CHECKED_VERSIONS})"]
 
 
-def listen_reusing_port() -> None:
-    """Have this process's proxy listener join the others on its address (SO_REUSEPORT): the kernel spreads new
-    connections across every process listening there. For the workers of `sealgate run --workers N` only.
+def listen_on(sockets: list) -> None:
+    """Have this process's proxy listener accept on sockets, listening already, that it shares with the other
+    proxy processes of `sealgate run --workers N` (the supervisor bound them and keeps them: `workers.bind`).
+    One accept queue for them all: a connection goes to whichever process accepts first, which is one that is
+    not busy (SO_REUSEPORT's hash of each connection's addresses put 20 of 32 on one of two processes), and one
+    that waits while no process is up (between a death and the restart) is not reset.
 
-    mitmproxy binds a TCP proxy mode with `_LISTEN_CALL` and no option for it; that one call is made here with
-    reuse_port=True (UDP modes, and port 0, which mitmproxy picks a port for, go to mitmproxy as they are).
+    mitmproxy binds a TCP proxy mode with `_LISTEN_CALL` and no option for it; that one call is replaced here
+    for the address the sockets are bound to (UDP modes and other addresses go to mitmproxy as they are).
     Raises InternalsMissing when mitmproxy binds another way."""
     import asyncio
 
@@ -654,11 +668,16 @@ def listen_reusing_port() -> None:
         raise InternalsMissing("this mitmproxy lacks what sealgate needs: " + "; ".join(missing))
     cls = mode_servers.AsyncioServerInstance
     original = getattr(cls.listen, "__wrapped__", cls.listen)
+    ports = {s.getsockname()[1] for s in sockets}
 
     @functools.wraps(original)
     async def listen(self, host, port):
-        if self.mode.transport_protocol != "tcp" or port == 0:
+        if self.mode.transport_protocol != "tcp" or port not in ports:
             return await original(self, host, port)
-        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+        # one accept per wake-up (asyncio's loop takes up to `backlog` at once: the first process woken for a
+        # burst took all of it, 31 of 32), on a copy (a server closed, when mitmproxy stops or restarts a
+        # mode, closes its own)
+        return [await asyncio.start_server(self.handle_stream, sock=_Shared(fileno=os.dup(s.fileno())), backlog=1)
+                for s in sockets]
 
     cls.listen = listen

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -289,12 +290,13 @@ class _Announce:
 WORKER_ENV = "SEALGATE_WORKER"  # a proxy process's index, settings and sockets (JSON), set by workers.Supervisor
 
 
-async def serve_worker(settings: Settings, probes: str, mirror_socket: str | None) -> None:
-    """The proxy `serve` runs, listening on the port it shares with the other proxy processes, its probes on
-    the Unix socket `probes` (the supervisor answers the probe port for all of them), its copies sent to the
-    dashboard's socket (None: no dashboard). No dashboard, API or start-up lines of its own."""
+async def serve_worker(settings: Settings, probes: str, mirror_socket: str | None, listen: list[int]) -> None:
+    """The proxy `serve` runs, accepting on the sockets it shares with the other proxy processes (the
+    supervisor's, inherited: descriptors `listen`), its probes on the Unix socket `probes` (the supervisor
+    answers the probe port for all of them), its copies sent to the dashboard's socket (None: no dashboard).
+    No dashboard, API or start-up lines of its own."""
     _output()
-    internals.listen_reusing_port()
+    internals.listen_on([socket.socket(fileno=fd) for fd in listen])
     # its probes: on the socket, not on the port; the upstream trust bundle: written once, by the supervisor
     # (each process rewriting it at start would have another read it half-written)
     m = build_master(dataclasses.replace(settings, metrics=None, upstream_ca=None))
@@ -335,7 +337,7 @@ def worker_main() -> int:
     spec = json.loads(os.environ[WORKER_ENV])
     try:
         settings = Settings.from_json(spec["settings"], os.environ.get(keys.ENV_VAR) or None)
-        asyncio.run(serve_worker(settings, spec["probes"], spec.get("mirror")))
+        asyncio.run(serve_worker(settings, spec["probes"], spec.get("mirror"), spec["listen"]))
     except KeyboardInterrupt:
         pass
     except (OptionsError, internals.InternalsMissing, StoreError, ConfigError, ca.CertError, ValueError, OSError,

@@ -1,8 +1,8 @@
 """`sealgate run --workers N`: N proxy processes on one port, and the process that runs them.
 
-Each proxy process is the proxy `sealgate run` runs alone (`runner.serve_worker`), listening on the same
-address with SO_REUSEPORT (`internals.listen_reusing_port`), so the kernel spreads new connections across
-them. Each has its own store connection, audit queue, scrubbers and dashboard mirror; what must hold for the
+Each proxy process is the proxy `sealgate run` runs alone (`runner.serve_worker`), accepting on the same
+listening sockets, which this process bound and passes on (`bind`, `internals.listen_on`): one accept queue,
+each connection taken by a process that is free to take it, and kept while no process is up. Each has its own store connection, audit queue, scrubbers and dashboard mirror; what must hold for the
 whole gateway is in the store, shared by all: sessions (a revocation reaches every process), caps and rates
 (one atomic count per request), the audit trail. Connection limits are split: each process takes
 limit // N of `max_connections` and `max_session_connections` (settings refuse a limit below N), so the
@@ -68,9 +68,11 @@ class Slot:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, workdir: Path, mirror_socket: str | None) -> None:
+    def __init__(self, settings: Settings, workdir: Path, mirror_socket: str | None,
+                 listening: list[socket.socket]) -> None:
         n = settings.workers
         self.settings = settings
+        self.sockets = listening  # the proxy's sockets (`bind`): every proxy process accepts on them
         # each process takes its share of the connection limits: the gateway stays within them
         self.shared = dataclasses.replace(settings, max_connections=settings.max_connections // n,
                                           max_session_connections=settings.max_session_connections // n)
@@ -86,12 +88,13 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(slot.probes)
         env = {k: v for k, v in os.environ.items() if k not in (keys.ENV_VAR, "SEALGATE_WEB_PASSWORD")}
+        fds = [s.fileno() for s in self.sockets]
         env[runner.WORKER_ENV] = json.dumps({"index": slot.index, "settings": self.shared.to_json(),
-                                             "probes": slot.probes, "mirror": self.mirror_socket})
+                                             "probes": slot.probes, "mirror": self.mirror_socket, "listen": fds})
         if self.settings.master_key:
             env[keys.ENV_VAR] = self.settings.master_key
-        slot.proc = subprocess.Popen([sys.executable, *runner.SAFE_PATH, "-m", "sealgate.runner"], stdin=subprocess.DEVNULL, env=env,
-                                     preexec_fn=runner._die_with_parent)
+        slot.proc = subprocess.Popen([sys.executable, *runner.SAFE_PATH, "-m", "sealgate.runner"], stdin=subprocess.DEVNULL,
+                                     env=env, pass_fds=fds, preexec_fn=runner._die_with_parent)
 
     async def listening(self, slot: Slot) -> None:
         """Wait until the process answers on its probe socket (it listens on the port before); Failed if it
@@ -259,13 +262,17 @@ class GatewayProbes(ProbeServer):
 async def serve(settings: Settings) -> None:
     """`sealgate run` with settings.workers > 1: until SIGTERM (exit 0) or SIGINT; Failed when it cannot run."""
     _check(settings)
+    listening = bind(settings.listen_host, settings.listen_port)
+    settings = dataclasses.replace(settings, listen_port=listening[0].getsockname()[1])  # (port 0: the one it got)
     runner._output()
     said = logging.StreamHandler()  # the supervisor's lines, stamped as the proxy processes' are
     said.setFormatter(logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", "%H:%M:%S"))
     logging.getLogger().addHandler(said)
-    with tempfile.TemporaryDirectory(prefix="sealgate-gateway-") as workdir:
+    with contextlib.ExitStack() as closing, tempfile.TemporaryDirectory(prefix="sealgate-gateway-") as workdir:
+        for s in listening:
+            closing.callback(s.close)
         async with runner.dashboard_and_api(settings, Path(workdir)) as (mirror_socket, password):
-            supervisor = Supervisor(settings, Path(workdir), mirror_socket)
+            supervisor = Supervisor(settings, Path(workdir), mirror_socket, listening)
             probes = GatewayProbes(*settings.metrics, supervisor) if settings.metrics is not None else None
             if probes is not None:
                 try:
@@ -282,28 +289,41 @@ async def serve(settings: Settings) -> None:
 
 def _check(settings: Settings) -> None:
     """What would make every proxy process fail, found once: another mitmproxy, a bad providers file or upstream
-    CA file, a port taken. The CA and the upstream trust bundle are written here, once: N processes writing
-    them at start would race (one reading what another has half written)."""
+    CA file. The CA and the upstream trust bundle are written here, once: N processes writing them at start
+    would race (one reading what another has half written)."""
     if missing := internals.listen_problems():
         raise Failed("this mitmproxy lacks what `--workers` needs: " + "; ".join(missing))
     settings.registry()
     ca.ensure_ca(settings.certs_dir)
     ca.upstream_bundle(settings.certs_dir, settings.upstream_ca)  # the processes use it as it is (serve_worker)
-    # free, and not shared: SO_REUSEPORT would let the processes join another gateway's listeners there
-    host, port = settings.listen_host, settings.listen_port
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """The proxy's listening sockets, one per address the host has, bound and listening here, for the proxy
+    processes to accept on (`internals.listen_on`): they inherit them, and they outlive any one of them. A
+    port taken (by anything: no SO_REUSEPORT) is Failed."""
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise Failed(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as s:
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            if bound and not port:  # port 0: every address on the port the first one got
+                address = (address[0], bound[0].getsockname()[1], *address[2:])
+            s = socket.socket(family, kind, proto)
+            bound.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does: TIME_WAIT is no owner
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                s.bind(address)
-            except OSError as e:
-                raise Failed(f"cannot listen on {host}:{port}: {e.strerror}") from None
+            s.bind(address)
+            s.listen(internals.BACKLOG)
+            s.set_inheritable(True)
+    except OSError as e:
+        for s in bound:
+            s.close()
+        raise Failed(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return bound
 
 
 async def _supervise(supervisor: Supervisor, announcement: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""`sealgate run --no-web --workers 1` vs `--workers 2` (N proxy processes on one port, SO_REUSEPORT) under
+"""`sealgate run --no-web --workers 1` vs `--workers 2` (N proxy processes accepting on one port) under
 concurrent load: CONCURRENCY keep-alive HTTP/1.1 connections, each with one request in flight (closed loop),
 to nginx serving a constant answer when installed (one process), else the lean Python upstream.
 
@@ -12,9 +12,11 @@ wakes for every response; see its docstring) and ~0.04 ms flat out against nginx
 measures with curl as before (whole runs).
 
 bench_load.py's runs are measured from the moment all its connections are open to its last response (its
---mark): opening 32 connections through sealgate (CONNECT, TLS both ways) takes some 0.3-0.4 s with one
-proxy process or two, a fixed cost that weighs more on the shorter run (--workers 2's) and pulled the ratio
-down by ~0.1; the whole-run ratio is shown beside it. `direct` (the client straight to the upstream) is the
+--mark). Opening 32 connections through sealgate (CONNECT, proxy authentication, TLS both ways: some 12-14 ms
+of proxy CPU each, several requests' worth) takes 0.3-0.4 s of every run, and a second proxy process shortens
+it only partly (measured: 74-87 new connections a second with one, 101-114 with two): a fixed cost that
+weighs more on the shorter run (--workers 2's) and pulled the ratio down by 0.03-0.05; the whole-run ratio
+is shown beside it. `direct` (the client straight to the upstream) is the
 floor. The table also shows how busy each proxy process was (CPU / measured time), how the kernel spread the
 connections over them (looked up in /proc), and what the rest of the proxy's process tree (the supervisor of
 --workers 2, the API process) cost."""
@@ -81,6 +83,7 @@ class Contender:
         return {"contender": self.name, "req_s": median(self.rates), "proxy_ms": ms(self.proxy_cpu),
                 "client_ms": ms(self.client_cpu), "upstream_ms": ms(self.upstream_cpu), "rest_ms": ms(self.rest_cpu),
                 "busy_pct": "/".join(f"{b * 100:.0f}" for b in busy) or None,
+                "proxy_cores": median([sum(b) for b in self.busy]) if self.busy else None,
                 "spread": " ".join("/".join(map(str, s)) for s in self.spread) or None,
                 "connects": median(self.connects), "others_pct": median(self.others) * 100 if self.others else None,
                 "req_s_whole": median(self.whole_rates), "rates": self.rates, "whole_rates": self.whole_rates,
@@ -201,9 +204,8 @@ class Result:
 
 def drive(world: World, c: Contender, url: str, n: int, pids: list[int], upstream_pid: int) -> Result:
     """One run of the load generator. bench_load.py's numbers are those of its steady stretch, once all its
-    connections are open: setting up CONCURRENCY connections (CONNECT, TLS both ways) takes some 0.3-0.4 s
-    whether the gateway has one proxy process or two, a fixed cost that would otherwise weigh on the shorter
-    run (--workers 2's) and pull the ratio down; the table's CPU columns are over the same stretch."""
+    connections are open (the module's docstring says why); the table's CPU columns are over the same stretch,
+    from a snapshot taken when it says so (--mark)."""
     ca = c.proxy.ca if c.proxy else str(world.pki.ca_pem)
     if CLIENT == "curl":
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -316,14 +318,21 @@ def run(world: World, args: argparse.Namespace) -> Section:
               Ratio("proxy CPU per request  --workers 2 / --workers 1", ratio(two["proxy_ms"], one["proxy_ms"]))]
     p, c_, u = (two[k] for k in ("proxy_ms", "client_ms", "upstream_ms"))
     cap = 2 * p / (p + c_ + u) if None not in (p, c_, u) else None
+    cores1, cores2, per = one["proxy_cores"], two["proxy_cores"], ratio(two["proxy_ms"], one["proxy_ms"])
+    why = (f"req/s = proxy cores busy / proxy CPU per request, so the ratio is ({cores2:.2f} / {cores1:.2f} cores) / "
+           f"{per:.2f} = {cores2 / cores1 / per:.2f}: --workers 1 keeps a core busy and more (its threads besides "
+           f"the event loop run on the other core), --workers 2 gets what the client ({two['client_ms'] * two['req_s'] / 1000:.2f} "
+           f"cores), the upstream ({two['upstream_ms'] * two['req_s'] / 1000:.2f}) and the rest of the machine leave"
+           ) if cores1 and cores2 and per and None not in (two["client_ms"], two["upstream_ms"]) else None
     return Section("workers", [table], ratios, [
         *([f"bench_load.py measures from the moment its {CONCURRENCY} connections are open (CONNECT and TLS both "
-           "ways: some 0.3-0.4 s per run, with one proxy process or two) to its last response; every CPU column "
-           "is over that same stretch"] if steady else []),
+           "ways: 0.3-0.4 s of each run, only partly shortened by a second proxy process) to its last response; "
+           "every CPU column is over that same stretch"] if steady else []),
         f"connections: TCP connections {CLIENT} opened per run (reuse works when it is about {CONCURRENCY}); "
         "proxy CPU counts every process of the proxy tree, supervisor+api CPU the ones that are no proxy process; "
         "proxy procs busy %: each proxy process's CPU over the measured time (1 core = 100)",
         "at --workers 2's costs per request two cores carry at most 2p / (p + client + upstream) = "
         + (f"{cap:.2f}x" if cap else "-") + " one proxy process's rate",
+        *([why] if why else []),
         "others' CPU %: the share of all cores busy during a run with work that is none of the bench's "
         "(other users of the machine): two workers need both cores, so compare ratios from runs where it is low"])

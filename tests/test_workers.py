@@ -176,7 +176,7 @@ def test_a_proxy_process_gets_exactly_the_settings_but_the_password_and_the_key(
 
 def test_each_process_takes_its_share_of_the_connection_limits(tmp_path):
     s = settings.load({"workers": "3"}, env={"SEALGATE_MAX_CONNECTIONS": "2000", "SEALGATE_MAX_SESSION_CONNECTIONS": "100"})
-    shared = workers.Supervisor(s, tmp_path, None).shared
+    shared = workers.Supervisor(s, tmp_path, None, []).shared
     assert (shared.max_connections, shared.max_session_connections) == (666, 33)  # never more than set, together
     with pytest.raises(settings.ConfigError, match="max_session_connections .1. is below workers .2."):
         settings.load({"workers": "2"}, env={"SEALGATE_MAX_SESSION_CONNECTIONS": "1"})  # a process would get 0
@@ -200,25 +200,37 @@ def test_the_port_must_be_free_and_unshared(tmp_path):
 
 # --- mitmproxy's private part, and the merge of the metrics -------------------------------------------------
 
-def test_several_listeners_share_a_port_with_the_internal(monkeypatch):
+def test_every_proxy_listener_accepts_on_the_supervisor_s_sockets_with_the_internal(monkeypatch):
     from mitmproxy.proxy import mode_servers
 
     assert internals.listen_problems() == []
     cls = mode_servers.AsyncioServerInstance
     monkeypatch.setattr(cls, "listen", cls.listen)  # put back after the test: other proxies of this process
-    internals.listen_reusing_port()
+    shared = workers.bind("127.0.0.1", 0)
+    port = shared[0].getsockname()[1]
+    internals.listen_on(shared)
 
-    async def two() -> list[int]:
+    async def two() -> tuple[list[int], list[str]]:
+        taken: list[str] = []
         fake = types.SimpleNamespace(mode=types.SimpleNamespace(transport_protocol="tcp"),
-                                     handle_stream=lambda r, w: w.close())
-        port = free_port()
+                                     handle_stream=lambda r, w: (taken.append("accepted"), w.close()))
         servers = [*await cls.listen(fake, "127.0.0.1", port), *await cls.listen(fake, "127.0.0.1", port)]
-        ports = [s.sockets[0].getsockname()[1] for s in servers]
-        for s in servers:
+        other = await cls.listen(fake, "127.0.0.1", free_port())  # another address: mitmproxy's own bind
+        ports = [s.sockets[0].getsockname()[1] for s in [*servers, *other]]
+        queue = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout.split()
+        assert queue[2] == str(internals.BACKLOG), queue  # (asyncio's listen(1) as it starts serving is not kept)
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.read()  # closed by the server
+            writer.close()
+        for s in [*servers, *other]:
             s.close()
-        return [port, *ports]
-    port, *ports = asyncio.run(two())
-    assert ports == [port, port]
+        return ports, taken
+    ports, taken = asyncio.run(two())
+    assert ports[:2] == [port, port] and ports[2] != port and taken == ["accepted"] * 3
+    assert shared[0].fileno() >= 0  # the supervisor's sockets outlive the listeners that accepted on them
+    for s in shared:
+        s.close()
 
 
 def test_a_mitmproxy_that_listens_another_way_is_named(monkeypatch):
@@ -230,7 +242,7 @@ def test_a_mitmproxy_that_listens_another_way_is_named(monkeypatch):
     found = internals.listen_problems()
     assert len(found) == 1 and "AsyncioServerInstance.listen" in found[0] and "checked against" in found[0]
     with pytest.raises(internals.InternalsMissing, match="AsyncioServerInstance.listen"):
-        internals.listen_reusing_port()
+        internals.listen_on([])
 
 
 def test_every_process_metrics_are_merged_under_a_worker_label():
@@ -249,6 +261,37 @@ def test_every_process_metrics_are_merged_under_a_worker_label():
 
 
 # --- the gateway, as processes ----------------------------------------------------------------------------
+
+def held_by(pid: int, port: int) -> int:
+    """How many established TCP connections to port the process holds (/proc/net/tcp, by socket inode)."""
+    established = {f[9] for table in ("/proc/net/tcp", "/proc/net/tcp6")
+                   for f in (line.split() for line in Path(table).read_text().splitlines()[1:])
+                   if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port}
+    mine = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (link := os.readlink(fd)).startswith("socket:["):
+                mine.add(link[8:-1])
+    return len(mine & established)
+
+
+@pytest.mark.e2e
+def test_a_burst_of_new_connections_is_shared_by_the_processes(gateway):
+    """One accept queue for all: asyncio's accept loop takes up to its backlog per wake-up, so the first process
+    woken for a burst took all of it (31 of 32, measured); one accept per wake-up lets each take its turn."""
+    p = gateway
+    workers_ = pids(wait_ready(p))
+    for _ in range(3):
+        conns = [socket.create_connection(("127.0.0.1", p.port)) for _ in range(32)]
+        try:
+            end = time.time() + 10
+            while sum(held := [held_by(pid, p.port) for pid in workers_.values()]) < 32 and time.time() < end:
+                time.sleep(0.05)
+            assert sum(held) == 32 and min(held) >= 8, held
+        finally:
+            for c in conns:
+                c.close()
+
 
 @pytest.mark.e2e
 def test_fresh_connections_reach_every_process_and_every_request_is_filled_and_audited(gateway, api, user, value):
