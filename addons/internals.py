@@ -669,6 +669,8 @@ def listen_on(sockets: list) -> None:
     cls = mode_servers.AsyncioServerInstance
     original = getattr(cls.listen, "__wrapped__", cls.listen)
     ports = {s.getsockname()[1] for s in sockets}
+    for s in sockets:  # (inherited: nothing this process starts gets them in turn)
+        s.set_inheritable(False)
 
     @functools.wraps(original)
     async def listen(self, host, port):
@@ -681,3 +683,16 @@ def listen_on(sockets: list) -> None:
                 for s in sockets]
 
     cls.listen = listen
+    _SHARED[:] = sockets
+
+
+_SHARED: list = []  # this process's own copies of the sockets `listen_on` accepts on (its listeners' are dups)
+
+
+def stop_sharing() -> None:
+    """A draining process lets go of the shared sockets (its listeners closed their copies as mitmproxy stopped
+    them): once the supervisor and every process have, the port is closed and a new connection is refused,
+    not left in the queue with no one to accept it until the gateway exits."""
+    for s in _SHARED:
+        s.close()
+    _SHARED.clear()

@@ -263,6 +263,7 @@ async def _stop(m: master.Master, grace: float) -> None:
     connections = sealgate.connections
     connections.drain()
     await m.addons.get("proxyserver").servers.update([])  # stop listening; the connections open stay
+    internals.stop_sharing()  # (--workers: the port closes once every process has stopped listening)
     log = logging.getLogger("sealgate")
     log.warning("sealgate: stopping: %d connections open, waiting up to %s s for them", connections.busy, grace)
     end = time.monotonic() + grace

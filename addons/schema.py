@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from . import crypto, keys, seals
 from .errors import StoreError
-from .sql import TYPES, Backend, Tx
+from .sql import TYPES, UNWATCHED, Backend, Tx
 
 KeyLoader = Callable[[], bytes]
 
@@ -115,9 +115,6 @@ def _v7_links(m: Step) -> None:
     m.tx.one(f"create table if not exists link_states (state TEXT PRIMARY KEY, owner TEXT, provider TEXT, "
              f"redirect_uri TEXT, key_id TEXT, nonce {m.t['blob']}, ciphertext {m.t['blob']}, "
              f"expires_at {m.t['real']}, seal TEXT)")
-
-
-UNWATCHED = frozenset({"audit", "secret_usage"})  # written on every request, and read by no cache
 
 
 def _v8_changes(m: Step) -> None:

@@ -112,7 +112,15 @@ class _SqliteTx:
         return self.conn.execute(sql, params).rowcount
 
 
-_CHANGES = "select n, (select schema_version from pragma_schema_version) from changes"
+UNWATCHED = frozenset({"audit", "secret_usage"})  # written on every request, and read by no cache (`schema.watch`)
+_CHANGES = "select (select n from changes), (select schema_version from pragma_schema_version)"
+# how many tables that should be watched lack a trigger (dropped: their writes would move nothing); asked again
+# only when the schema's cookie moved (dropping a trigger moves it)
+_UNWATCHED_TABLES = (
+    "select count(*) from sqlite_master t where t.type = 'table' and t.name not like 'sqlite\\_%' escape '\\' "
+    f"and t.name not in ('changes', {', '.join(repr(u) for u in sorted(UNWATCHED))}) and 3 > "
+    "(select count(*) from sqlite_master g where g.type = 'trigger' and g.tbl_name = t.name and g.name in "
+    "('changes_' || t.name || '_insert', 'changes_' || t.name || '_update', 'changes_' || t.name || '_delete'))")
 
 
 class SqliteBackend:
@@ -148,6 +156,7 @@ class SqliteBackend:
         self._seen: tuple[bytes, object] | None = None  # the WAL-index header, and `_changes()` read after it
         self._held: list[tuple[int, int]] = []  # the -shm file SQLite opened for conn, kept open (`_ShmFile`)
         self._closed = False
+        self._watched: tuple[object, bool] = (None, False)  # a schema cookie, and whether every trigger was there
         # the -shm file let go of once the connection is closed, or when the backend is dropped without close()
         self._let_go = weakref.finalize(self, _let_go_shm, self._held)
         self._let_go.atexit = False  # (at exit: the process's descriptors close with it, after its connections)
@@ -223,11 +232,17 @@ class SqliteBackend:
     def _changes(self) -> object:
         """The number in `changes`, and the schema's (a dropped or altered table fires no trigger); before the
         migration that makes it (`migrate` runs on this connection first), or with `changes` gone,
-        data_version, which moves with every commit of another connection."""
+        data_version, which moves with every commit of another connection; and so with `changes` emptied or a
+        watched table's trigger gone (writes would then move nothing: a revocation would never be seen)."""
         try:
-            return self.conn.execute(_CHANGES).fetchone()
+            found = self.conn.execute(_CHANGES).fetchone()
+            if found[0] is not None and self._watched[0] != found[1]:
+                self._watched = (found[1], self.conn.execute(_UNWATCHED_TABLES).fetchone()[0] == 0)
         except sqlite3.OperationalError:
-            return "data_version", self.conn.execute("PRAGMA data_version").fetchone()[0]
+            found = None
+        if found is not None and found[0] is not None and self._watched == (found[1], True):
+            return found
+        return "data_version", self.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def _map_shm(self) -> bool:
         """Map the -shm file's first page (read only) once SQLite has made it; False while it cannot. The file

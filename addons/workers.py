@@ -125,6 +125,8 @@ class Supervisor:
         """Send sig to every process (SIGTERM: each drains; SIGINT: each stops at once) and wait for them to
         end; what went wrong, as sentences (a process that had to be killed, or that exited with an error)."""
         self.stopping = True
+        for s in self.sockets:  # the port closes as the last process stops listening (no queue left unanswered)
+            s.close()
         running = [s for s in self.slots if s.proc is not None and s.proc.poll() is None]
         for slot in running:
             slot.proc.send_signal(sig)
@@ -318,7 +320,7 @@ def bind(host: str, port: int) -> list[socket.socket]:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind(address)
             s.listen(internals.BACKLOG)
-            s.set_inheritable(True)
+            # (not inheritable: pass_fds hands it to the proxy processes, and nothing else this process starts)
     except OSError as e:
         for s in bound:
             s.close()
