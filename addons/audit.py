@@ -124,7 +124,8 @@ class AuditQueue:
                               "would inject are refused until it drains", self.bound)
                 return None
             pending = Pending(record)
-            self._new.append(pending)  # (the thread is not woken for it: it looks every BATCH_EVERY)
+            self._wake_if_idle()
+            self._new.append(pending)
             return pending
 
     def set_status(self, pending: Pending, status: int) -> None:
@@ -133,6 +134,7 @@ class AuditQueue:
             pending.status = status
             if pending.row_id is not None and not pending.dirty:  # else the row is still to be written
                 pending.dirty = True
+                self._wake_if_idle()
                 self._dirty.append(pending)
 
     def flush(self, timeout: float) -> bool:
@@ -147,22 +149,31 @@ class AuditQueue:
         """Flush within timeout, then stop; the number of rows that could not be written."""
         self.flush(timeout)
         with self._lock:
-            self._closed = True  # the thread sees it within BATCH_EVERY
+            self._closed = True
+            self._lock.notify_all()  # (the thread, if it waits for rows)
             lost = self.waiting
         self._thread.join(timeout=1)
         if lost:
             log.error("sealgate: %d audit rows could not be written before sealgate stopped", lost)
         return lost
 
+    def _wake_if_idle(self) -> None:
+        """Under the lock, before a row or status is queued: the thread waits for the first of a batch (an idle
+        proxy's thread sleeps, where one that looked every BATCH_EVERY woke 50 times a second), and only for
+        that one (a wake-up per row would cost a futex call and a hand-off of the GIL per request)."""
+        if not self.waiting:
+            self._lock.notify_all()  # (all: `flush` may wait on the same condition)
+
     def _write_forever(self) -> None:
         delay, said, busy_since = BATCH_EVERY, float("-inf"), None
         while True:
+            with self._lock:
+                while not self.waiting and not self._closed:
+                    self._lock.wait()
             time.sleep(delay)  # rows gather meanwhile: one transaction for many, and no wake-up per request
             with self._lock:
                 if self._closed:
                     return
-                if not self.waiting:
-                    continue
             try:
                 self._write_batch()
             except Exception as e:  # noqa: BLE001 - whatever it is, the rows wait and the thread goes on
