@@ -69,10 +69,10 @@ class Slot:
 
 class Supervisor:
     def __init__(self, settings: Settings, workdir: Path, mirror_socket: str | None,
-                 listening: list[socket.socket]) -> None:
+                 listening: list[socket.socket] | None = None) -> None:
         n = settings.workers
         self.settings = settings
-        self.sockets = listening  # the proxy's sockets (`bind`): every proxy process accepts on them
+        self.sockets = listening or []  # the proxy's sockets (`bind`): every proxy process accepts on them
         # each process takes its share of the connection limits: the gateway stays within them
         self.shared = dataclasses.replace(settings, max_connections=settings.max_connections // n,
                                           max_session_connections=settings.max_session_connections // n)
