@@ -264,7 +264,7 @@ class AuditQueue:
                 if p.status != status:  # a status set while it was being written
                     p.dirty = True
                     self._dirty.append(p)
-            if self._said_full and self.waiting < self.bound // 2:
+            if self._said_full and self.waiting < max(1, self.bound // 2):  # (bound 1: a refusal's half is 0 rows)
                 log.warning("sealgate: the audit queue drains (%d rows wait)", self.waiting)
                 self._said_full = False
             self._lock.notify_all()
