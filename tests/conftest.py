@@ -92,8 +92,30 @@ def evil(make_upstream) -> Upstream:
 
 # --- the proxy -----------------------------------------------------------------------------
 
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, below the kernel's ephemeral range: one the kernel hands out for a bind to port 0 (an
+    upstream's) could be this very number while a proxy holds it in its settings unbound (its API or metrics
+    port in process), which sealgate then refuses as its own (destination_blocked: a flake seen once)."""
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, max(_EPHEMERAL_LOW, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (a machine with no room below its ephemeral range)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
