@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from . import crypto, keys, seals
 from .errors import StoreError
-from .sql import TYPES, UNWATCHED, Backend, Tx
+from .sql import TYPES, UNWATCHED, Backend, Tx, watch
 
 KeyLoader = Callable[[], bytes]
 
@@ -130,14 +130,6 @@ def _v8_changes(m: Step) -> None:
         m.tx.one("insert into changes (n) values (0)")
     for table in sorted(t for t in m.backend.tables(m.tx) - UNWATCHED - {"changes"} if not t.startswith("sqlite_")):
         watch(m.tx, table)
-
-
-def watch(tx: Tx, table: str) -> None:
-    """Have every row written to table move `changes` (SQLite; a migration that adds a table a cache reads
-    calls it for that table: a test checks that every table but UNWATCHED is watched)."""
-    for op in ("insert", "update", "delete"):
-        tx.one(f"create trigger if not exists changes_{table}_{op} after {op} on [{table}] "
-               "begin update changes set n = n + 1; end")
 
 
 MIGRATIONS = (_v1_tables, _v2_audit_client, _v3_row_seals, _v4_data_keys, _v5_api_tokens, _v6_secret_scope,

@@ -112,15 +112,25 @@ class _SqliteTx:
         return self.conn.execute(sql, params).rowcount
 
 
-UNWATCHED = frozenset({"audit", "secret_usage"})  # written on every request, and read by no cache (`schema.watch`)
+UNWATCHED = frozenset({"audit", "secret_usage"})  # written on every request, and read by no cache (`watch`)
+_WATCHED_OPS = ("insert", "update", "delete")
 _CHANGES = "select (select n from changes), (select schema_version from pragma_schema_version)"
 # how many tables that should be watched lack a trigger (dropped: their writes would move nothing); asked again
 # only when the schema's cookie moved (dropping a trigger moves it)
 _UNWATCHED_TABLES = (
     "select count(*) from sqlite_master t where t.type = 'table' and t.name not like 'sqlite\\_%' escape '\\' "
-    f"and t.name not in ('changes', {', '.join(repr(u) for u in sorted(UNWATCHED))}) and 3 > "
+    f"and t.name not in ('changes', {', '.join(repr(u) for u in sorted(UNWATCHED))}) and {len(_WATCHED_OPS)} > "
     "(select count(*) from sqlite_master g where g.type = 'trigger' and g.tbl_name = t.name and g.name in "
-    "('changes_' || t.name || '_insert', 'changes_' || t.name || '_update', 'changes_' || t.name || '_delete'))")
+    f"({', '.join(f"'changes_' || t.name || '_{op}'" for op in _WATCHED_OPS)}))")
+
+
+def watch(tx: Tx, table: str) -> None:
+    """Have every row written to table move `changes` (SQLite, `schema._v8_changes`; a migration that adds a
+    table a cache reads calls it for that table: a test checks that every table but UNWATCHED is watched, and
+    `SqliteBackend` falls back to data_version while one is not)."""
+    for op in _WATCHED_OPS:
+        tx.one(f"create trigger if not exists changes_{table}_{op} after {op} on [{table}] "
+               "begin update changes set n = n + 1; end")
 
 
 class SqliteBackend:

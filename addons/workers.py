@@ -2,7 +2,8 @@
 
 Each proxy process is the proxy `sealgate run` runs alone (`runner.serve_worker`), accepting on the same
 listening sockets, which this process bound and passes on (`bind`, `internals.listen_on`): one accept queue,
-each connection taken by a process that is free to take it, and kept while no process is up. Each has its own store connection, audit queue, scrubbers and dashboard mirror; what must hold for the
+each connection taken by a process that is free to take it, and kept while no process is up. Each has its
+own store connection, audit queue, scrubbers and dashboard mirror; what must hold for the
 whole gateway is in the store, shared by all: sessions (a revocation reaches every process), caps and rates
 (one atomic count per request), the audit trail. Connection limits are split: each process takes
 limit // N of `max_connections` and `max_session_connections` (settings refuse a limit below N), so the

@@ -83,6 +83,16 @@ class Conn:
         self.up = False  # set up once (its first TLS handshake done)
 
 
+def _recv(c: Conn) -> bytes | None:
+    """What the socket has: None while nothing (would block), b"" once closed (or broken)."""
+    try:
+        return c.sock.recv(RECV)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 class Load:
     def __init__(self, url: str, n: int, concurrency: int, *, proxy: str | None = None, cafile: str | None = None,
                  headers: dict[str, str] | None = None, timeout: float = 30.0, mark: bool = False) -> None:
@@ -300,12 +310,8 @@ class Load:
         return False
 
     def _readable(self, c: Conn) -> None:
-        try:
-            data = c.sock.recv(RECV)
-        except BlockingIOError:
+        if (data := _recv(c)) is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._closed(c)
             return
@@ -349,12 +355,8 @@ class Load:
         self._open(c)  # the next request, or the same one again
 
     def _tunnel_reply(self, c: Conn) -> None:
-        try:
-            data = c.sock.recv(RECV)
-        except BlockingIOError:
+        if (data := _recv(c)) is None:
             return
-        except OSError:
-            data = b""
         if not data:
             raise Failure("proxy-closed")
         c.buf += data
@@ -379,12 +381,8 @@ class Load:
             if mask & ~OUT:  # in, or an error or hang-up: recv says which
                 self._readable(c)
         elif phase == TLS:
-            try:
-                data = c.sock.recv(RECV)
-            except BlockingIOError:
+            if (data := _recv(c)) is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 raise Failure("tls-error")
             c.inc.write(data)

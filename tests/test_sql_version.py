@@ -131,7 +131,7 @@ def test_every_row_written_to_a_watched_table_moves_the_version_whoever_writes_i
 
 
 def test_a_table_a_later_migration_adds_is_watched_or_named_unwatched(tmp_path):
-    """Every table but the ones written on every request is watched (`schema.watch`): a migration that adds one
+    """Every table but the ones written on every request is watched (`sql.watch`): a migration that adds one
     and forgets it would leave caches stale across processes."""
     from sealgate import schema
     s = _store(tmp_path)
