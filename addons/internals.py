@@ -90,6 +90,15 @@ def problems() -> list[str]:
          and all(n in inspect.getsource(server.TimeoutWatchdog.disarm)
                  for n in ("can_timeout.clear()", "blocker += 1", "blocker -= 1", "register_activity()")),
          "mitmproxy.proxy.mode_servers.ProxyConnectionHandler.handle_hook and TimeoutWatchdog.disarm (lean_hooks)")
+    event = getattr(handler, "server_event", None)
+    need(event is not None and "async with self._server_event_lock:" in inspect.getsource(
+        getattr(event, "__wrapped__", event)) and "await self.server_event(events.HookCompleted(hook))" in
+         inspect.getsource(handler.hook_task),
+         "mitmproxy.proxy.server.ConnectionHandler.server_event and hook_task (inline_hook_completions)")
+    from mitmproxy import connection as conn_module, flow as flow_module
+    need(all(inspect.getsource(m).count("uuid.") == 1 and "str(uuid.uuid4())" in inspect.getsource(m)
+             for m in (conn_module, flow_module)),
+         "mitmproxy.flow and mitmproxy.connection: ids made by str(uuid.uuid4()) and nothing else of uuid (pooled_ids)")
     need((hasattr(http.MessageData, "__post_init__") or not __debug__) and "_legacy_log_events" in inspect.getsource(master.Master.__init__),
          "mitmproxy.http.MessageData.__post_init__ and mitmproxy.master.Master._legacy_log_events (trim_master)")
     if found:
@@ -194,6 +203,8 @@ def trim_master(master: Any) -> None:
     master._legacy_log_events.uninstall()
     direct_hooks(master)
     lean_hooks()
+    inline_hook_completions()
+    pooled_ids()
 
 
 def direct_hooks(master: Any) -> None:
@@ -290,6 +301,86 @@ def lean_hooks() -> None:
     original = mode_servers.ProxyConnectionHandler.handle_hook
     handle_hook.__wrapped__ = getattr(original, "__wrapped__", original)  # type: ignore[attr-defined]
     mode_servers.ProxyConnectionHandler.handle_hook = handle_hook
+
+
+class _Held:
+    """Stands in for a connection handler's event lock while `inline_hook_completions` holds the real one:
+    a `server_event` that finds it was called from inside that handler's own event (see there)."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_HELD = _Held()
+
+
+def inline_hook_completions(handler: type | None = None) -> None:
+    """mitmproxy handles a connection's events one at a time, behind a lock held while the layers run (with no
+    await: `server_event`). A hook starts as an eager task inside that; one that finishes without waiting (most
+    do) then asks `server_event` for its HookCompleted, finds the lock held, and waits for it: a future, a
+    suspended task and one more turn of the event loop each, four times per request. Here such an event, from
+    inside the handler's own event, is handled as soon as that event is, under the same hold of the lock;
+    every other event waits for the lock as before. (Events queued on the lock before this hold wait as they
+    would have, behind the hook's: no order results that timing could not have made.)"""
+    from mitmproxy.proxy import server
+
+    handler = handler or server.ConnectionHandler
+    original = handler.server_event
+    if hasattr(original, "__wrapped__"):
+        return  # (installed)
+
+    async def server_event(self: Any, event: Any) -> None:
+        lock = self._server_event_lock
+        if lock is _HELD:  # from an eager task inside this handler's event (the lock is held only without await)
+            self._inline_events.append(event)
+            return
+        async with lock:
+            self._server_event_lock, self._inline_events = _HELD, [event]
+            try:
+                while self._inline_events:
+                    await original(self, self._inline_events.pop(0))  # (it finds _HELD: no wait, no hold)
+            finally:
+                self._server_event_lock = lock
+
+    server_event.__wrapped__ = original  # type: ignore[attr-defined]
+    handler.server_event = server_event
+
+
+_ID_BATCH = 256  # ids made from one read of the kernel's random source
+
+
+class _PooledIds:
+    """What mitmproxy's flow and connection modules call `uuid` (they ask it for `str(uuid.uuid4())`): random
+    version-4 UUIDs as text, as good as uuid.uuid4()'s (os.urandom), made _ID_BATCH at a time. Two per request
+    (the flow, and the placeholder server connection of its context) each cost a getrandom call and
+    uuid.UUID's checks, some 2-3% of a request."""
+
+    def __init__(self) -> None:
+        self._ready: list[str] = []
+
+    def uuid4(self) -> str:
+        if not self._ready:
+            raw = os.urandom(16 * _ID_BATCH).hex()
+            self._ready.extend(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+                               for h in (raw[i:i + 32] for i in range(0, len(raw), 32)))
+        return self._ready.pop()
+
+    def forget(self) -> None:
+        self._ready.clear()
+
+
+def pooled_ids() -> None:
+    """mitmproxy's flow and connection ids from `_PooledIds`."""
+    from mitmproxy import connection, flow
+
+    if isinstance(flow.uuid, _PooledIds):
+        return
+    ids = _PooledIds()
+    os.register_at_fork(after_in_child=ids.forget)  # (a forked child makes its own)
+    flow.uuid = connection.uuid = ids  # type: ignore[assignment]
 
 
 def unchecked_messages() -> None:

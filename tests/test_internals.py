@@ -224,3 +224,111 @@ def test_lean_handle_hook_disarms_the_idle_watchdog_for_the_hook_and_waits_for_a
 
     asyncio.run(go())
     assert during == [(1, False)] * 3
+
+
+class _Handler:
+    """A connection handler's event path as mitmproxy has it (one event at a time behind a lock, no await
+    inside; a hook an eager task that asks for its HookCompleted when it is done), recording the order."""
+
+    def __init__(self, loop_turns: list[int]) -> None:
+        self._server_event_lock = asyncio.Lock()
+        self.handled: list[str] = []
+        self.turns = loop_turns
+        self.inside = False
+
+    async def server_event(self, event: str) -> None:
+        async with self._server_event_lock:
+            assert not self.inside, "an event was handled inside another (mitmproxy #7027)"
+            self.inside = True
+            self.handled.append(f"{event}@{self.turns[0]}")
+            if event.startswith("start"):  # the layer asks for a hook: it runs at once, as an eager task does
+                asyncio.get_running_loop().create_task(self.hook_task(event.removeprefix("start ")))
+            self.inside = False
+
+    async def hook_task(self, name: str) -> None:
+        if name == "slow":
+            await asyncio.sleep(0)  # a hook that waits (a linked account's refresh)
+        await self.server_event(f"done {name}")
+
+
+async def _turning(turns: list[int]) -> None:
+    while True:
+        await asyncio.sleep(0)
+        turns[0] += 1
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_a_hook_that_does_not_wait_is_completed_in_its_own_event_and_one_that_waits_as_before(inline):
+    """mitmproxy's way: every HookCompleted waits a turn of the event loop for the lock its own event holds.
+    inline_hook_completions: one that comes from inside the event is handled right after it, in the same
+    turn; one from a hook that waited still takes the lock as any event; and the order is the same."""
+    class Handler(_Handler):
+        pass
+
+    if inline:
+        internals.inline_hook_completions(Handler)
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)
+        turns = [0]
+        ticker = asyncio.ensure_future(_turning(turns))
+        h = Handler(turns)
+        for event in ("start fast", "data", "start slow", "start fast"):
+            await h.server_event(event)
+            await asyncio.sleep(0.01)
+        ticker.cancel()
+        return h.handled
+
+    handled = asyncio.run(main())
+    order = [e.split("@")[0] for e in handled]
+    assert order == ["start fast", "done fast", "data", "start slow", "done slow", "start fast", "done fast"]
+    turn = dict(reversed([(e.split("@")[0], int(e.split("@")[1])) for e in handled]))  # (the first of each)
+    same_turn = turn["done fast"] == turn["start fast"]
+    assert same_turn == inline, "a hook that did not wait was completed a turn later" if inline else "?"
+    assert turn["done slow"] > turn["start slow"]  # a hook that waited: its completion came in a later turn
+
+
+def test_inline_completions_keep_an_event_that_waits_for_the_lock_behind_those_before_it():
+    """An event from elsewhere that finds the lock taken waits for it, as with mitmproxy's lock."""
+    class Handler(_Handler):
+        pass
+
+    internals.inline_hook_completions(Handler)
+
+    async def main() -> list[str]:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        h = Handler([0])
+        await h._server_event_lock.acquire()  # held by someone (as while another event is handled)
+        waiting = [asyncio.ensure_future(h.server_event(e)) for e in ("first", "start fast", "last")]
+        await asyncio.sleep(0)
+        assert h.handled == []
+        h._server_event_lock.release()
+        await asyncio.gather(*waiting)
+        return [e.split("@")[0] for e in h.handled]
+
+    assert asyncio.run(main()) == ["first", "start fast", "done fast", "last"]
+
+
+def test_pooled_ids_are_random_version_4_uuids_each_new_and_made_again_after_a_fork():
+    import os
+    import uuid
+
+    from mitmproxy import connection, flow
+
+    internals.pooled_ids()
+    assert isinstance(flow.uuid, internals._PooledIds) and connection.uuid is flow.uuid
+    ids = [flow.uuid.uuid4() for _ in range(3 * internals._ID_BATCH)]
+    assert len(set(ids)) == len(ids)
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(str(u) == i and u.version == 4 and u.variant == uuid.RFC_4122 for u, i in zip(parsed, ids))
+    free = [b for b in range(128) if b not in (62, 63, 76, 77, 78, 79)]  # (not the variant's and version's)
+    assert all(any(u.int >> b & 1 for u in parsed) and not all(u.int >> b & 1 for u in parsed) for b in free)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's next id is its own, not the parent's next
+        os.write(write, flow.uuid.uuid4().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    assert child != flow.uuid.uuid4() and child not in ids
