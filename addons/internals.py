@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import sys
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -718,12 +719,70 @@ _LISTEN_CALL = "asyncio.start_server(self.handle_stream, host, port)"  # mitmpro
 BACKLOG = 1024  # connections the shared sockets queue (asyncio's default, 100, is one burst of a busy gateway)
 
 
+class Loads:
+    """How many connections each proxy process of a gateway holds, in memory they share (a memfd the supervisor
+    makes and passes on): a process writes its own at each accept; the supervisor writes IDLE_SLOT for a
+    process that is not running, so that no process waits for one that cannot accept. A count read is never
+    below the truth (closed connections are counted until the process's next accept)."""
+
+    IDLE_SLOT = 1 << 62
+
+    def __init__(self, fd: int, slots: int) -> None:
+        import mmap
+
+        self.fd, self.slots = fd, slots
+        os.set_inheritable(fd, False)  # (a process started from here gets it only by pass_fds)
+        self._view = memoryview(mmap.mmap(fd, 8 * slots)).cast("q")
+
+    @classmethod
+    def create(cls, slots: int) -> Loads:
+        fd = os.memfd_create("sealgate-loads", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 8 * slots)
+        loads = cls(fd, slots)
+        for i in range(slots):
+            loads.set(i, cls.IDLE_SLOT)
+        return loads
+
+    def set(self, slot: int, count: int) -> None:
+        self._view[slot] = count
+
+    def fewest_but(self, slot: int) -> int:
+        return min((self._view[i] for i in range(self.slots) if i != slot), default=self.IDLE_SLOT)
+
+
+STEP_BACK_SLACK = 2  # connections a process may hold beyond the fewest another holds, before it steps back
+STEP_BACK_MOST = 0.002  # seconds a process steps back for a burst at most (another may be wedged), then accepts
+
+
 class _Shared(socket.socket):
     """A listening socket the proxy processes share: asyncio's `listen(backlog)` as it starts serving keeps
-    the queue at BACKLOG (the backlog asyncio is given, 1, is how many it accepts per wake-up)."""
+    the queue at BACKLOG (the backlog asyncio is given, 1, is how many it accepts per wake-up). With `loads`,
+    a process that holds more than STEP_BACK_SLACK connections beyond another's leaves a waiting connection to
+    the others (for STEP_BACK_MOST at most): every process is woken by a new connection, and the one that is
+    on a core takes it, so a burst of connections that ask little of it went to one process (31 of 32)."""
+
+    loads: tuple[Loads, int, list[socket.socket]] | None = None  # (the counts, this process's slot, its own)
+    _since: float | None = None  # when it began to step back
 
     def listen(self, backlog: int = 0) -> None:
         super().listen(BACKLOG)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.loads is None:
+            return super().accept()
+        loads, slot, mine = self.loads
+        mine[:] = [c for c in mine if c.fileno() != -1]
+        if len(mine) > loads.fewest_but(slot) + STEP_BACK_SLACK:
+            now = time.monotonic()
+            self._since = self._since or now
+            if now - self._since < STEP_BACK_MOST:
+                os.sched_yield()
+                raise BlockingIOError  # (asyncio: nothing to accept now; it asks again at the next wake-up)
+        self._since = None
+        conn, address = super().accept()
+        mine.append(conn)
+        loads.set(slot, len(mine))
+        return conn, address
 
 
 def listen_problems() -> list[str]:
@@ -741,7 +800,7 @@ def listen_problems() -> list[str]:
                              f"(several workers on one port; checked against mitmproxy {CHECKED_VERSIONS})"]
 
 
-def listen_on(sockets: list) -> None:
+def listen_on(sockets: list, loads: tuple[Loads, int] | None = None) -> None:
     """Have this process's proxy listener accept on sockets, listening already, that it shares with the other
     proxy processes of `sealgate run --workers N` (the supervisor bound them and keeps them: `workers.bind`).
     One accept queue for them all: a connection goes to whichever process accepts first, which is one that is
@@ -750,7 +809,8 @@ def listen_on(sockets: list) -> None:
 
     mitmproxy binds a TCP proxy mode with `_LISTEN_CALL` and no option for it; that one call is replaced here
     for the address the sockets are bound to (UDP modes and other addresses go to mitmproxy as they are).
-    Raises InternalsMissing when mitmproxy binds another way."""
+    With loads (the gateway's counts and this process's slot), a process with more connections than another
+    leaves new ones to it (`_Shared`). Raises InternalsMissing when mitmproxy binds another way."""
     import asyncio
 
     from mitmproxy.proxy import mode_servers
@@ -762,6 +822,14 @@ def listen_on(sockets: list) -> None:
     ports = {s.getsockname()[1] for s in sockets}
     for s in sockets:  # (inherited: nothing this process starts gets them in turn)
         s.set_inheritable(False)
+    mine: list[socket.socket] = []  # the connections this process accepted (closed ones dropped at each accept)
+    if loads is not None:
+        loads[0].set(loads[1], 0)
+
+    def shared(s: socket.socket) -> _Shared:
+        copy = _Shared(fileno=os.dup(s.fileno()))
+        copy.loads = (loads[0], loads[1], mine) if loads is not None else None
+        return copy
 
     @functools.wraps(original)
     async def listen(self, host, port):
@@ -770,8 +838,7 @@ def listen_on(sockets: list) -> None:
         # one accept per wake-up (asyncio's loop takes up to `backlog` at once: the first process woken for a
         # burst took all of it, 31 of 32), on a copy (a server closed, when mitmproxy stops or restarts a
         # mode, closes its own)
-        return [await asyncio.start_server(self.handle_stream, sock=_Shared(fileno=os.dup(s.fileno())), backlog=1)
-                for s in sockets]
+        return [await asyncio.start_server(self.handle_stream, sock=shared(s), backlog=1) for s in sockets]
 
     cls.listen = listen
     _SHARED[:] = sockets

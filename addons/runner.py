@@ -291,13 +291,14 @@ class _Announce:
 WORKER_ENV = "SEALGATE_WORKER"  # a proxy process's index, settings and sockets (JSON), set by workers.Supervisor
 
 
-async def serve_worker(settings: Settings, probes: str, mirror_socket: str | None, listen: list[int]) -> None:
+async def serve_worker(settings: Settings, probes: str, mirror_socket: str | None, listen: list[int],
+                       loads: tuple[internals.Loads, int] | None = None) -> None:
     """The proxy `serve` runs, accepting on the sockets it shares with the other proxy processes (the
     supervisor's, inherited: descriptors `listen`), its probes on the Unix socket `probes` (the supervisor
     answers the probe port for all of them), its copies sent to the dashboard's socket (None: no dashboard).
     No dashboard, API or start-up lines of its own."""
     _output()
-    internals.listen_on([socket.socket(fileno=fd) for fd in listen])
+    internals.listen_on([socket.socket(fileno=fd) for fd in listen], loads)
     # its probes: on the socket, not on the port; the upstream trust bundle: written once, by the supervisor
     # (each process rewriting it at start would have another read it half-written)
     m = build_master(dataclasses.replace(settings, metrics=None, upstream_ca=None))
@@ -338,7 +339,9 @@ def worker_main() -> int:
     spec = json.loads(os.environ[WORKER_ENV])
     try:
         settings = Settings.from_json(spec["settings"], os.environ.get(keys.ENV_VAR) or None)
-        asyncio.run(serve_worker(settings, spec["probes"], spec.get("mirror"), spec["listen"]))
+        fd, slots = spec["loads"]
+        asyncio.run(serve_worker(settings, spec["probes"], spec.get("mirror"), spec["listen"],
+                                 (internals.Loads(fd, slots), spec["index"])))
     except KeyboardInterrupt:
         pass
     except (OptionsError, internals.InternalsMissing, StoreError, ConfigError, ca.CertError, ValueError, OSError,

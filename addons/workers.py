@@ -79,6 +79,7 @@ class Supervisor:
                                           max_session_connections=settings.max_session_connections // n)
         self.mirror_socket = mirror_socket
         self.slots = [Slot(i, str(workdir / f"proxy-{i}.sock")) for i in range(n)]
+        self.loads = internals.Loads.create(n)  # each process's connections: a burst is shared (internals._Shared)
         self.stopping = False
         self.own = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.own)
@@ -90,12 +91,14 @@ class Supervisor:
             os.unlink(slot.probes)
         env = {k: v for k, v in os.environ.items() if k not in (keys.ENV_VAR, "SEALGATE_WEB_PASSWORD")}
         fds = [s.fileno() for s in self.sockets]
+        self.loads.set(slot.index, internals.Loads.IDLE_SLOT)  # (until it accepts: none waits for it)
         env[runner.WORKER_ENV] = json.dumps({"index": slot.index, "settings": self.shared.to_json(),
-                                             "probes": slot.probes, "mirror": self.mirror_socket, "listen": fds})
+                                             "probes": slot.probes, "mirror": self.mirror_socket, "listen": fds,
+                                             "loads": [self.loads.fd, self.loads.slots]})
         if self.settings.master_key:
             env[keys.ENV_VAR] = self.settings.master_key
         slot.proc = subprocess.Popen([sys.executable, *runner.SAFE_PATH, "-m", "sealgate.runner"], stdin=subprocess.DEVNULL,
-                                     env=env, pass_fds=fds, preexec_fn=runner._die_with_parent)
+                                     env=env, pass_fds=[*fds, self.loads.fd], preexec_fn=runner._die_with_parent)
 
     async def listening(self, slot: Slot) -> None:
         """Wait until the process answers on its probe socket (it listens on the port before); Failed if it
@@ -114,6 +117,7 @@ class Supervisor:
         while True:
             while slot.proc is not None and slot.proc.poll() is None:
                 await asyncio.sleep(LOOK_EVERY)
+            self.loads.set(slot.index, internals.Loads.IDLE_SLOT)  # (the others take every connection meanwhile)
             log.error("sealgate: proxy process %d (pid %d) %s; starting another", slot.index, slot.proc.pid,
                       _ended(slot.proc))
             await asyncio.sleep(RESTART_AFTER)
