@@ -354,43 +354,64 @@ def _hold_shm(path: str, held: list[tuple[int, int]]) -> tuple[mmap.mmap, int] |
     made yet, shorter than a page), or if it is not the one held (a backend's: the first one it saw, which its
     connection uses; another is refused by _check_file)."""
     with _SHM_LOCK:
+        _release_let_go()
         try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        key = (st.st_dev, st.st_ino)
-        if held and key != held[0]:
-            return None
-        if not held:
-            if (shm := _SHM_FILES.get(key)) is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError:
-                    return None
-                opened = os.fstat(fd)
-                key = (opened.st_dev, opened.st_ino)  # (the file opened, had it just been replaced)
-                if (shm := _SHM_FILES.get(key)) is None:
-                    shm = _SHM_FILES[key] = _ShmFile(fd)
-                else:
-                    shm.fds.append(fd)  # closing it now would drop the locks: closed with the others
-            shm.users += 1
-            held.append(key)
-        shm = _SHM_FILES[key]
-        if shm.map is None:
             try:
-                if os.fstat(shm.fds[0]).st_size < mmap.PAGESIZE:
-                    return None
-                shm.map = mmap.mmap(shm.fds[0], mmap.PAGESIZE, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
+                st = os.stat(path)
+            except OSError:
                 return None
-        return shm.map, key[1]
+            key = (st.st_dev, st.st_ino)
+            if held and key != held[0]:
+                return None
+            if not held:
+                if (shm := _SHM_FILES.get(key)) is None:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError:
+                        return None
+                    opened = os.fstat(fd)
+                    key = (opened.st_dev, opened.st_ino)  # (the file opened, had it just been replaced)
+                    if (shm := _SHM_FILES.get(key)) is None:
+                        shm = _SHM_FILES[key] = _ShmFile(fd)
+                    else:
+                        shm.fds.append(fd)  # closing it now would drop the locks: closed with the others
+                shm.users += 1
+                held.append(key)
+            shm = _SHM_FILES[key]
+            if shm.map is None:
+                try:
+                    if os.fstat(shm.fds[0]).st_size < mmap.PAGESIZE:
+                        return None
+                    shm.map = mmap.mmap(shm.fds[0], mmap.PAGESIZE, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):
+                    return None
+            return shm.map, key[1]
+        finally:
+            _release_let_go()  # (what a collection during this queued)
+
+
+_LET_GO: list[list[tuple[int, int]]] = []  # backends' -shm files let go of, not yet closed (see _let_go_shm)
 
 
 def _let_go_shm(held: list[tuple[int, int]]) -> None:
     """A backend is done with the -shm files in held (its connection closed): each closes once no other
     backend of this process holds it. The map is not closed here: a version() of another thread may be reading
-    it; it goes (with its copy of the descriptor) when no one refers to it any more."""
-    with _SHM_LOCK:
+    it; it goes (with its copy of the descriptor) when no one refers to it any more. Called by a finalizer too,
+    which the garbage collector runs on any allocation, `_hold_shm`'s under the lock among them (it deadlocked,
+    the thread waiting for itself): so the files are queued, and closed now only if the lock is free, else by
+    the next `_hold_shm` (a thread of its own that holds the lock closes them as it leaves)."""
+    _LET_GO.append(held)
+    if _SHM_LOCK.acquire(blocking=False):
+        try:
+            _release_let_go()
+        finally:
+            _SHM_LOCK.release()
+
+
+def _release_let_go() -> None:
+    """Under _SHM_LOCK: close what `_let_go_shm` queued."""
+    while _LET_GO:
+        held = _LET_GO.pop()
         for key in held:
             shm = _SHM_FILES.get(key)
             if shm is None:

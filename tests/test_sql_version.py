@@ -149,3 +149,44 @@ def test_a_table_dropped_or_altered_moves_the_version(tmp_path):
         v = s.version()
         _other_process(s.backend.path, statement)
         assert s.version() != v, statement
+
+
+def test_a_backend_let_go_by_the_garbage_collector_while_another_maps_its_shm_file_does_not_deadlock(
+        tmp_path, monkeypatch):
+    """Seen in CI: a SqliteBackend dropped without close() (in a reference cycle) is let go by its finalizer
+    whenever the collector runs, on any allocation: once, inside another backend's _hold_shm, which held the
+    module's lock that the finalizer then waited for, in the same thread: the test run hung. The collector runs
+    here where it did then (the new _ShmFile)."""
+    import gc
+    import threading
+
+    from sealgate import sql
+
+    dropped = SqliteBackend(tmp_path / "a.db")
+    with dropped.batch() as tx:
+        tx.one("create table t (x)")
+    assert dropped.version() is not None  # (its -shm file is held)
+    dropped.cycle = dropped  # freed by the collector only
+    del dropped
+
+    class Collecting(sql._ShmFile):
+        __slots__ = ()
+
+        def __init__(self, fd: int) -> None:
+            gc.collect()
+            super().__init__(fd)
+
+    monkeypatch.setattr(sql, "_ShmFile", Collecting)
+    done = threading.Event()
+
+    def open_other() -> None:
+        other = SqliteBackend(tmp_path / "b.db")
+        with other.batch() as tx:
+            tx.one("create table t (x)")
+        other.version()
+        other.close()
+        done.set()
+
+    threading.Thread(target=open_other, daemon=True).start()
+    assert done.wait(10), "opening a store deadlocked on the -shm files' lock"
+    assert not any(key for key in sql._SHM_FILES if key[1] == (tmp_path / "a.db-shm").stat().st_ino)
