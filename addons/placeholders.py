@@ -53,8 +53,11 @@ def mint(mac_key: bytes, session_id: str, name: str) -> str:
 
 
 def find(data: bytes) -> list[Found]:
-    """Every placeholder in data, in order."""
-    if b"sg." not in data:
+    """Every placeholder in data, in order. Every body a request streams is read here: a body with no dot at all
+    (binary, base64, hex) is passed over by one memchr (tens of GB/s), where the search for `sg.` runs at some
+    1.4 GB/s; one with a dot is searched from two bytes before it."""
+    dot = data.find(b".")
+    if dot < 0 or data.find(b"sg.", max(dot - 2, 0)) < 0:
         return []
     return [
         Found(

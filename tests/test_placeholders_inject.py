@@ -36,6 +36,16 @@ def test_find_every_placeholder_in_order():
     assert found[1].placeholder.name == "B_2"
 
 
+@given(st.lists(st.one_of(st.binary(max_size=40), st.sampled_from([b".", b"sg", b"sg.", b"s", b"g.", b".sg."]),
+                         st.sampled_from(["A", "B_2"]).map(lambda n: ph(n).encode())), max_size=12))
+def test_find_gives_what_the_grammar_matches_wherever_the_dots_are(pieces):
+    """find looks for a dot first (one memchr passes over a body with none): no placeholder may be missed for
+    it, before, at or after the first dot, at the very start of the data or right after another."""
+    data = b"".join(pieces)
+    expected = [(m.start(), m.end(), m.group(0).decode()) for m in placeholders.PATTERN.finditer(data)]
+    assert [(f.start, f.end, f.placeholder.text) for f in placeholders.find(data)] == expected
+
+
 def test_mac_binds_session_and_name():
     p = placeholders.find(ph("A").encode())[0].placeholder
     assert p.is_valid_for(SID, KEY)
