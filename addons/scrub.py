@@ -84,6 +84,7 @@ _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _B64_URL = {"+": "-", "/": "_"}
 _WORD = 8  # bytes in an aligned word of the anchor table
 _SMALL_BODY = 8192  # bytes: a shorter body's words are looked up in the table one by one, not through numpy
+_SMALL_TABLE = 4096  # words: a table this small stays in the caches, looked up one by one up to 4 * _SMALL_BODY
 _FEW = 16  # an escape of a character this many values hold, or fewer, is an anchor for them all
 _ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -875,12 +876,16 @@ class _WordFilter:
     every lookup; with one hash and a bitmap of 1 MiB, 1000 values scrubbed 1 MiB at 0.54-0.73x the speed of
     one, with two in 512 KiB at 0.76-0.84x."""
 
-    __slots__ = ("_words", "_stride", "_bits", "_shift")
+    __slots__ = ("_words", "_stride", "_bits", "_shift", "_numpy_from")
 
     _MULTIPLIERS = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F))  # (odd: every bit counts)
 
     def __init__(self, words: _Words, stride: int) -> None:
         self._words, self._stride = words, stride
+        # numpy's dozen calls cost some 16 us whatever the body; a lookup, some 1.1 ns a byte read (a small
+        # table) to 1.5 and more (a large one, as it misses the caches): 16 KiB chunks of an event stream
+        # cost 1.1x as much through numpy with one value
+        self._numpy_from = _SMALL_BODY * (4 if len(words) <= _SMALL_TABLE else 1)
         bits = min(max((16 * len(words)).bit_length(), 12), 22)  # 16-32 bits a word (to 262,144 words), 512 KiB at most
         self._shift = np.uint64(64 - bits)
         keys = np.fromiter(words, dtype=np.uint64, count=len(words))
@@ -896,7 +901,7 @@ class _WordFilter:
     def places(self, data: bytes) -> list[tuple[int, int]]:
         """(index among the words read, word) of each word read that is in the table, in order."""
         words = self._words
-        if len(data) < _SMALL_BODY:  # a few words: looked up one by one (numpy's calls cost more)
+        if len(data) < self._numpy_from:  # a few words: looked up one by one (numpy's calls cost more)
             small = array.array("Q")
             small.frombytes(memoryview(data)[: len(data) - len(data) % _WORD])
             small = small[:: self._stride]
