@@ -870,7 +870,7 @@ _NAME_RUN = re.compile(rb"[A-Za-z][A-Za-z0-9]{0,%d};?" % max(map(len, _NAME_CHAR
 class _WordFilter:
     """Which of a body's words read (every stride-th aligned 8-byte word) are in the table, at nearly the same
     cost whatever the table holds: a Bloom filter of two hashes (multiplied, their top bits kept) in a bitmap
-    of 16 to 32 bits per word of the table (512 KiB at most, about a core's second-level cache), tested in
+    of 16 to 32 bits per word of the table (512 KiB at most, half a core's second-level cache here), tested in
     numpy for all the words read at once; only the words that pass both (those of the table, and under 1% of
     others) are looked up in the table itself. A dict of 190,000 words (1000 values) misses the caches at
     every lookup; with one hash and a bitmap of 1 MiB, 1000 values scrubbed 1 MiB at 0.54-0.73x the speed of

@@ -149,14 +149,28 @@ class SqliteBackend:
                 path.parent.mkdir(parents=True, mode=0o700)
             if not path.exists():
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite gives -wal/-shm its mode
-            self._inode = path.stat().st_ino  # a file replaced under a running proxy is noticed
+            st = path.stat()
+        except OSError as e:
+            raise StoreError(f"store {path} cannot be opened: {e}") from None
+        self._inode = st.st_ino  # a file replaced under a running proxy is noticed
+        self._store = (st.st_dev, st.st_ino)
+        _use_store(self._store)  # (before the connection opens: see _ShmFile)
+        try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            _let_go_shm(self._store)
+            raise StoreError(f"store {path} cannot be opened: {e}") from None
+        # the connection closed and the -shm file let go of by close(), or when the backend is dropped without it
+        self._let_go = weakref.finalize(self, _close_and_let_go, conn, self._store)
+        self._let_go.atexit = False  # (at exit: the process's descriptors close with it, after its connections)
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: survives a crash of the process, fsyncs less
             conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
             conn.execute("select 1 from sqlite_master limit 1")  # (opens the -shm file, held below)
             self._busy_ms = int(busy_ms)
-        except (sqlite3.Error, OSError) as e:
+        except sqlite3.Error as e:
+            self._let_go()
             raise StoreError(f"store {path} cannot be opened: {e}") from None
         self.conn = conn
         self._tx = _SqliteTx(conn)
@@ -164,12 +178,9 @@ class SqliteBackend:
         self._writing: tuple[object, int] | None = None  # version() while a write of ours holds the store's lock
         self._shm: tuple[mmap.mmap, int] | None = None  # the -shm file's start, mapped, and its inode
         self._seen: tuple[bytes, object] | None = None  # the WAL-index header, and `_changes()` read after it
-        self._held: list[tuple[int, int]] = []  # the -shm file SQLite opened for conn, kept open (`_ShmFile`)
+        self._held: list[tuple[int, int]] = []  # the -shm file SQLite opened for conn (its device and inode)
         self._closed = False
         self._watched: tuple[object, bool] = (None, False)  # a schema cookie, and whether every trigger was there
-        # the -shm file let go of once the connection is closed, or when the backend is dropped without close()
-        self._let_go = weakref.finalize(self, _let_go_shm, self._held)
-        self._let_go.atexit = False  # (at exit: the process's descriptors close with it, after its connections)
         self._map_shm()
 
     @contextlib.contextmanager
@@ -259,7 +270,7 @@ class SqliteBackend:
         stays open until this backend's connection is closed (`_ShmFile`: never opened and closed again)."""
         if self._closed:
             return False
-        found = _hold_shm(f"{self.path}-shm", self._held)
+        found = _hold_shm(f"{self.path}-shm", self._store, self._held)
         if found is None:
             return False
         self._shm = found
@@ -283,8 +294,8 @@ class SqliteBackend:
     def close(self) -> None:
         self._closed = True
         self._forget_shm()
-        self.conn.close()
-        self._let_go()  # (after the connection: its locks on the -shm file go with the last descriptor)
+        self._held.clear()
+        self._let_go()  # the connection, then the -shm file (its locks go with the last descriptor)
 
     def _check_file(self, *, force: bool = False) -> None:
         """The file is still the one opened, and so is its -shm file (looked at most once a second: it is on
@@ -327,35 +338,50 @@ class SqliteBackend:
 
 
 class _ShmFile:
-    """A -shm file, opened by this process once and kept open while any of its SqliteBackends holds it.
+    """The -shm file(s) of one store file (by the store file's device and inode), opened by this process once
+    and kept open while any of its SqliteBackends has a connection open or opening.
 
     Closing a descriptor of a file drops every POSIX lock the process holds on that file, SQLite's included
     (SQLite's "How To Corrupt An SQLite Database File", 2.2): its lock on the -shm file that tells a process
     opening the store the WAL-index is in use, and the read locks a checkpoint waits for. Without it, the next
     process to open the store (each `sealgate session issue`) takes itself for the first, truncates the -shm
     file and rebuilds the WAL-index under this process's live connection, whose reads of SQLite's own map of it
-    then fault (SIGBUS) or see a half-built index. So the descriptor, and the map (which holds a copy of it),
-    are closed only once no backend of this process holds the file, after their connections closed."""
+    then fault (SIGBUS) or see a half-built index. So a backend counts as a user from before its connection
+    opens until after it is closed (by `close()`, or by the finalizer of a backend dropped without it: the
+    connection, in a reference cycle of its own, would outlive it), and the descriptors, and the maps (which
+    hold a copy of one), are closed only once no backend of this process uses the store (red team: a
+    connection opening while another closed, or a dropped one's, had the last descriptor closed under it)."""
 
-    __slots__ = ("fds", "map", "users")
+    __slots__ = ("fds", "maps", "users")
 
-    def __init__(self, fd: int) -> None:
-        self.fds = [fd]  # (more than one only if the file was replaced while being opened: all kept)
-        self.map: mmap.mmap | None = None
+    def __init__(self) -> None:
+        self.fds: list[int] = []  # every -shm descriptor opened for the store (more if the file was replaced)
+        self.maps: dict[tuple[int, int], mmap.mmap] = {}  # the first page of each, by its device and inode
         self.users = 0
 
 
-_SHM_FILES: dict[tuple[int, int], _ShmFile] = {}  # by (device, inode)
+_SHM_FILES: dict[tuple[int, int], _ShmFile] = {}  # by the store file's (device, inode)
 _SHM_LOCK = threading.Lock()
+_LET_GO: list[tuple[int, int]] = []  # stores a backend let go of, not yet counted (see _let_go_shm)
 
 
-def _hold_shm(path: str, held: list[tuple[int, int]]) -> tuple[mmap.mmap, int] | None:
-    """The -shm file at path, its first page mapped (read only), and its inode; None while it cannot be (not
-    made yet, shorter than a page), or if it is not the one held (a backend's: the first one it saw, which its
-    connection uses; another is refused by _check_file)."""
+def _use_store(store: tuple[int, int]) -> None:
+    """A backend of the store is about to open its connection: its -shm descriptors stay open meanwhile."""
     with _SHM_LOCK:
         _release_let_go()
+        entry = _SHM_FILES.get(store)
+        if entry is None:
+            entry = _SHM_FILES[store] = _ShmFile()
+        entry.users += 1
+
+
+def _hold_shm(path: str, store: tuple[int, int], held: list[tuple[int, int]]) -> tuple[mmap.mmap, int] | None:
+    """The -shm file at path, its first page mapped (read only), and its inode; None while it cannot be (not
+    made yet, shorter than a page), or if it is not the one held (a backend's: the first one it saw, which its
+    connection uses; another is refused by _check_file). Only for a store in use (`_use_store`)."""
+    with _SHM_LOCK:
         try:
+            entry = _SHM_FILES[store]
             try:
                 st = os.stat(path)
             except OSError:
@@ -363,44 +389,38 @@ def _hold_shm(path: str, held: list[tuple[int, int]]) -> tuple[mmap.mmap, int] |
             key = (st.st_dev, st.st_ino)
             if held and key != held[0]:
                 return None
-            if not held:
-                if (shm := _SHM_FILES.get(key)) is None:
-                    try:
-                        fd = os.open(path, os.O_RDONLY)
-                    except OSError:
-                        return None
-                    opened = os.fstat(fd)
-                    key = (opened.st_dev, opened.st_ino)  # (the file opened, had it just been replaced)
-                    if (shm := _SHM_FILES.get(key)) is None:
-                        shm = _SHM_FILES[key] = _ShmFile(fd)
-                    else:
-                        shm.fds.append(fd)  # closing it now would drop the locks: closed with the others
-                shm.users += 1
-                held.append(key)
-            shm = _SHM_FILES[key]
-            if shm.map is None:
+            if (found := entry.maps.get(key)) is None:
                 try:
-                    if os.fstat(shm.fds[0]).st_size < mmap.PAGESIZE:
-                        return None
-                    shm.map = mmap.mmap(shm.fds[0], mmap.PAGESIZE, access=mmap.ACCESS_READ)
-                except (OSError, ValueError):
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
                     return None
-            return shm.map, key[1]
+                entry.fds.append(fd)  # (kept, whatever happens next: closing it would drop the locks)
+                opened = os.fstat(fd)
+                key = (opened.st_dev, opened.st_ino)  # (the file opened, had it just been replaced)
+                if held and key != held[0]:
+                    return None
+                if (found := entry.maps.get(key)) is None:
+                    try:
+                        if opened.st_size < mmap.PAGESIZE:
+                            return None
+                        found = entry.maps[key] = mmap.mmap(fd, mmap.PAGESIZE, access=mmap.ACCESS_READ)
+                    except (OSError, ValueError):
+                        return None
+            if not held:
+                held.append(key)
+            return found, key[1]
         finally:
             _release_let_go()  # (what a collection during this queued)
 
 
-_LET_GO: list[list[tuple[int, int]]] = []  # backends' -shm files let go of, not yet closed (see _let_go_shm)
-
-
-def _let_go_shm(held: list[tuple[int, int]]) -> None:
-    """A backend is done with the -shm files in held (its connection closed): each closes once no other
-    backend of this process holds it. The map is not closed here: a version() of another thread may be reading
-    it; it goes (with its copy of the descriptor) when no one refers to it any more. Called by a finalizer too,
+def _let_go_shm(store: tuple[int, int]) -> None:
+    """A backend of the store is done (its connection closed): the -shm descriptors close once no other backend
+    of this process uses the store. The maps are not closed here: a version() of another thread may be reading
+    one; each goes (with its copy of a descriptor) when no one refers to it any more. Called by a finalizer too,
     which the garbage collector runs on any allocation, `_hold_shm`'s under the lock among them (it deadlocked,
-    the thread waiting for itself): so the files are queued, and closed now only if the lock is free, else by
-    the next `_hold_shm` (a thread of its own that holds the lock closes them as it leaves)."""
-    _LET_GO.append(held)
+    the thread waiting for itself): so the let-go is queued, and counted now only if the lock is free, else by
+    the lock's holder as it leaves, or by the next backend to use any store (before its connection opens)."""
+    _LET_GO.append(store)
     if _SHM_LOCK.acquire(blocking=False):
         try:
             _release_let_go()
@@ -409,20 +429,25 @@ def _let_go_shm(held: list[tuple[int, int]]) -> None:
 
 
 def _release_let_go() -> None:
-    """Under _SHM_LOCK: close what `_let_go_shm` queued."""
+    """Under _SHM_LOCK: count what `_let_go_shm` queued."""
     while _LET_GO:
-        held = _LET_GO.pop()
-        for key in held:
-            shm = _SHM_FILES.get(key)
-            if shm is None:
-                continue
-            shm.users -= 1
-            if shm.users <= 0:
-                del _SHM_FILES[key]
-                for fd in shm.fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-        held.clear()
+        store = _LET_GO.pop()
+        entry = _SHM_FILES.get(store)
+        if entry is None:
+            continue
+        entry.users -= 1
+        if entry.users <= 0:
+            del _SHM_FILES[store]
+            for fd in entry.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _close_and_let_go(conn: sqlite3.Connection, store: tuple[int, int]) -> None:
+    """A backend's end, by close() or its finalizer: the connection first, then the -shm files."""
+    with contextlib.suppress(sqlite3.Error):
+        conn.close()
+    _let_go_shm(store)
 
 
 @functools.lru_cache(maxsize=512)
