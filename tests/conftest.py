@@ -537,3 +537,12 @@ def node_fetch(session: dict, url: str, *, method: str = "GET", headers: dict | 
         raise AssertionError(f"node fetch failed: {p.stderr.decode()}")
     out = json.loads(p.stdout)
     return ClientResult(out["status"], out["headers"], out["body"].encode("utf-8", "surrogateescape"))
+
+
+@pytest.fixture(scope="module")
+def webgateway(tmp_path_factory, pki):
+    """A `sealgate run --workers 2` with its dashboard and API (the processes it starts besides the proxies)."""
+    from test_workers import start_gateway
+    p = start_gateway(tmp_path_factory.mktemp("webgateway"), pki, web=True)
+    yield p
+    p.stop()

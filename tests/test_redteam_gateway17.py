@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_workers import _children, held_by, pids, scrape, start_gateway, wait_ready
+from test_workers import _children, held_by, pids, wait_ready
 
 from sealgate import internals
 
@@ -37,18 +37,11 @@ def _first_byte(port: int) -> float:
     return time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory, pki):
-    p = start_gateway(tmp_path_factory.mktemp("gw17"), pki, web=True)
-    yield p
-    p.stop()
-
-
 @pytest.mark.e2e
-def test_the_loads_memfd_is_in_the_workers_only(gw):
+def test_the_loads_memfd_is_in_the_workers_only(webgateway):
     """The memfd goes to each proxy process (pass_fds) and to no other child (dashboard, API) nor beyond."""
-    workers_ = pids(wait_ready(gw))
-    tree, todo = [], [gw.proc.pid]
+    workers_ = pids(wait_ready(webgateway))
+    tree, todo = [], [webgateway.proc.pid]
     while todo:
         pid = todo.pop()
         tree.append(pid)
@@ -68,51 +61,51 @@ def test_the_loads_memfd_is_in_the_workers_only(gw):
         maps = Path(f"/proc/{pid}/maps").read_text()
         if pid in workers_.values():
             assert memfds(pid), pid  # (the fd passed, and mmap's own dup of it)
-        elif pid != gw.proc.pid:
+        elif pid != webgateway.proc.pid:
             assert memfds(pid) == [] and "sealgate-loads" not in maps, (pid, Path(f"/proc/{pid}/cmdline").read_bytes())
-    for pid in [gw.proc.pid, *workers_.values()]:  # not inheritable: nothing they start gets it
+    for pid in [webgateway.proc.pid, *workers_.values()]:  # not inheritable: nothing they start gets it
         for fd in memfds(pid):
             flags = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0]
             assert int(flags, 8) & 0o2000000, ("O_CLOEXEC", pid, fd)
 
 
 @pytest.mark.e2e
-def test_a_burst_after_a_larger_closed_burst_is_still_shared(gw):
+def test_a_burst_after_a_larger_closed_burst_is_still_shared(webgateway):
     """Counts are refreshed only at a process's own accept: after 64 connections (about 32 each) closed, each
     process still publishes ~32, so the one on a core may take 34 before it steps back: the next burst of 32
     is not shared (the bug this change fixed, back after one large burst)."""
-    workers_ = pids(wait_ready(gw))
+    workers_ = pids(wait_ready(webgateway))
     results = []
     for _ in range(3):
-        big = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(64)]
-        assert sum(_wait_held(workers_, gw.port, 64)) == 64
+        big = [socket.create_connection(("127.0.0.1", webgateway.port)) for _ in range(64)]
+        assert sum(_wait_held(workers_, webgateway.port, 64)) == 64
         for c in big:
             c.close()
-        _wait_held(workers_, gw.port, 0)
-        conns = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(32)]
+        _wait_held(workers_, webgateway.port, 0)
+        conns = [socket.create_connection(("127.0.0.1", webgateway.port)) for _ in range(32)]
         try:
-            held = _wait_held(workers_, gw.port, 32)
+            held = _wait_held(workers_, webgateway.port, 32)
             results.append(held)
         finally:
             for c in conns:
                 c.close()
-        _wait_held(workers_, gw.port, 0)
+        _wait_held(workers_, webgateway.port, 0)
     assert all(sum(h) == 32 and min(h) >= 8 for h in results), results
 
 
 @pytest.mark.e2e
-def test_a_stopped_process_costs_little_latency_and_no_idle_cpu(gw):
+def test_a_stopped_process_costs_little_latency_and_no_idle_cpu(webgateway):
     """SIGSTOP one process while the other holds more than STEP_BACK_SLACK beyond it: a new connection waits
     STEP_BACK_MOST at most, and the running process does not spin while idle."""
-    workers_ = pids(wait_ready(gw))
-    base = statistics.median(_first_byte(gw.port) for _ in range(10))
-    held_open = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(2)]
-    _wait_held(workers_, gw.port, 2)
+    workers_ = pids(wait_ready(webgateway))
+    base = statistics.median(_first_byte(webgateway.port) for _ in range(10))
+    held_open = [socket.create_connection(("127.0.0.1", webgateway.port)) for _ in range(2)]
+    _wait_held(workers_, webgateway.port, 2)
     os.kill(workers_["1"], signal.SIGSTOP)
     try:
-        held_open += [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(10)]
-        _wait_held({"0": workers_["0"]}, gw.port, 12 - held_by(workers_["1"], gw.port))
-        lat = [_first_byte(gw.port) for _ in range(20)]
+        held_open += [socket.create_connection(("127.0.0.1", webgateway.port)) for _ in range(10)]
+        _wait_held({"0": workers_["0"]}, webgateway.port, 12 - held_by(workers_["1"], webgateway.port))
+        lat = [_first_byte(webgateway.port) for _ in range(20)]
         time.sleep(0.5)
         before = _cpu(workers_["0"])
         time.sleep(3)
@@ -126,10 +119,10 @@ def test_a_stopped_process_costs_little_latency_and_no_idle_cpu(gw):
 
 
 @pytest.mark.e2e
-def test_idle_cpu_after_a_burst_is_nil(gw):
-    workers_ = pids(wait_ready(gw))
-    conns = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(40)]
-    _wait_held(workers_, gw.port, 40)
+def test_idle_cpu_after_a_burst_is_nil(webgateway):
+    workers_ = pids(wait_ready(webgateway))
+    conns = [socket.create_connection(("127.0.0.1", webgateway.port)) for _ in range(40)]
+    _wait_held(workers_, webgateway.port, 40)
     for c in conns[:30]:
         c.close()
     time.sleep(0.5)
@@ -155,20 +148,20 @@ def _published(sup_pid: int) -> list[int]:
 
 
 @pytest.mark.e2e
-def test_published_counts_follow_accepts_and_a_killed_process_is_idle(gw):
-    workers_ = pids(wait_ready(gw))
-    conns = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(20)]
-    _wait_held(workers_, gw.port, 20)
+def test_published_counts_follow_accepts_and_a_killed_process_is_idle(webgateway):
+    workers_ = pids(wait_ready(webgateway))
+    conns = [socket.create_connection(("127.0.0.1", webgateway.port)) for _ in range(20)]
+    _wait_held(workers_, webgateway.port, 20)
     for c in conns:
         c.close()
-    _wait_held(workers_, gw.port, 0)
+    _wait_held(workers_, webgateway.port, 0)
     os.kill(workers_["1"], signal.SIGKILL)
     seen = []
     end = time.time() + 30
     while time.time() < end:
-        seen.append(_published(gw.proc.pid)[1])
+        seen.append(_published(webgateway.proc.pid)[1])
         if seen[-1] == 0 and len(seen) > 5 and internals.Loads.IDLE_SLOT in seen:
             break
         time.sleep(0.01)
     assert internals.Loads.IDLE_SLOT in seen
-    wait_ready(gw)
+    wait_ready(webgateway)

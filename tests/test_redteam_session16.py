@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sealgate import origins, workers
 from sealgate.sql import SqliteBackend
-from test_workers import _children, pids, scrape, start_gateway, wait_ready
+from test_workers import _children, pids, scrape, wait_ready
 from upstream import RawUpstream, raw_response
 
 # --- the store version ---------------------------------------------------------------------------------
@@ -182,13 +182,6 @@ def test_bind_on_localhost_and_port_0_gives_one_port_on_both_families():
     finally:
         for s in bound:
             s.close()
-
-
-@pytest.fixture(scope="module")
-def webgateway(tmp_path_factory, pki):
-    p = start_gateway(tmp_path_factory.mktemp("rt16"), pki, web=True)
-    yield p
-    p.stop()
 
 
 @pytest.mark.e2e
