@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import mmap
 import os
 import re
 import socket
@@ -728,8 +729,6 @@ class Loads:
     IDLE_SLOT = 1 << 62
 
     def __init__(self, fd: int, slots: int) -> None:
-        import mmap
-
         self.fd, self.slots = fd, slots
         os.set_inheritable(fd, False)  # (a process started from here gets it only by pass_fds)
         self._view = memoryview(mmap.mmap(fd, 8 * slots)).cast("q")

@@ -381,7 +381,8 @@ def _hold_shm(path: str, store: tuple[int, int], held: list[tuple[int, int]]) ->
     connection uses; another is refused by _check_file). Only for a store in use (`_use_store`)."""
     with _SHM_LOCK:
         try:
-            entry = _SHM_FILES[store]
+            if (entry := _SHM_FILES.get(store)) is None:  # (its backend closed by another thread meanwhile)
+                return None
             try:
                 st = os.stat(path)
             except OSError:

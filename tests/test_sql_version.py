@@ -191,3 +191,18 @@ def test_a_backend_let_go_by_the_garbage_collector_while_another_maps_its_shm_fi
     threading.Thread(target=open_other, daemon=True).start()
     assert done.wait(10), "opening a store deadlocked on the -shm files' lock"
     assert store not in sql._SHM_FILES and not sql._LET_GO  # (let go of, once the lock was free)
+
+
+def test_mapping_the_shm_file_of_a_store_closed_meanwhile_finds_nothing_and_raises_nothing(tmp_path):
+    """version() of one thread may map the -shm file (`_hold_shm`) as another thread closes the backend, its
+    store's last user: the entry is gone by then; nothing is mapped, and no KeyError reaches the request."""
+    from sealgate import sql
+
+    b = SqliteBackend(tmp_path / "s.db")
+    with b.batch() as tx:
+        tx.one("create table t (x)")
+    del tx
+    store = b._store
+    b.close()
+    assert store not in sql._SHM_FILES
+    assert sql._hold_shm(f"{tmp_path / 's.db'}-shm", store, []) is None
