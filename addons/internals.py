@@ -722,9 +722,8 @@ BACKLOG = 1024  # connections the shared sockets queue (asyncio's default, 100, 
 
 class Loads:
     """How many connections each proxy process of a gateway holds, in memory they share (a memfd the supervisor
-    makes and passes on): a process writes its own at each accept; the supervisor writes IDLE_SLOT for a
-    process that is not running, so that no process waits for one that cannot accept. A count read is never
-    below the truth (closed connections are counted until the process's next accept)."""
+    makes and passes on): a process writes its own as it accepts one and as one closes (`_Own`); the supervisor
+    writes IDLE_SLOT for a process that is not running, so that no process waits for one that cannot accept."""
 
     IDLE_SLOT = 1 << 62
 
@@ -753,34 +752,68 @@ STEP_BACK_SLACK = 2  # connections a process may hold beyond the fewest another 
 STEP_BACK_MOST = 0.002  # seconds a process steps back for a burst at most (another may be wedged), then accepts
 
 
+class _Own:
+    """This process's connections of the shared sockets, its count published as each opens and closes (a count
+    written only at accepts stayed high after a burst closed: the next burst went 28/4, the other process
+    stepping back for connections it no longer held)."""
+
+    def __init__(self, loads: Loads, slot: int) -> None:
+        self.loads, self.slot, self.count = loads, slot, 0
+        loads.set(slot, 0)
+
+    def more_than_its_share(self) -> bool:
+        return self.count > self.loads.fewest_but(self.slot) + STEP_BACK_SLACK
+
+    def opened(self) -> None:
+        self.count += 1
+        self.loads.set(self.slot, self.count)
+
+    def closed(self) -> None:
+        self.count -= 1
+        self.loads.set(self.slot, self.count)
+
+
+class _Counted(socket.socket):
+    """An accepted connection that tells its process's `_Own` when it closes (asyncio's transport closes it)."""
+
+    own: _Own | None = None
+
+    def close(self) -> None:
+        super().close()
+        if (own := self.own) is not None:
+            self.own = None
+            own.closed()
+
+
 class _Shared(socket.socket):
     """A listening socket the proxy processes share: asyncio's `listen(backlog)` as it starts serving keeps
-    the queue at BACKLOG (the backlog asyncio is given, 1, is how many it accepts per wake-up). With `loads`,
+    the queue at BACKLOG (the backlog asyncio is given, 1, is how many it accepts per wake-up). With `own`,
     a process that holds more than STEP_BACK_SLACK connections beyond another's leaves a waiting connection to
     the others (for STEP_BACK_MOST at most): every process is woken by a new connection, and the one that is
     on a core takes it, so a burst of connections that ask little of it went to one process (31 of 32)."""
 
-    loads: tuple[Loads, int, list[socket.socket]] | None = None  # (the counts, this process's slot, its own)
+    own: _Own | None = None
     _since: float | None = None  # when it began to step back
 
     def listen(self, backlog: int = 0) -> None:
         super().listen(BACKLOG)
 
     def accept(self) -> tuple[socket.socket, Any]:
-        if self.loads is None:
+        if (own := self.own) is None:
             return super().accept()
-        loads, slot, mine = self.loads
-        mine[:] = [c for c in mine if c.fileno() != -1]
-        if len(mine) > loads.fewest_but(slot) + STEP_BACK_SLACK:
+        if own.more_than_its_share():
             now = time.monotonic()
             self._since = self._since or now
             if now - self._since < STEP_BACK_MOST:
                 os.sched_yield()
                 raise BlockingIOError  # (asyncio: nothing to accept now; it asks again at the next wake-up)
         self._since = None
-        conn, address = super().accept()
-        mine.append(conn)
-        loads.set(slot, len(mine))
+        fd, address = self._accept()  # (socket.accept, making a _Counted)
+        conn = _Counted(self.family, self.type, self.proto, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            conn.setblocking(True)
+        conn.own = own
+        own.opened()
         return conn, address
 
 
@@ -821,13 +854,11 @@ def listen_on(sockets: list, loads: tuple[Loads, int] | None = None) -> None:
     ports = {s.getsockname()[1] for s in sockets}
     for s in sockets:  # (inherited: nothing this process starts gets them in turn)
         s.set_inheritable(False)
-    mine: list[socket.socket] = []  # the connections this process accepted (closed ones dropped at each accept)
-    if loads is not None:
-        loads[0].set(loads[1], 0)
+    own = _Own(*loads) if loads is not None else None
 
     def shared(s: socket.socket) -> _Shared:
         copy = _Shared(fileno=os.dup(s.fileno()))
-        copy.loads = (loads[0], loads[1], mine) if loads is not None else None
+        copy.own = own
         return copy
 
     @functools.wraps(original)

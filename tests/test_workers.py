@@ -484,46 +484,53 @@ def _children(pid: int) -> list[int]:
 def test_a_process_with_more_connections_than_another_leaves_new_ones_to_it_for_a_while():
     """internals._Shared with the gateway's counts: two processes' copies of one listening socket, in one test
     process. The one that holds STEP_BACK_SLACK more than the other steps back (BlockingIOError: asyncio waits
-    for the next wake-up); the other takes the connection; a process that is not running (IDLE_SLOT) or one
-    that does not take it (wedged) holds no connection back longer than STEP_BACK_MOST."""
+    for the next wake-up); the other takes the connection; a connection that closes stops counting at once; a
+    process that is not running (IDLE_SLOT) or one that does not take it (wedged) holds no connection back
+    longer than STEP_BACK_MOST."""
     loads = internals.Loads.create(3)
     assert loads.fewest_but(0) == internals.Loads.IDLE_SLOT  # none running yet: no one to leave them to
     server = socket.create_server(("127.0.0.1", 0))
     server.setblocking(False)
     port = server.getsockname()[1]
-    own: list[list[socket.socket]] = [[], []]
+    owns = [internals._Own(loads, slot) for slot in (0, 1)]
+    accepted: list[list[socket.socket]] = [[], []]
     copies = []
     for slot in (0, 1):
         copy = internals._Shared(fileno=os.dup(server.fileno()))
         copy.setblocking(False)
-        copy.loads = (loads, slot, own[slot])
-        loads.set(slot, 0)
+        copy.own = owns[slot]
         copies.append(copy)
+
+    def take(slot: int) -> None:
+        accepted[slot].append(copies[slot].accept()[0])
+
     clients = []
     try:
         for _ in range(internals.STEP_BACK_SLACK + 1):
             clients.append(socket.create_connection(("127.0.0.1", port)))
-            copies[0].accept()
+            take(0)
         clients.append(socket.create_connection(("127.0.0.1", port)))
         with pytest.raises(BlockingIOError):
-            copies[0].accept()  # 3 against 0: left to process 1
-        copies[1].accept()
-        assert [len(o) for o in own] == [3, 1] and loads.fewest_but(0) == 1
-        for c in own[0][:2]:
-            c.close()  # closed connections count until the next accept: then not
+            take(0)  # 3 against 0: left to process 1
+        take(1)
+        assert [o.count for o in owns] == [3, 1] and loads.fewest_but(0) == 1
+        for c in accepted[0][:2]:
+            c.close()  # closed connections stop counting at once (as asyncio's transport closes them)
+            c.close()  # (once)
+        assert owns[0].count == 1 and loads.fewest_but(1) == 1
         clients.append(socket.create_connection(("127.0.0.1", port)))
-        copies[0].accept()
-        assert len(own[0]) == 2 and loads.fewest_but(1) == 2
+        take(0)
+        assert owns[0].count == 2 and loads.fewest_but(1) == 2
         for _ in range(3):  # process 1 stops taking connections (wedged): 0 waits STEP_BACK_MOST, then takes them
             clients.append(socket.create_connection(("127.0.0.1", port)))
         end = time.monotonic() + 5
-        while len(own[0]) < 5 and time.monotonic() < end:
+        while owns[0].count < 5 and time.monotonic() < end:
             with contextlib.suppress(BlockingIOError):
-                copies[0].accept()
-        assert len(own[0]) == 5
+                take(0)
+        assert owns[0].count == 5
         loads.set(1, internals.Loads.IDLE_SLOT)  # process 1 died: 0 takes every connection at once
         clients.append(socket.create_connection(("127.0.0.1", port)))
-        copies[0].accept()
+        take(0)
     finally:
-        for c in [*clients, *own[0], *own[1], *copies, server]:
+        for c in [*clients, *accepted[0], *accepted[1], *copies, server]:
             c.close()
