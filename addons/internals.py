@@ -34,6 +34,7 @@ def problems() -> list[str]:
     from mitmproxy.addons import proxyserver
     from mitmproxy.proxy import server
     from mitmproxy.proxy.layers import http as http_layer
+    from mitmproxy.proxy.layers import tls
     from mitmproxy.proxy.layers import websocket as ws_layer
 
     found: list[str] = []
@@ -65,8 +66,10 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers (informational responses)")
     need(callable(getattr(stream, "state_wait_for_request_headers", None)),
          "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers (whether a request has a body)")
+    need(callable(getattr(getattr(tls, "TLSLayer", None), "tls_interact", None)),
+         "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact (TLS writes)")
     need(callable(getattr(_http1, "make_body_reader", None)),
-         "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 trailers)")
+         "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 bodies)")
     need(callable(getattr(getattr(_http1, "Http1Server", None), "wait", None)),
          "mitmproxy.proxy.layers.http._http1.Http1Server.wait (bytes pipelined behind a request)")
     need(callable(getattr(getattr(_http1, "Http1Server", None), "read_headers", None)),
@@ -463,22 +466,52 @@ def _starts_with_informational_head(data: bytes) -> bool:
             and b"\r\n\r\n" in data)
 
 
-def drop_http1_trailers() -> None:
-    """Drop the trailers of HTTP/1 chunked bodies, in either direction.
+def http1_body_readers() -> None:
+    """Wrap mitmproxy's HTTP/1 body readers: trailers are dropped, and chunks that arrived together
+    go on as one piece.
 
-    mitmproxy 12 raises NotImplementedError on them, which closes the connection; HTTP lets a
-    proxy drop trailers, and nothing of them then goes anywhere, unchecked or unscrubbed."""
+    Trailers: mitmproxy 12 raises NotImplementedError on them, which closes the connection; HTTP lets
+    a proxy drop trailers, and nothing of them then goes anywhere, unchecked or unscrubbed.
+    One piece: h11 reads a chunked body a chunk at a time, and mitmproxy passes each chunk through
+    every layer, the stream's scrubber and a write of its own; an event stream's 512-byte events
+    arrive a hundred to a read. What the buffer already holds goes on at once (nothing waits for
+    more), and HTTP lets an intermediary chunk a body anew. A protocol error after good chunks is
+    raised at the next call, after those chunks went on, as it would have been."""
     import h11
     from mitmproxy.proxy.layers.http import _http1
 
     original = getattr(_http1.make_body_reader, "__wrapped__", _http1.make_body_reader)
 
-    class WithoutTrailers:
+    class Reader:
+        __slots__ = ("reader", "after")
+
         def __init__(self, reader) -> None:
             self.reader = reader
+            self.after: Any = None  # an end or an error met while gathering, for the next call
 
         def __call__(self, buf):
+            if self.after is not None:
+                after, self.after = self.after, None
+                if isinstance(after, Exception):
+                    raise after
+                return after
             event = self.reader(buf)
+            if not isinstance(event, h11.Data):
+                return self._end(event)
+            pieces = [event.data]
+            while True:
+                try:
+                    more = self.reader(buf)
+                except h11.ProtocolError as e:
+                    more = e
+                if not isinstance(more, h11.Data):
+                    break
+                pieces.append(more.data)
+            self.after = self._end(more)
+            return event if len(pieces) == 1 else h11.Data(data=b"".join(pieces))
+
+        @staticmethod
+        def _end(event):
             return h11.EndOfMessage() if isinstance(event, h11.EndOfMessage) and event.headers else event
 
         def read_eof(self):
@@ -486,9 +519,30 @@ def drop_http1_trailers() -> None:
 
     @functools.wraps(original)
     def make_body_reader(expected_size):
-        return WithoutTrailers(original(expected_size))
+        return Reader(original(expected_size))
 
     _http1.make_body_reader = make_body_reader
+
+
+TLS_WRITE_MOST = 1 << 20  # bytes of a TLS layer's output sent in one write
+
+
+def whole_tls_writes() -> None:
+    """Send what a TLS layer has encrypted in one write. mitmproxy takes it 64 KiB at a time, each
+    its own write (and send call): a 256 KiB piece of an upload went out in four."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers import tls
+    from OpenSSL import SSL
+
+    def tls_interact(self):
+        while True:
+            try:
+                data = self.tls.bio_read(TLS_WRITE_MOST)  # (not zeroed: no dearer than 64 KiB)
+            except SSL.WantReadError:
+                return
+            yield commands.SendData(self.conn, data)
+
+    tls.TLSLayer.tls_interact = tls_interact
 
 
 _BODYLESS: weakref.WeakSet = weakref.WeakSet()  # requests whose head ended the stream (HTTP/2 and 3)

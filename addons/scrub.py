@@ -1042,6 +1042,9 @@ def stream_rewriter(current: Callable[[], Scrubber]) -> StreamRewriter:
     return _Rewriter(current)
 
 
+_TAIL = 256  # bytes of a chunk's end looked at first for a byte no match holds
+
+
 class _Rewriter(StreamRewriter):
     """A StreamRewriter that also lets go of all it holds at a byte no match can hold (the newline
     that ends an SSE event, a space in text): no match crosses it, nor grows past it, so all
@@ -1056,11 +1059,22 @@ class _Rewriter(StreamRewriter):
     def feed(self, chunk: bytes) -> bytes:
         self._now = scrubber = self._current()
         m = scrubber._matcher
-        last = m.breaker.search(chunk[::-1]) if m is not None else None
-        if last is None:
+        end = self._after_last(m.breaker, chunk) if m is not None else 0
+        if not end:
             return super().feed(chunk)
-        end = len(chunk) - last.start()  # just past the last such byte
-        return super().feed(chunk[:end]) + super().finish() + super().feed(chunk[end:])
+        # all up to end is final: scanned once with what was held, as the whole body would be
+        self._carry += chunk if end == len(chunk) else chunk[:end]
+        return super().finish() + super().feed(chunk[end:])
+
+    @staticmethod
+    def _after_last(breaker: re.Pattern[bytes], chunk: bytes) -> int:
+        """Just past the last byte no match holds, or 0: looked for in the chunk's tail first (text
+        has one every few bytes), as reversing all of a 64 KiB chunk costs more than scanning it."""
+        for tail in (chunk[-_TAIL:], chunk) if len(chunk) > _TAIL else (chunk,):
+            last = breaker.search(tail[::-1])
+            if last is not None:
+                return len(chunk) - last.start()
+        return 0
 
     def finish(self) -> bytes:
         self._now = self._current()

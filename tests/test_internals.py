@@ -4,6 +4,7 @@ never a silent pass-through when one is missing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import threading
 from contextlib import redirect_stderr
@@ -332,3 +333,75 @@ def test_pooled_ids_are_random_version_4_uuids_each_new_and_made_again_after_a_f
     os.waitpid(pid, 0)
     child = os.read(read, 64).decode()
     assert child != flow.uuid.uuid4() and child not in ids
+
+
+def _read_all(reader, buf) -> list:
+    """What mitmproxy's read_body takes from reader in one DataReceived: events up to None or the end."""
+    import h11
+    events = []
+    while (event := reader(buf)) is not None:
+        events.append(event)
+        if isinstance(event, h11.EndOfMessage):
+            break
+    return events
+
+
+def test_http1_body_readers_hand_on_the_chunks_that_arrived_together_as_one_piece_and_drop_trailers():
+    import h11
+    from h11._receivebuffer import ReceiveBuffer
+    from mitmproxy.proxy.layers.http import _http1
+    internals.http1_body_readers()
+    reader, buf = _http1.make_body_reader(None), ReceiveBuffer()
+    buf += b"5\r\ndata:\r\n3\r\n a\n\r\n4\r\n"  # two whole chunks and a part of the third
+    [first] = _read_all(reader, buf)
+    assert isinstance(first, h11.Data) and bytes(first.data) == b"data: a\n"
+    buf += b"\n\nxy\r\n0\r\nx-key: v\r\n\r\n"
+    [second, end] = _read_all(reader, buf)
+    assert bytes(second.data) == b"\n\nxy" and isinstance(end, h11.EndOfMessage) and not end.headers
+    sized, buf = _http1.make_body_reader(4), ReceiveBuffer()
+    buf += b"abcd"
+    assert [type(e) for e in _read_all(sized, buf)] == [h11.Data, h11.EndOfMessage]
+
+
+def test_http1_body_readers_hand_on_the_good_chunks_before_a_protocol_error():
+    import h11
+    from h11._receivebuffer import ReceiveBuffer
+    from mitmproxy.proxy.layers.http import _http1
+    internals.http1_body_readers()
+    reader, buf = _http1.make_body_reader(None), ReceiveBuffer()
+    buf += b"3\r\nabc\r\nzz\r\n"
+    assert bytes(reader(buf).data) == b"abc"
+    with pytest.raises(h11.ProtocolError):
+        reader(buf)
+
+
+def test_whole_tls_writes_send_all_a_tls_layer_has_encrypted_in_one_write(pki):
+    """mitmproxy's own tls_interact sent a 300 KiB piece in five writes of 64 KiB."""
+    from mitmproxy.proxy import commands
+    from mitmproxy.proxy.layers import tls
+    from OpenSSL import SSL
+    cert, key = pki.issue("whole-writes", ["localhost"])
+    server_ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    server_ctx.use_certificate_file(str(cert))
+    server_ctx.use_privatekey_file(str(key))
+    server, client = SSL.Connection(server_ctx), SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD))
+    server.set_accept_state()
+    client.set_connect_state()
+    for _ in range(4):  # the handshake, over memory BIOs
+        for a, b in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                a.do_handshake()
+            with contextlib.suppress(SSL.WantReadError):
+                b.bio_write(a.bio_read(1 << 20))
+    internals.whole_tls_writes()
+    layer = type("Layer", (), {"tls": client, "conn": object()})()
+    client.sendall(b"x" * (300 << 10))
+    writes = list(tls.TLSLayer.tls_interact(layer))
+    assert len(writes) == 1 and isinstance(writes[0], commands.SendData)
+    server.bio_write(writes[0].data)
+    got = b""
+    with contextlib.suppress(SSL.WantReadError):
+        while True:
+            got += server.recv(1 << 16)
+    assert got == b"x" * (300 << 10)
+

@@ -8,7 +8,6 @@ import random
 import socket
 import ssl
 import sys
-import threading
 import time
 
 import pytest
