@@ -78,3 +78,32 @@ def test_an_idle_queue_closes_at_once(queue):
     t0 = time.monotonic()
     assert q.close(5) == 0
     assert not q._thread.is_alive() and time.monotonic() - t0 < 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rows_written_in_statements_of_many_keep_their_order_ids_and_statuses(request, tmp_path, backend):
+    """AuditTrail.insert writes a batch in runs of 64, 16, 4 and 1 rows (SQLite: ids given from the largest
+    on; PostgreSQL: the identity's, in the order listed); set_statuses fills the statuses of rows written
+    before theirs was known, in runs as well."""
+    store = SecretStore(tmp_path, None if backend == "sqlite" else request.getfixturevalue("pg").database())
+    try:
+        store.key  # noqa: B018 - schema and key
+        trail = store.audit
+        first = [(record(f"/a{i}"), 200 + i % 3) for i in range(3)]
+        many = [(record(f"/b{i}"), None) for i in range(87)]  # 64 + 16 + 4 + 1 + 1 + 1
+        with store.backend.batch() as tx:
+            ids = trail.insert(tx, first)
+        with store.backend.batch() as tx:
+            ids += trail.insert(tx, many)
+            trail.set_statuses(tx, [(row_id, 500 + n) for n, row_id in enumerate(ids[3:])])
+        with store.backend.batch() as tx:
+            assert trail.insert(tx, []) == []
+        assert len(set(ids)) == 90 and ids == sorted(ids)
+        with store.backend.read() as tx:
+            rows = tx.rows("select id, path, status, secrets, principal from audit order by id")
+        assert [r["id"] for r in rows] == ids
+        assert [(r["path"], r["status"]) for r in rows] == (
+            [(f"/a{i}", 200 + i % 3) for i in range(3)] + [(f"/b{i}", 500 + i) for i in range(87)])
+        assert {(r["secrets"], r["principal"]) for r in rows} == {("K", "p")}
+    finally:
+        store.close()
