@@ -158,7 +158,7 @@ class Wiring:
             lambda conn, event: scrubbing.websocket_control_frame(self._connection_scrubber(conn), event))
         internals.replace_error_pages(lambda status: (error_page(status).problem_json(), error_page(status).headers()))
         internals.skip_informational_responses()
-        internals.http1_body_readers()
+        internals.http1_body_readers(lambda: self.connections.limits.max_head_bytes)
         internals.whole_tls_writes()
         internals.note_bodyless_requests()
         internals.answer_timeouts()
@@ -337,7 +337,16 @@ class Sealgate(Wiring):
             if state.retry:
                 flow.response.stream = False  # held whole: the answer to the request sent again replaces it
                 return
-            scrubbing.response_head(flow, lambda: self.scrubbers.for_session(state.session))
+            scrubbing.response_head(flow, lambda: self.scrubbers.for_session(state.session),
+                                    lambda e: self._cut_response(flow, e))
+
+    def _cut_response(self, flow: http.HTTPFlow, e: Exception) -> None:
+        """Part of a streamed response has gone and the rest cannot be checked: cut both connections, so the
+        worker sees a body cut off, never one that looks whole."""
+        log.error("sealgate: a streamed response body could not be checked (%s); the connection is cut",
+                  e.__class__.__name__)
+        self.recorder.refuse(flow, Refusal("unscrubbable_response", f"the streamed response cannot be checked: {e}"),
+                             Answer.CUT)
 
     @_fail_closed
     async def response(self, flow: http.HTTPFlow) -> None:

@@ -466,9 +466,9 @@ def _starts_with_informational_head(data: bytes) -> bool:
             and b"\r\n\r\n" in data)
 
 
-def http1_body_readers() -> None:
-    """Wrap mitmproxy's HTTP/1 body readers: trailers are dropped, and chunks that arrived together
-    go on as one piece.
+def http1_body_readers(most: Callable[[], int]) -> None:
+    """Wrap mitmproxy's HTTP/1 body readers: trailers are dropped, chunks that arrived together go on as
+    one piece, and a chunk-size line or trailer section is bounded.
 
     Trailers: mitmproxy 12 raises NotImplementedError on them, which closes the connection; HTTP lets
     a proxy drop trailers, and nothing of them then goes anywhere, unchecked or unscrubbed.
@@ -476,7 +476,11 @@ def http1_body_readers() -> None:
     every layer, the stream's scrubber and a write of its own; an event stream's 512-byte events
     arrive a hundred to a read. What the buffer already holds goes on at once (nothing waits for
     more), and HTTP lets an intermediary chunk a body anew. A protocol error after good chunks is
-    raised at the next call, after those chunks went on, as it would have been."""
+    raised at the next call, after those chunks went on, as it would have been.
+    Bounded: mitmproxy calls h11's readers without the bound h11's own Connection sets on what it
+    holds unparsed, so a chunk-size line or trailer section that never ends was held whole (a worker
+    or an upstream could fill the proxy's memory). What a reader leaves unread is at most `most()`
+    bytes (the bound of a request head), else the message is a protocol error and its connection closes."""
     import h11
     from mitmproxy.proxy.layers.http import _http1
 
@@ -495,24 +499,28 @@ def http1_body_readers() -> None:
                 if isinstance(after, Exception):
                     raise after
                 return after
-            event = self.reader(buf)
+            event = self._read(buf)
             if not isinstance(event, h11.Data):
-                return self._end(event)
+                return event
             pieces = [event.data]
             while True:
                 try:
-                    more = self.reader(buf)
+                    more = self._read(buf)
                 except h11.ProtocolError as e:
                     more = e
                 if not isinstance(more, h11.Data):
                     break
                 pieces.append(more.data)
-            self.after = self._end(more)
+            self.after = more
             return event if len(pieces) == 1 else h11.Data(data=b"".join(pieces))
 
-        @staticmethod
-        def _end(event):
-            return h11.EndOfMessage() if isinstance(event, h11.EndOfMessage) and event.headers else event
+        def _read(self, buf):
+            event = self.reader(buf)
+            if event is None and len(buf) > most():  # (readers of a length or to the close leave nothing)
+                raise h11.RemoteProtocolError(f"a chunk-size line or trailer section longer than {most()} bytes")
+            if isinstance(event, h11.EndOfMessage) and event.headers:
+                return h11.EndOfMessage()
+            return event
 
         def read_eof(self):
             return self.reader.read_eof()

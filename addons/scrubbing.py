@@ -117,10 +117,11 @@ class Scrubbers:
 Current = Callable[[], Scrubber]  # the session's scrubber with the principal's values as they are now
 
 
-def response_head(flow: http.HTTPFlow, current: Current) -> None:
+def response_head(flow: http.HTTPFlow, current: Current, broken: Callable[[Exception], None]) -> None:
     """Before the head goes out: scrub it now if the body is to stream (SSE, chunked, large, or
     compressed and large or of unknown length: decoded as it streams and forwarded decoded). A
-    streamed body is scrubbed with the values the principal has as each chunk passes."""
+    streamed body is scrubbed with the values the principal has as each chunk passes; a chunk that
+    cannot be (a compressed body that turns out not to be) stops it, and `broken` is told."""
     resp = flow.response
     assert resp is not None
     try:
@@ -139,7 +140,7 @@ def response_head(flow: http.HTTPFlow, current: Current) -> None:
         if coding not in ([], ["identity"]):
             del resp.headers["content-encoding"]  # forwarded decoded, as it was checked
             rewriter = _Decoding(bodies.StreamDecoder(coding[0], RESPONSE_BODY_LIMIT), rewriter)
-        resp.stream = StreamFilter(rewriter, internals.end_of_message)
+        resp.stream = StreamFilter(rewriter, internals.end_of_message, broken)
         reframe(resp, chunked=flow.request.http_version.startswith("HTTP/1"))
     elif resp.stream:
         resp.stream = False  # someone asked to stream an encoded body: buffer it, so it can be scrubbed

@@ -350,7 +350,7 @@ def test_http1_body_readers_hand_on_the_chunks_that_arrived_together_as_one_piec
     import h11
     from h11._receivebuffer import ReceiveBuffer
     from mitmproxy.proxy.layers.http import _http1
-    internals.http1_body_readers()
+    internals.http1_body_readers(lambda: 65536)
     reader, buf = _http1.make_body_reader(None), ReceiveBuffer()
     buf += b"5\r\ndata:\r\n3\r\n a\n\r\n4\r\n"  # two whole chunks and a part of the third
     [first] = _read_all(reader, buf)
@@ -367,7 +367,7 @@ def test_http1_body_readers_hand_on_the_good_chunks_before_a_protocol_error():
     import h11
     from h11._receivebuffer import ReceiveBuffer
     from mitmproxy.proxy.layers.http import _http1
-    internals.http1_body_readers()
+    internals.http1_body_readers(lambda: 65536)
     reader, buf = _http1.make_body_reader(None), ReceiveBuffer()
     buf += b"3\r\nabc\r\nzz\r\n"
     assert bytes(reader(buf).data) == b"abc"
@@ -405,3 +405,19 @@ def test_whole_tls_writes_send_all_a_tls_layer_has_encrypted_in_one_write(pki):
             got += server.recv(1 << 16)
     assert got == b"x" * (300 << 10)
 
+
+
+@pytest.mark.parametrize("opening, filler", [(b"2\r\nok\r\n1;", b"a"), (b"2\r\nok\r\n0\r\n", b"X-A: b\r\n")])
+def test_http1_body_readers_bound_a_chunk_size_line_or_trailer_section_that_does_not_end(opening, filler):
+    """h11's ChunkedReader held all of a line that never ended (mitmproxy calls it without h11.Connection's
+    bound): past `most` bytes left unread the message is a protocol error; up to it, the reader waits."""
+    import h11
+    from h11._receivebuffer import ReceiveBuffer
+    from mitmproxy.proxy.layers.http import _http1
+    internals.http1_body_readers(lambda: 1000)
+    reader, buf = _http1.make_body_reader(None), ReceiveBuffer()
+    buf += opening + filler * (900 // len(filler))
+    assert bytes(reader(buf).data) == b"ok" and reader(buf) is None  # (within the bound: more may come)
+    buf += filler * (200 // len(filler))
+    with pytest.raises(h11.RemoteProtocolError, match="longer than 1000 bytes"):
+        reader(buf)

@@ -5,7 +5,9 @@ met while gathering handed on at the next call), a TLS layer's output read 1 MiB
 chunk's last 256 bytes first and scans carry + chunk up to it once (scrub._Rewriter.feed).
 
 Values are made per test; asserts test booleans (or compare lengths and hashes), so no value reaches the output.
-Findings are failing tests whose docstring starts with FINDING; the rest are probes that held."""
+Tests whose docstring starts with FINDING failed before their fix (the response stream's `broken` callback,
+and the bound on a chunk-size line or trailer section in internals.http1_body_readers); the rest are probes
+that held."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import base64
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
 import socket
@@ -89,9 +90,37 @@ def _expected(value: str, ph: str, data: bytes) -> bytes:
     return s.scrub(data)
 
 
+_LOG_AT: dict = {}  # the proxy's log size when the running test began
+
+
+@pytest.fixture(autouse=True)
+def _log_mark(request):
+    if "proxy" in request.fixturenames:
+        p = request.getfixturevalue("proxy")
+        _LOG_AT[p.log] = p.log.stat().st_size if p.log.exists() else 0
+    yield
+
+
 def _clean_log(proxy) -> bool:
-    text = proxy.log.read_text(errors="replace") if proxy.log.exists() else ""
+    """No crash in what the proxy logged during this test (the module's proxy is shared)."""
+    if not proxy.log.exists():
+        return True
+    with proxy.log.open("rb") as f:
+        f.seek(_LOG_AT.get(proxy.log, 0))
+        text = f.read().decode(errors="replace")
     return "has crashed" not in text and "Traceback" not in text
+
+
+def _read_all_fast(sock, timeout: float = 5) -> bytes:
+    """wire.read_all into a bytearray (its bytes += is quadratic over tens of MiB)."""
+    sock.settimeout(timeout)
+    out = bytearray()
+    try:
+        while chunk := sock.recv(1 << 20):
+            out += chunk
+    except (TimeoutError, OSError):
+        pass
+    return bytes(out)
 
 
 def _get(session, proxy_port: int, target: str, path: str = "/", extra: str = "", timeout: float = 5) -> bytes:
@@ -157,7 +186,7 @@ def test_merged_readers_equal_h11_alone_for_random_chunked_bodies_arrivals_error
     from h11._readers import ChunkedReader, ContentLengthReader, Http10Reader
     from mitmproxy.proxy.layers.http import _http1
 
-    internals.http1_body_readers()
+    internals.http1_body_readers(lambda: 65536)
     rng = random.Random(18)
     tails = [b"0\r\n\r\n", b"0;x=y\r\nX-T: 1\r\nX-U: 2\r\n\r\n", b"5\r\nabcdeXX", b"zz\r\n", b"0\r\nbad trailer\r\n\r\n",
              b"3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", b"5 ;ext\r\nabcde\r\n0\r\n\r\n"]
@@ -186,7 +215,7 @@ def test_a_protocol_error_met_while_gathering_is_raised_once_after_the_good_chun
     import h11
     from h11._receivebuffer import ReceiveBuffer
     from mitmproxy.proxy.layers.http import _http1
-    internals.http1_body_readers()
+    internals.http1_body_readers(lambda: 65536)
     reader, buf = _http1.make_body_reader(None), ReceiveBuffer()
     buf += b"2\r\nab\r\n2\r\ncd\r\n2\r\nefXX"
     first = reader(buf)
@@ -428,7 +457,7 @@ def test_a_fast_16_mib_event_stream_arrives_whole_in_order_and_scrubbed(proxy, k
     expected = hashlib.sha256(block_out.replace(b"\0", ph.encode()) * 16).hexdigest()
     t = tunnel(s, proxy.port, up.target, None)
     t.sendall(f"GET / HTTP/1.1\r\nHost: {up.target}\r\nConnection: close\r\n\r\n".encode())
-    raw = read_all(t, 10)
+    raw = _read_all_fast(t, 10)
     t.close()
     _, body, done = _worker_body(raw)
     clean = v not in raw
@@ -456,6 +485,63 @@ def test_a_gzip_event_stream_in_tiny_chunks_arriving_together_is_decoded_and_scr
     exact = body == events.replace(v, ph.encode())
     clean = v not in raw
     assert done and clean and exact
+
+
+def test_a_gzip_stream_that_turns_to_garbage_after_good_chunks_leaks_nothing_and_the_proxy_goes_on(
+        proxy, keyed_upstream, value):
+    """Good gzip chunks holding the value, then bytes that are not gzip, in one write (merged into one piece): the
+    worker gets at most the scrubbed start, the value never; the next request on the proxy is answered."""
+    v = value.encode()
+    comp = gzip.compress(b"".join(b"data: %d %s\n\n" % (i, v) for i in range(50)))
+    for tail in (b"\x00garbage" * 10, zlib.compress(v), comp[:-8] + b"XXXXXXXX"):
+        up, s, ph = keyed_upstream(lambda sock, tail=tail: (sock.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + _chunked([comp[:100], comp[100:], tail])), time.sleep(0.2)))
+        raw = _get(s, proxy.port, up.target, timeout=1.5)
+        clean = v not in raw
+        assert clean
+    up, s, ph = keyed_upstream(lambda sock: sock.sendall(raw_response(b"fine")))
+    assert _get(s, proxy.port, up.target).endswith(b"fine")  # (its log has the crash of the finding below)
+
+
+def _until_eof(sock, timeout: float) -> tuple[bytes, bool]:
+    """What arrives, and whether the peer closed within timeout seconds (False: it went quiet instead)."""
+    sock.settimeout(timeout)
+    out, deadline = b"", time.time() + timeout
+    try:
+        while time.time() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out, True
+            out += chunk
+    except (TimeoutError, socket.timeout):
+        return out, False
+    except OSError:
+        return out, True
+    return out, False
+
+
+def test_a_compressed_stream_broken_mid_body_ends_the_workers_response(proxy, keyed_upstream, value):
+    """FINDING, fixed (pre-existing: the response StreamFilter has no on_error; the merged pieces of adc8dc1 carry it the
+    same way): an upstream answers `Content-Encoding: gzip`, `Transfer-Encoding: chunked`, an event stream whose
+    first chunks are good gzip and whose next chunk is not gzip (b"\\x00garbage" * 10), and then keeps its
+    connection open. bodies.StreamDecoder raises BodyError inside the stream callable; it propagates out of
+    mitmproxy's layers ("mitmproxy has crashed!" and a traceback in the proxy's log) and nothing closes the
+    worker's connection: the worker holds a 200 whose body stops mid-stream, with no end and no error, for as long
+    as it waits (40 s seen). No value leaks (the worker gets only scrubbed, decoded good bytes)."""
+    v = value.encode()
+    comp = gzip.compress(b"".join(b"data: %d %s\n\n" % (i, v) for i in range(50)))
+    up, s, ph = keyed_upstream(lambda sock: (sock.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + _chunked([comp[:100], comp[100:]])[:-5] + _chunk(b"\x00garbage" * 10)),
+        time.sleep(8)))
+    t = tunnel(s, proxy.port, up.target, None)
+    t.sendall(f"GET / HTTP/1.1\r\nHost: {up.target}\r\nConnection: close\r\n\r\n".encode())
+    out, closed = _until_eof(t, 4)
+    t.close()
+    clean = v not in out
+    assert clean
+    assert closed, "the worker's connection stayed open after the stream broke (no end, no error)"
 
 
 # --- 4. requests through the proxy: what the upstream received ----------------------------------------------------
@@ -694,7 +780,7 @@ def _endless(proxy, session, target: str, opening: bytes, filler: bytes, total: 
 @pytest.mark.parametrize("where", ["chunk-size line", "trailer section"])
 def test_a_worker_cannot_make_the_proxy_buffer_an_endless_chunk_line_or_trailer(own_proxy, recording, user, value,
                                                                                 where):
-    """FINDING (pre-existing in mitmproxy, on the surface adc8dc1's body readers wrap): a worker sends a chunked
+    """FINDING, fixed (pre-existing in mitmproxy, on the surface adc8dc1's body readers wrap): a worker sends a chunked
     request whose chunk-size line (`1;` and then a chunk extension that never ends) or trailer section (`0`, then
     header lines with no blank line) never ends. h11's ChunkedReader, which mitmproxy calls directly (without
     h11.Connection's max_incomplete_event_size), keeps it all in the receive buffer looking for the line's end;
@@ -717,7 +803,7 @@ def test_a_worker_cannot_make_the_proxy_buffer_an_endless_chunk_line_or_trailer(
 @pytest.mark.e2e  # the memory of the proxy process
 @pytest.mark.parametrize("where", ["chunk-size line", "trailer section"])
 def test_an_upstream_cannot_make_the_proxy_buffer_an_endless_chunk_line_or_trailer(own_proxy, pki, user, value, where):
-    """FINDING (pre-existing, same cause as the worker's): an upstream answers with a chunked response whose
+    """FINDING, fixed (pre-existing, same cause as the worker's): an upstream answers with a chunked response whose
     chunk-size line or trailer section never ends; the proxy buffers all of it (96 MiB: RSS grows by about as
     much) while the worker waits for the rest of a response that never comes."""
     if where == "chunk-size line":
@@ -780,7 +866,7 @@ def test_a_slow_reading_worker_holds_back_a_fast_event_stream_with_flat_memory(o
     t.sendall(f"GET / HTTP/1.1\r\nHost: {up.target}\r\nConnection: close\r\n\r\n".encode())
     time.sleep(3)
     grown = _rss_kib(proxy.proc.pid) - before
-    raw = read_all(t, 10)
+    raw = _read_all_fast(t, 10)
     t.close()
     _, body, done = _worker_body(raw)
     want = hashlib.sha256(event.replace(v, ph) * 128 * n).hexdigest()
@@ -866,3 +952,4 @@ def test_a_slow_reading_upstream_holds_back_a_fast_upload_with_flat_memory(own_p
     same = got.get("hash") == hashlib.sha256(filled * 256 * 64).hexdigest()
     assert ok and same, "the upload arrived changed or cut"
     assert peak - before < 32 * 1024, f"the proxy grew by {(peak - before) >> 10} MiB while the upstream did not read"
+
