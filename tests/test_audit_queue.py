@@ -107,3 +107,25 @@ def test_rows_written_in_statements_of_many_keep_their_order_ids_and_statuses(re
         assert {(r["secrets"], r["principal"]) for r in rows} == {("K", "p")}
     finally:
         store.close()
+
+
+def test_after_a_batch_of_many_rows_the_next_waits_longer_and_after_a_few_as_before(queue, monkeypatch):
+    """A batch costs its thread the same whatever its size: a busy proxy's (BUSY_ROWS or more) gathers for
+    BATCH_EVERY_BUSY, a quiet one's rows still go within BATCH_EVERY."""
+    import threading
+
+    from sealgate import audit as audit_mod
+    q, store = queue
+    slept, real_sleep = [], time.sleep
+
+    def sleep(seconds):
+        if threading.current_thread().name == "sealgate-audit":
+            slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(audit_mod.time, "sleep", sleep)
+    for batch in (audit_mod.BUSY_ROWS, 1, 1):
+        for i in range(batch):
+            q.add(record(f"/{batch}/{i}"))
+        assert q.flush(5)
+    assert slept == [audit_mod.BATCH_EVERY, audit_mod.BATCH_EVERY_BUSY, audit_mod.BATCH_EVERY]

@@ -364,11 +364,11 @@ def test_finding_8b_a_row_the_store_always_refuses_holds_up_every_other_row(tmp_
     store = SecretStore(tmp_path / "data", None)
     real = audit_mod.AuditTrail.insert
 
-    def insert(tx, record, status):
-        if record.path == "/poison":
+    def insert(self, tx, rows):
+        if any(record.path == "/poison" for record, _ in rows):
             raise StoreError("this row cannot be written")
-        return real(tx, record, status)
-    monkeypatch.setattr(audit_mod.AuditTrail, "insert", staticmethod(insert))
+        return real(self, tx, rows)
+    monkeypatch.setattr(audit_mod.AuditTrail, "insert", insert)
     queue = audit_mod.AuditQueue(store.audit, 100)
     try:
         def record(path):

@@ -275,6 +275,10 @@ def timed(call):
 def test_a_locked_store_holds_rows_in_the_queue_then_refuses_and_recovers_losing_none(world, value, user):
     p, api, s = world(SEALGATE_AUDIT_QUEUE="5")
     assert sent(api, s, "/before")[1] == value
+    deadline = time.monotonic() + 5  # its row written (a batch waits audit.BATCH_EVERY): the queue is empty
+    while "/before" not in {a["path"] for a in json.loads(p.cli("audit", "--user", user, "--json").stdout)}:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     locker = hold_lock(p.data_dir / "sealgate.db")
     try:
         for i in range(5):  # the queue takes them: served, at once
