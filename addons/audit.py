@@ -100,12 +100,17 @@ class AuditTrail:
         return ids
 
     @staticmethod
-    def set_statuses(tx: Tx, statuses: list[tuple[int, int | None]]) -> None:
-        """(row id, status) of rows written before their status was known."""
+    def set_statuses(tx: Tx, statuses: list[tuple[int, float, int | None]]) -> None:
+        """(row id, its `at`, status) of rows written before their status was known. A row is found by both:
+        an id may have been given anew (SQLite numbers from the largest id, and the trail may have been
+        cleared meanwhile), and a status must never land on another row. (The cast: PostgreSQL types a
+        CASE of NULLs alone as text.)"""
         for run in _sized(statuses):
-            cases = " ".join(["when ? then ?"] * len(run))
-            tx.one(f"update audit set status = case id {cases} end where id in ({', '.join('?' * len(run))})",
-                   [v for pair in run for v in pair] + [row_id for row_id, _ in run])
+            cases = " ".join(["when ? then cast(? as integer)"] * len(run))
+            rows = ", ".join(["(?, ?)"] * len(run))
+            tx.one(f"update audit set status = case id {cases} end where (id, at) in (values {rows})",
+                   [v for row_id, _, status in run for v in (row_id, status)]
+                   + [v for row_id, at, _ in run for v in (row_id, at)])
 
     def __call__(self, *, user: str | None = None, runchat: str | None = None, since: float | None = None,
               limit: int = 1000) -> list[AuditRecord]:
@@ -293,7 +298,8 @@ class AuditQueue:
         try:
             with self.trail.backend.batch(wait=False) as tx:
                 ids = self.trail.insert(tx, [(p.record, status) for p, status in rows])
-                self.trail.set_statuses(tx, [(p.row_id, status) for p, status in zip(updates, statuses, strict=True)])
+                self.trail.set_statuses(tx, [(p.row_id, p.record.at, status)
+                                             for p, status in zip(updates, statuses, strict=True)])
         except BaseException:
             with self._lock:
                 self._updating = 0

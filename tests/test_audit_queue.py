@@ -95,7 +95,7 @@ def test_rows_written_in_statements_of_many_keep_their_order_ids_and_statuses(re
             ids = trail.insert(tx, first)
         with store.backend.batch() as tx:
             ids += trail.insert(tx, many)
-            trail.set_statuses(tx, [(row_id, 500 + n) for n, row_id in enumerate(ids[3:])])
+            trail.set_statuses(tx, [(row_id, r.at, 500 + n) for n, (row_id, (r, _)) in enumerate(zip(ids[3:], many))])
         with store.backend.batch() as tx:
             assert trail.insert(tx, []) == []
         assert len(set(ids)) == 90 and ids == sorted(ids)
