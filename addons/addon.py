@@ -308,13 +308,14 @@ class Sealgate(Wiring):
 
     def _refuse_head(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
         """A refusal before the body is read: mitmproxy would still read and hold the whole body before
-        answering, so a request bringing a large body, or one of unknown length, is closed instead."""
+        answering, so a request bringing a large body, or one of unknown length, is closed instead (an
+        HTTP/2 request: its stream is reset, and the connection's other streams go on)."""
         req = flow.request
         length = req.headers.get("content-length")
         unbounded = length is None and ("chunked" in req.headers.get("transfer-encoding", "").lower()
                                         or _body_of_unknown_length(req))
         large = unbounded or (length is not None and (not length.isdigit() or int(length) > HEAD_REFUSAL_BODY_MAX))
-        self.recorder.refuse(flow, refusal, Answer.KILL if large else Answer.RESPOND)
+        self.recorder.refuse(flow, refusal, (Answer.RESET if req.is_http2 else Answer.KILL) if large else Answer.RESPOND)
         self.connections.ended(flow)  # a body it still sends (trickled, say) does not hold the connection open
 
     def _refuse_streamed(self, flow: http.HTTPFlow, e: Exception) -> None:

@@ -35,6 +35,7 @@ class Answer(enum.Enum):
     CUT = "cut"  # part of a streamed body has gone: cut the upstream connection, close the worker's
     CLOSE_WEBSOCKET = "close_websocket"  # a refusal message, then close code 1008
     KILL = "kill"  # close the connection
+    RESET = "reset"  # HTTP/2: reset the stream (its body is not read); the connection's other streams go on
 
 
 class Recorder:
