@@ -97,12 +97,13 @@ def test_held_a_row_and_a_status_queued_between_a_batch_and_the_wait_are_written
         last.append(p)
 
     def batch():
-        real()
+        written = real()
         if n[0] < 20:
             n[0] += 1
             t = threading.Thread(target=between)
             t.start()
             t.join()  # queued and notified before this thread gets back to its wait
+        return written
     q._write_batch = batch
     q.add(record("/first"))
     assert q.flush(10), f"rows left waiting: {q.waiting}"
