@@ -161,6 +161,7 @@ class Wiring:
         internals.http1_body_readers(lambda: self.connections.limits.max_head_bytes)
         internals.whole_tls_writes()
         internals.note_bodyless_requests()
+        internals.forget_killed_streams()
         internals.answer_timeouts()
         internals.limit_request_heads(lambda: self.connections.limits.max_head_bytes, self.connections.head_too_large)
         internals.limit_h2_floods(H2_RESETS, H2_RESETS_WINDOW, lambda kind: self.metrics.closed.labels(f"h2_{kind}").inc())

@@ -64,6 +64,8 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http._http1.make_error_response and _http2.format_error (error pages)")
     need(callable(getattr(getattr(_http1, "Http1Client", None), "read_headers", None)),
          "mitmproxy.proxy.layers.http._http1.Http1Client.read_headers (informational responses)")
+    need(callable(getattr(stream, "check_killed", None)) and hasattr(http_layer, "DropStream"),
+         "mitmproxy.proxy.layers.http.HttpStream.check_killed and DropStream (killed HTTP/2 streams)")
     need(callable(getattr(stream, "state_wait_for_request_headers", None)),
          "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers (whether a request has a body)")
     need(callable(getattr(getattr(tls, "TLSLayer", None), "tls_interact", None)),
@@ -551,6 +553,26 @@ def whole_tls_writes() -> None:
             yield commands.SendData(self.conn, data)
 
     tls.TLSLayer.tls_interact = tls_interact
+
+
+def forget_killed_streams() -> None:
+    """A killed HTTP/2 stream is reset, and mitmproxy kept it (the stream, its flow and the request head)
+    until its connection ended: a worker whose streams sealgate refuses at the head (Answer.RESET) could
+    pile them up on one connection without bound, 30 MiB for 1000 (the red team's find). It is forgotten
+    now, as mitmproxy forgets a stream after a protocol error (DropStream); what comes for it later is
+    passed over, as for any stream the layer forgot."""
+    from mitmproxy.proxy.layers.http import DropStream, HttpStream
+
+    original = getattr(HttpStream.check_killed, "__wrapped__", HttpStream.check_killed)
+
+    @functools.wraps(original)
+    def check_killed(self, emit_error_hook):
+        killed = yield from original(self, emit_error_hook)
+        if killed and self.context.client.alpn in (b"h2", b"h3"):  # (HTTP/1: the connection closes)
+            yield DropStream(self.stream_id)
+        return killed
+
+    HttpStream.check_killed = check_killed
 
 
 _BODYLESS: weakref.WeakSet = weakref.WeakSet()  # requests whose head ended the stream (HTTP/2 and 3)
