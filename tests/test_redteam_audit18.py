@@ -69,6 +69,7 @@ def test_a_gzip_stream_truncated_at_its_end_never_reaches_the_worker_as_a_comple
     assert sorted(rows, key=str) == sorted([("allow", None, 0), ("block", "unscrubbable_response", 0)], key=str), rows
 
 
+@pytest.mark.e2e  # a slow reader: seconds
 def test_a_truncated_gzip_stream_to_a_slow_reading_worker_never_looks_complete(proxy, keyed, value):
     """As above, with 8 MiB decoded and a worker that reads only after the upstream finished: the worker's socket
     holds a backlog when `broken` cuts (asyncio's transport sends what it buffered before it closes), so anything

@@ -91,6 +91,7 @@ def _live_flows() -> int:
     return sum(1 for o in gc.get_objects() if isinstance(o, http.HTTPFlow))
 
 
+@pytest.mark.e2e  # hundreds of streams, or waits a timeout: seconds
 def test_finding_refused_and_reset_streams_are_not_kept_with_their_flow_until_the_connection_ends(
         proxy, h2api, evil, user, value):
     """FINDING, fixed (internals.forget_killed_streams): a stream refused at its head and reset (Answer.RESET) was
@@ -296,6 +297,7 @@ def test_a_large_content_length_refused_stream_is_reset_and_its_declared_body_go
     assert [h[b":path"] for h, _, _ in h2api.received[before:]] == [f"/echo/{a['sid']}".encode()]
 
 
+@pytest.mark.e2e  # hundreds of streams, or waits a timeout: seconds
 def test_continuation_and_priority_tricks_around_reset_streams(proxy, h2api, evil, user, value):
     """A refused head split over HEADERS (with a priority, no END_HEADERS) and CONTINUATION frames of 7 bytes,
     the placeholder's bytes across them; PRIORITY frames on the reset stream, on an idle stream depending on
@@ -378,6 +380,7 @@ def test_refused_and_reset_streams_get_one_block_row_each_with_status_0_and_leav
     assert max(in_flight, default=0) == 0
 
 
+@pytest.mark.e2e  # hundreds of streams, or waits a timeout: seconds
 def test_rapid_reset_still_closes_a_worker_whose_own_resets_are_mixed_with_refused_streams(proxy, h2api, evil,
                                                                                            user, value):
     """Refused streams the proxy resets, interleaved with streams the worker opens (allowed heads) and resets
@@ -405,6 +408,7 @@ def test_rapid_reset_still_closes_a_worker_whose_own_resets_are_mixed_with_refus
     assert terminated is not None and terminated.error_code == 11, "no GOAWAY ENHANCE_YOUR_CALM"
 
 
+@pytest.mark.e2e  # hundreds of streams, or waits a timeout: seconds
 def test_refused_streams_after_the_proxy_reset_them_then_reset_by_the_worker_do_not_close_it_wrongly(proxy, h2api,
                                                                                                      evil, user,
                                                                                                      value):
@@ -507,6 +511,7 @@ def test_per_session_connection_limit_holds_and_is_given_back_when_refusals_rese
     assert streams[g]["status"] == b"200"
 
 
+@pytest.mark.e2e  # hundreds of streams, or waits a timeout: seconds
 def test_data_trickled_on_a_reset_stream_does_not_hold_the_connection_past_header_timeout(tight, h2api, evil, user,
                                                                                          value):
     """After its refused stream is reset, a worker keeps sending DATA on it every 0.25 s and nothing else: the
