@@ -13,7 +13,7 @@ import json
 import time
 
 import pytest
-from test_redteam_session18 import _chunk, _chunked, _until_eof, _worker_body
+from test_redteam_session18 import _chunk, _chunked, _until_eof, _worker_body, allowed_at
 from upstream import RawUpstream
 from wire import tunnel
 
@@ -22,16 +22,9 @@ from wire import tunnel
 def keyed(proxy, pki, user, value):
     """make(answer) -> (upstream, session, placeholder): a RawUpstream answering with answer(head, body, sock)
     (None after writing itself), the value allowed for it."""
-    made = []
-
     def make(answer):
         up = RawUpstream(pki, answer)
-        name = f"K{len(made)}"
-        made.append(name)
-        proxy.add_secret(user, name, value, up.origin)
-        s = proxy.issue(user=user, runchat=f"rc-{len(made)}-{id(up)}")
-        s["runchat"] = f"rc-{len(made)}-{id(up)}"
-        return up, s, s["env"][name]
+        return (up, *allowed_at(proxy, user, value, up))
     return make
 
 

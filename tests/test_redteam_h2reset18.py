@@ -120,18 +120,23 @@ def test_finding_refused_and_reset_streams_are_not_kept_with_their_flow_until_th
             resets += sum(1 for e in _drain(t, conn, 0.3) if type(e).__name__ == "StreamReset")
     resets += sum(1 for e in _drain(t, conn, 1.0) if type(e).__name__ == "StreamReset")
     held_streams, held_flows = _http_layers_streams() - base_streams, _live_flows() - base_flows
-    # the connection is still usable
+    status = _allowed_get(t, conn, target, ph)  # the connection is still usable
+    t.close()
+    assert resets == n, f"{resets} of {n} refused streams were reset"
+    assert status == b"200"
+    assert len(h2api.received) - before == 1, "a refused stream reached the upstream"
+    assert held_streams < n // 10 and held_flows < n // 10, \
+        f"{held_streams} HttpStreams and {held_flows} flows held for {n} streams reset and over"
+
+
+def _allowed_get(t, conn, target: bytes, ph: str) -> bytes | None:
+    """The status of an allowed GET on the connection."""
     sid = conn.get_next_available_stream_id()
     conn.send_headers(sid, _head(target, sid, b"GET", ph), end_stream=True)
     t.sendall(conn.data_to_send())
     streams = {sid: {"got": [], "ended": False, "status": None}}
     _h2_pump_until(t, conn, streams, time.time() + 8)
-    t.close()
-    assert resets == n, f"{resets} of {n} refused streams were reset"
-    assert streams[sid]["status"] == b"200"
-    assert len(h2api.received) - before == 1, "a refused stream reached the upstream"
-    assert held_streams < n // 10 and held_flows < n // 10, \
-        f"{held_streams} HttpStreams and {held_flows} flows held for {n} streams reset and over"
+    return streams[sid]["status"]
 
 
 def _rss(proxy) -> float:
@@ -167,13 +172,9 @@ def test_finding_a_worker_does_not_grow_the_proxy_by_each_refused_stream_it_has_
     assert resets == n
     time.sleep(0.5)
     grown = _rss(proxy) - rss0
-    sid = conn.get_next_available_stream_id()
-    conn.send_headers(sid, _head(target, sid, b"GET", ph), end_stream=True)
-    t.sendall(conn.data_to_send())
-    streams = {sid: {"got": [], "ended": False, "status": None}}
-    _h2_pump_until(t, conn, streams, time.time() + 8)
+    status = _allowed_get(t, conn, target, ph)
     t.close()
-    assert resets == n and streams[sid]["status"] == b"200"
+    assert resets == n and status == b"200"
     assert grown < 10 * 2**20, f"the proxy grew by {grown / 2**20:.0f} MiB for {n} refused streams on one connection"
 
 

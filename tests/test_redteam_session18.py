@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -278,19 +279,35 @@ def test_streamed_scrub_with_breakers_around_the_256_byte_tail_equals_the_whole(
 # --- 3. responses through the proxy: what the worker received ------------------------------------------------------
 
 
+_ALLOWED = itertools.count()
+
+
+def allowed_at(proxy, user: str, value: str, up) -> tuple[dict, str]:
+    """The value stored for up's origin under a name of its own, and a session of its own (its runchat in
+    s["runchat"]): (session, placeholder)."""
+    n = next(_ALLOWED)
+    proxy.add_secret(user, f"K{n}", value, up.origin)
+    s = proxy.issue(user=user, runchat=f"rc-{n}")
+    s["runchat"] = f"rc-{n}"
+    return s, s["env"][f"K{n}"]
+
+
 @pytest.fixture
 def keyed_upstream(proxy, pki, user, value):
     """make(body_writer) -> (upstream, session, placeholder) with the value allowed for that upstream."""
-    made = []
-
     def make(write):
         up = _serving(pki, write)
-        name = f"K{len(made)}"
-        made.append(name)
-        proxy.add_secret(user, name, value, up.origin)
-        s = proxy.issue(user=user)
-        return up, s, s["env"][name]
+        return (up, *allowed_at(proxy, user, value, up))
     return make
+
+
+def _scrubbed_whole(proxy, keyed_upstream, write, sent: bytes, v: bytes) -> bool:
+    """Served by write: the worker got the whole body, each value in it replaced by the placeholder, and
+    the value nowhere (a boolean: no value in an assert's message)."""
+    up, s, ph = keyed_upstream(write)
+    raw = _get(s, proxy.port, up.target)
+    _, got, done = _worker_body(raw)
+    return done and v not in raw and got == sent.replace(v, ph.encode())
 
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -413,12 +430,7 @@ def test_http10_read_until_close_response_with_the_value_at_the_end_is_scrubbed(
         sock.sendall(body[-5:])
         sock.shutdown(socket.SHUT_WR)
 
-    up, s, ph = keyed_upstream(write)
-    raw = _get(s, proxy.port, up.target)
-    _, got, done = _worker_body(raw)
-    exact = got == body.replace(v, ph.encode())
-    clean = v not in raw
-    assert done and clean and exact
+    assert _scrubbed_whole(proxy, keyed_upstream, write, body, v)
 
 
 def test_content_length_and_chunked_together_leak_no_value(proxy, keyed_upstream, value):
@@ -479,12 +491,7 @@ def test_a_gzip_event_stream_in_tiny_chunks_arriving_together_is_decoded_and_scr
                      b"Transfer-Encoding: chunked\r\n\r\n" + _chunked(_cuts(comp, rng, 5)))
         time.sleep(0.3)
 
-    up, s, ph = keyed_upstream(write)
-    raw = _get(s, proxy.port, up.target)
-    _, body, done = _worker_body(raw)
-    exact = body == events.replace(v, ph.encode())
-    clean = v not in raw
-    assert done and clean and exact
+    assert _scrubbed_whole(proxy, keyed_upstream, write, events, v)
 
 
 def test_a_gzip_stream_that_turns_to_garbage_after_good_chunks_leaks_nothing_and_the_proxy_goes_on(
