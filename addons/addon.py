@@ -347,7 +347,8 @@ class Sealgate(Wiring):
         worker sees a body cut off, never one that looks whole."""
         log.error("sealgate: a streamed response body could not be checked (%s); the connection is cut",
                   e.__class__.__name__)
-        self.recorder.refuse(flow, Refusal("unscrubbable_response", f"the streamed response cannot be checked: {e}"),
+        why = str(e) if isinstance(e, bodies.BodyError) else e.__class__.__name__  # (only sealgate's own text)
+        self.recorder.refuse(flow, Refusal("unscrubbable_response", f"the streamed response cannot be checked: {why}"),
                              Answer.CUT)
 
     @_fail_closed

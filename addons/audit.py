@@ -9,6 +9,7 @@ audit. Read by `sealgate audit` and the platform API.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,8 +22,10 @@ from .sql import Backend, Tx
 log = logging.getLogger("sealgate")
 
 BATCH_EVERY = 0.02  # seconds rows gather before one transaction writes them
-BATCH_EVERY_BUSY = 0.05  # the same after a batch of BUSY_ROWS or more: a batch costs its writer thread some
-BUSY_ROWS = 8  # 0.7 ms of CPU whatever its size (much of it winning the GIL back from the event loop)
+# after a batch of BUSY_ROWS or more, the next gathers for BATCH_EVERY_BUSY: a batch costs its writer thread
+# some 0.7 ms of CPU whatever its size (much of it winning the GIL back from the event loop)
+BATCH_EVERY_BUSY = 0.05
+BUSY_ROWS = 8
 BATCH_MAX = 500  # rows in one transaction
 RETRY_MAX = 1.0  # seconds between tries at most, while the store refuses the writes
 REFUSED_MAX = 5  # passes a row may be refused while later ones are taken, before it is dropped
@@ -49,7 +52,6 @@ class AuditRecord:
 
 
 _AUDIT_COLUMNS = tuple(AuditRecord.__dataclass_fields__)
-_INSERT = "insert into audit ({id}" + ", ".join(_AUDIT_COLUMNS) + ") values {values}{returning}"
 _SIZES = (64, 16, 4, 1)  # rows per statement: a batch is written in few statements, each text compiled once
 
 
@@ -67,8 +69,13 @@ def _row(record: AuditRecord, status: int | None) -> list:
     return [row[c] for c in _AUDIT_COLUMNS]
 
 
-def _values(n: int, width: int) -> str:
-    return ", ".join(["(" + ", ".join("?" * width) + ")"] * n)
+@functools.lru_cache(maxsize=2 * len(_SIZES))
+def _insert(n: int, given_ids: bool) -> str:
+    """The statement that writes n rows: with the ids given (SQLite), or returning them (PostgreSQL)."""
+    columns = ("id",) * given_ids + _AUDIT_COLUMNS
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    return (f"insert into audit ({', '.join(columns)}) values {', '.join([row] * n)}"
+            + ("" if given_ids else " returning id"))
 
 
 class AuditTrail:
@@ -87,16 +94,14 @@ class AuditTrail:
         # GIL) a row; PostgreSQL's identity numbers the rows in the order they are listed
         next_id = tx.one("select coalesce(max(id), 0) + 1 from audit")[0] if self.backend.dialect == "sqlite" else None
         for run in _sized(rows):
+            values = [_row(record, status) for record, status in run]
             if next_id is None:
-                params = [v for record, status in run for v in _row(record, status)]
-                ids += [r["id"] for r in tx.rows(_INSERT.format(values=_values(len(run), len(_AUDIT_COLUMNS)),
-                                                             id="", returning=" returning id"), params)]
-                continue
-            given = list(range(next_id, next_id + len(run)))
-            params = [v for i, (record, status) in zip(given, run, strict=True) for v in (i, *_row(record, status))]
-            tx.one(_INSERT.format(values=_values(len(run), len(_AUDIT_COLUMNS) + 1), id="id, ", returning=""), params)
-            ids += given
-            next_id += len(run)
+                ids += [r["id"] for r in tx.rows(_insert(len(run), False), [v for row in values for v in row])]
+            else:
+                given = range(next_id, next_id + len(run))
+                tx.one(_insert(len(run), True), [v for i, row in zip(given, values, strict=True) for v in (i, *row)])
+                ids += given
+                next_id += len(run)
         return ids
 
     @staticmethod

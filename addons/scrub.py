@@ -1063,8 +1063,7 @@ class _Rewriter(StreamRewriter):
         if not end:
             return super().feed(chunk)
         # all up to end is final: scanned once with what was held, as the whole body would be
-        self._carry += chunk if end == len(chunk) else chunk[:end]
-        return super().finish() + super().feed(chunk[end:])
+        return self.final(chunk[:end]) + super().feed(chunk[end:])
 
     @staticmethod
     def _after_last(breaker: re.Pattern[bytes], chunk: bytes) -> int:

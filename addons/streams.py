@@ -30,7 +30,11 @@ class StreamRewriter:
 
     def finish(self) -> bytes:
         """The rest, at the end of the stream."""
-        buf, self._carry = self._carry, b""
+        return self.final(b"")
+
+    def final(self, chunk: bytes) -> bytes:
+        """chunk with all held before it, rewritten whole: the caller knows no match runs past its end."""
+        buf, self._carry = self._carry + chunk, b""
         out, pos = self._rewrite(buf, len(buf))
         return out + buf[pos:]
 

@@ -44,3 +44,4 @@ def test_a_stream_refused_at_its_head_with_a_body_of_unknown_length_is_reset_alo
     assert value.encode() not in seen
     paths = [h[b":path"] for h, _, _ in h2api.received[before:]]
     assert paths == [f"/echo/{allowed}".encode()], "the refused stream reached the upstream"
+

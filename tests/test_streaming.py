@@ -299,3 +299,19 @@ def test_error_page_after_streamed_injection_is_withheld(proxy, pki, user):
     assert up.received[0][1] == b"k=" + value.encode()
     escaped = repr(value.encode())[2:-1].encode()  # how an error page would quote the bytes
     assert escaped not in out and value.encode() not in out
+
+
+def test_a_broken_response_stream_is_recorded_without_the_text_of_an_unexpected_exception(value):
+    """The refusal of a streamed response that could not be checked reaches the dashboard (the flow's metadata):
+    a BodyError's text is sealgate's own, another exception's (raised over the upstream's bytes) is not quoted."""
+    from types import SimpleNamespace
+
+    from sealgate.addon import Sealgate
+    from sealgate.bodies import BodyError
+    refused = []
+    fake = SimpleNamespace(recorder=SimpleNamespace(refuse=lambda flow, refusal, answer: refused.append(refusal)))
+    Sealgate._cut_response(fake, None, ValueError(f"bad byte near {value}"))
+    Sealgate._cut_response(fake, None, BodyError("the body is not valid gzip: BadGzipFile"))
+    assert [r.code for r in refused] == ["unscrubbable_response"] * 2
+    assert value not in str(refused[0]) and "ValueError" in str(refused[0])
+    assert "not valid gzip" in str(refused[1])
