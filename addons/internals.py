@@ -70,6 +70,14 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers (whether a request has a body)")
     need(callable(getattr(getattr(tls, "TLSLayer", None), "tls_interact", None)),
          "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact (TLS writes)")
+    from mitmproxy.proxy import tunnel
+    tunnel_layer = getattr(tunnel, "TunnelLayer", None)
+    to_child = getattr(tunnel_layer, "event_to_child", None)
+    need(all(callable(getattr(tunnel_layer, n, None)) for n in ("_handle_command", "send_data"))
+         and isinstance(getattr(getattr(tls, "TLSLayer", None), "is_dtls", None), property)
+         and to_child is not None and inspect.getsource(to_child).split("\n", 1)[1].split() == _TUNNEL_TO_CHILD,
+         "mitmproxy.proxy.tunnel.TunnelLayer.event_to_child (as whole_tls_writes copies it), _handle_command and "
+         "send_data, and TLSLayer.is_dtls (TLS writes)")
     need(callable(getattr(_http1, "make_body_reader", None)),
          "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 bodies)")
     need(callable(getattr(getattr(_http1, "Http1Server", None), "wait", None)),
@@ -535,13 +543,20 @@ def http1_body_readers(most: Callable[[], int]) -> None:
 
 
 TLS_WRITE_MOST = 1 << 20  # bytes of a TLS layer's output sent in one write
+_TUNNEL_TO_CHILD = """if ( self.tunnel_state is TunnelState.ESTABLISHING and not self.command_to_reply_to ):
+    self._event_queue.append(event) return for command in self.child_layer.handle_event(event): yield from
+    self._handle_command(command)""".split()  # mitmproxy 12's body of what whole_tls_writes replaces
 
 
 def whole_tls_writes() -> None:
-    """Send what a TLS layer has encrypted in one write. mitmproxy takes it 64 KiB at a time, each
-    its own write (and send call): a 256 KiB piece of an upload went out in four."""
+    """Fewer, larger TLS writes. What a TLS layer's child sends while one event runs (a response's head, its
+    body and its end) goes into the connection together: one record and one write, where mitmproxy made one
+    of each per piece, and the peer woke once for each. What a TLS layer has encrypted goes out in one write,
+    where mitmproxy took it 64 KiB at a time (a 256 KiB piece of an upload went out in four). Order is kept:
+    any other command the child gives first sends what was held before it."""
     from mitmproxy.proxy import commands
     from mitmproxy.proxy.layers import tls
+    from mitmproxy.proxy.tunnel import TunnelState
     from OpenSSL import SSL
 
     def tls_interact(self):
@@ -552,7 +567,30 @@ def whole_tls_writes() -> None:
                 return
             yield commands.SendData(self.conn, data)
 
+    def event_to_child(self, event):
+        if self.tunnel_state is TunnelState.ESTABLISHING and not self.command_to_reply_to:
+            self._event_queue.append(event)
+            return
+        held: list[bytes] = []
+        whole = not self.is_dtls  # (a DTLS record is a datagram: its sizes are the child's)
+        try:
+            for command in self.child_layer.handle_event(event):
+                if whole and type(command) is commands.SendData and command.connection == self.conn:
+                    held.append(command.data)
+                    continue
+                if held:
+                    data, held = b"".join(held), []
+                    yield from self.send_data(data)
+                yield from self._handle_command(command)
+        except Exception:  # (mitmproxy logs a layer's crash and goes on: what the child sent is sent, as before)
+            if held:
+                yield from self.send_data(b"".join(held))
+            raise
+        if held:
+            yield from self.send_data(b"".join(held))
+
     tls.TLSLayer.tls_interact = tls_interact
+    tls.TLSLayer.event_to_child = event_to_child
 
 
 def forget_killed_streams() -> None:

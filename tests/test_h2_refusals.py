@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 
-from test_redteam_session17 import _h2, _h2_pump_until, h2api  # noqa: F401 - h2api: a fixture
+from test_redteam_session17 import _h2_pump_until, h2api  # noqa: F401 - h2api: a fixture
+from wire import h2_tunnel
 
 
 def test_a_stream_refused_at_its_head_with_a_body_of_unknown_length_is_reset_alone(proxy, h2api, evil, user,
@@ -19,7 +20,7 @@ def test_a_stream_refused_at_its_head_with_a_body_of_unknown_length_is_reset_alo
     ph, other = keyed["env"]["API_KEY"], keyed["env"]["ELSEWHERE"]
     target = h2api.target.encode()
     before = len(h2api.received)
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
 
     def head(sid: int, method: bytes, auth: str, end: bool) -> None:
         conn.send_headers(sid, [(b":method", method), (b":scheme", b"https"), (b":authority", target),

@@ -13,8 +13,8 @@ import ssl
 import time
 
 import pytest
-from test_redteam_session17 import _h2, _h2_pump_until, h2api  # noqa: F401 - h2api: a fixture
-from wire import connect, read_all
+from test_redteam_session17 import _h2_pump_until, h2api  # noqa: F401 - h2api: a fixture
+from wire import connect, h2_tunnel, read_all
 
 BIG = b"x" * 3900  # one HPACK table entry (the table holds 4096 bytes): 1 byte on the wire each time again
 
@@ -108,7 +108,7 @@ def test_finding_refused_and_reset_streams_are_not_kept_with_their_flow_until_th
     target = h2api.target.encode()
     before = len(h2api.received)
     base_streams, base_flows = _http_layers_streams(), _live_flows()
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     n = 400
     resets = 0
     for i in range(n):
@@ -157,7 +157,7 @@ def test_finding_a_worker_does_not_grow_the_proxy_by_each_refused_stream_it_has_
     takes to keep it open); the streams are the proxy's own resets, not counted by limit_h2_floods."""
     keyed, ph, other = _setup(proxy, h2api, evil, user, value)
     target = h2api.target.encode()
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     _no_huffman(conn)
     rss0 = _rss(proxy)
     n, resets = 1000, 0
@@ -232,7 +232,7 @@ def test_data_past_the_windows_and_trailers_with_placeholders_on_a_reset_stream_
     keyed, ph, other = _setup(proxy, h2api, evil, user, value)
     target = h2api.target.encode()
     before = len(h2api.received)
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     r1 = _refused_stream(t, conn, target, other)
     r2 = _refused_stream(t, conn, target, other)
     assert _await_resets(t, conn, 0, 2) == 2
@@ -262,7 +262,7 @@ def test_head_body_and_trailers_of_a_refused_stream_sent_in_one_write_go_nowhere
     keyed, ph, other = _setup(proxy, h2api, evil, user, value)
     target = h2api.target.encode()
     before = len(h2api.received)
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     r = conn.get_next_available_stream_id()
     conn.send_headers(r, _head(target, r, b"POST", other))
     conn.send_data(r, b'{"a": "' + ph.encode() + b'"}' * 100)
@@ -286,7 +286,7 @@ def test_a_large_content_length_refused_stream_is_reset_and_its_declared_body_go
     keyed, ph, other = _setup(proxy, h2api, evil, user, value)
     target = h2api.target.encode()
     before = len(h2api.received)
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     r = _refused_stream(t, conn, target, other, [(b"content-length", b"2097152")], body=b"")
     assert _await_resets(t, conn, 0, 1) == 1
     for i in range(128):
@@ -308,7 +308,7 @@ def test_continuation_and_priority_tricks_around_reset_streams(proxy, h2api, evi
     keyed, ph, other = _setup(proxy, h2api, evil, user, value)
     target = h2api.target.encode()
     before = len(h2api.received)
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     w = conn.get_next_available_stream_id()  # (this client's h2 takes frames once a stream of its own went)
     conn.send_headers(w, _head(target, w, b"GET", ph), end_stream=True)
     t.sendall(conn.data_to_send())
@@ -358,7 +358,7 @@ def test_refused_and_reset_streams_get_one_block_row_each_with_status_0_and_leav
     keyed = proxy.issue(user=user, runchat=runchat)
     ph, other = keyed["env"]["API_KEY"], keyed["env"]["ELSEWHERE"]
     target = h2api.target.encode()
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     refused = [_refused_stream(t, conn, target, other) for _ in range(6)]
     assert _await_resets(t, conn, 0, 6) == 6
     _frames(t, *[_headers_frame(conn, r, [(b"x-t", ph.encode())]) for r in refused[:2]])
@@ -389,7 +389,7 @@ def test_rapid_reset_still_closes_a_worker_whose_own_resets_are_mixed_with_refus
     ENHANCE_YOUR_CALM and the connection closes; nothing it reset reached the upstream more than once each."""
     keyed, ph, other = _setup(proxy, h2api, evil, user, value)
     target = h2api.target.encode()
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     terminated = None
     for i in range(130):
         _refused_stream(t, conn, target, other)
@@ -420,7 +420,7 @@ def test_refused_streams_after_the_proxy_reset_them_then_reset_by_the_worker_do_
     keyed, ph, other = _setup(proxy, h2api, evil, user, value)
     target = h2api.target.encode()
     before = len(h2api.received)
-    t, conn = _h2(keyed, proxy.port, h2api.target)
+    t, conn = h2_tunnel(keyed, proxy.port, h2api.target)
     have, ended = 0, None
     for i in range(15):
         sids = [_refused_stream(t, conn, target, other) for _ in range(10)]
@@ -487,7 +487,7 @@ def test_per_session_connection_limit_holds_and_is_given_back_when_refusals_rese
     keyed, ph, other = _setup(tight, h2api, evil, user, value)
     target = h2api.target.encode()
     sg = tight._master.addons.get("sealgate")
-    conns = [_h2(keyed, tight.port, h2api.target) for _ in range(2)]
+    conns = [h2_tunnel(keyed, tight.port, h2api.target) for _ in range(2)]
     for t, conn in conns:
         for _ in range(20):
             _refused_stream(t, conn, target, other)
@@ -500,7 +500,7 @@ def test_per_session_connection_limit_holds_and_is_given_back_when_refusals_rese
         t.close()
     time.sleep(0.5)
     after = dict(sg.connections.per_session)
-    t, conn = _h2(keyed, tight.port, h2api.target)
+    t, conn = h2_tunnel(keyed, tight.port, h2api.target)
     g = conn.get_next_available_stream_id()
     conn.send_headers(g, _head(target, g, b"GET", ph), end_stream=True)
     t.sendall(conn.data_to_send())
@@ -519,7 +519,7 @@ def test_data_trickled_on_a_reset_stream_does_not_hold_the_connection_past_heade
     connection is closed once header_timeout (2 s) has passed without a head, as any idle connection."""
     keyed, _, other = _setup(tight, h2api, evil, user, value)
     target = h2api.target.encode()
-    t, conn = _h2(keyed, tight.port, h2api.target)
+    t, conn = h2_tunnel(keyed, tight.port, h2api.target)
     r = _refused_stream(t, conn, target, other)
     assert _await_resets(t, conn, 0, 1) == 1
     start, closed_at = time.time(), None

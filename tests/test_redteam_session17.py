@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import random
 import socket
-import ssl
 import sys
 import time
 
 import pytest
 
-from wire import connect, read_all, read_head, tunnel
+from wire import connect, h2_received, h2_tunnel, read_all, read_head, tunnel
 
 
 def _clean_log(proxy) -> bool:
@@ -27,35 +26,11 @@ def keyed(proxy, api, evil, user, value):
     return proxy.issue(user=user)
 
 
-def _h2(session, port, target):
-    import h2.config
-    import h2.connection
-
-    sock, head = connect(session, port, target)
-    assert b" 200 " in head.split(b"\r\n")[0]
-    ctx = ssl.create_default_context(cafile=session["ca_cert"])
-    ctx.check_hostname = False
-    ctx.set_alpn_protocols(["h2"])
-    t = ctx.wrap_socket(sock, server_hostname=None)
-    assert t.selected_alpn_protocol() == "h2"
-    t.settimeout(8)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-    conn.initiate_connection()
-    t.sendall(conn.data_to_send())
-    return t, conn
-
-
 def _h2_pump_until(t, conn, streams: dict[int, dict], deadline: float) -> None:
     import h2.events
 
-    while time.time() < deadline and not all(s["ended"] for s in streams.values()):
-        try:
-            data = t.recv(65536)
-        except (TimeoutError, ssl.SSLError):
-            break
-        if not data:
-            break
-        for ev in conn.receive_data(data):
+    for events in h2_received(t, conn, streams, deadline):
+        for ev in events:
             sid = getattr(ev, "stream_id", None)
             if isinstance(ev, h2.events.ResponseReceived):
                 streams[sid]["status"] = dict(ev.headers)[b":status"]
@@ -68,7 +43,6 @@ def _h2_pump_until(t, conn, streams: dict[int, dict], deadline: float) -> None:
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 for s in streams.values():
                     s["ended"] = True
-        t.sendall(conn.data_to_send())
 
 
 def _h2_echo(headers, body, conn, sid, sock):
@@ -93,7 +67,7 @@ def test_http2_many_concurrent_streams_each_filled_refused_or_scrubbed_once(prox
     api = h2api
     target = h2api.target
     before = len(api.received)
-    t, conn = _h2(keyed, proxy.port, target)
+    t, conn = h2_tunnel(keyed, proxy.port, target)
     streams: dict[int, dict] = {}
     tag = random.randrange(10**9)
     for i in range(12):

@@ -27,7 +27,7 @@ import pytest
 from sealgate import internals
 from sealgate.scrub import Scrubber
 from upstream import RawUpstream, header, raw_response
-from wire import read_all, tunnel
+from wire import clean_log, log_mark, read_all, tunnel  # noqa: F401 - log_mark: an autouse fixture
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -89,27 +89,6 @@ def _expected(value: str, ph: str, data: bytes) -> bytes:
     s = Scrubber()
     s.add_value(value, ph)
     return s.scrub(data)
-
-
-_LOG_AT: dict = {}  # the proxy's log size when the running test began
-
-
-@pytest.fixture(autouse=True)
-def _log_mark(request):
-    if "proxy" in request.fixturenames:
-        p = request.getfixturevalue("proxy")
-        _LOG_AT[p.log] = p.log.stat().st_size if p.log.exists() else 0
-    yield
-
-
-def _clean_log(proxy) -> bool:
-    """No crash in what the proxy logged during this test (the module's proxy is shared)."""
-    if not proxy.log.exists():
-        return True
-    with proxy.log.open("rb") as f:
-        f.seek(_LOG_AT.get(proxy.log, 0))
-        text = f.read().decode(errors="replace")
-    return "has crashed" not in text and "Traceback" not in text
 
 
 def _read_all_fast(sock, timeout: float = 5) -> bytes:
@@ -336,7 +315,7 @@ def test_sse_of_tiny_chunks_with_extensions_arriving_together_is_scrubbed_whole_
     assert exact, "the worker's event stream differs from the scrubbed whole"
     clean = value.encode() not in raw and b"X-Trailer" not in raw
     assert clean
-    assert _clean_log(proxy)
+    assert clean_log(proxy)
 
 
 def test_a_value_cut_at_the_merged_and_unmerged_boundary_is_scrubbed(proxy, keyed_upstream, value):
@@ -414,7 +393,7 @@ def test_malformed_chunked_framing_after_good_chunks_leaks_no_value(proxy, keyed
         raw = _get(s, proxy.port, up.target)
         clean = v not in raw and v[:10] not in raw.replace(ph.encode(), b"")
         assert clean
-    assert _clean_log(proxy)
+    assert clean_log(proxy)
 
 
 def test_http10_read_until_close_response_with_the_value_at_the_end_is_scrubbed(proxy, keyed_upstream, value):
@@ -612,7 +591,7 @@ def test_a_refused_placeholder_in_tiny_chunks_arriving_together_reaches_no_upstr
     assert nothing, "the upstream got a complete request"
     clean = value.encode() not in evil.seen() and ph not in evil.seen()
     assert clean
-    assert _clean_log(proxy)
+    assert clean_log(proxy)
 
 
 def test_good_chunks_then_malformed_framing_in_one_write_never_complete_an_upstream_request(proxy, recording,

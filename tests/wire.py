@@ -7,6 +7,8 @@ import socket
 import ssl
 import time
 
+import pytest
+
 
 def credential_header(session: dict) -> str:
     cred = session["proxy_url"].split("//", 1)[1].split("@", 1)[0]
@@ -89,15 +91,12 @@ def one_request(session: dict, proxy_port: int, target: str, sni: str | None, re
     return out
 
 
-def h2_request(session: dict, proxy_port: int, target: str, headers: list[tuple[bytes, bytes]], *,
-               body_parts: tuple[bytes, ...] = (), trailers: list[tuple[bytes, bytes]] | None = None,
-               method: bytes = b"GET", timeout: float = 4) -> bytes:
-    """One HTTP/2 request through a tunnel, sent as the given DATA frames (an empty part is an
-    empty DATA frame; large parts are split as flow control allows); returns every header,
-    data and trailer byte the worker received."""
+def h2_tunnel(session: dict, proxy_port: int, target: str, *, window: int | None = None, timeout: float = 8):
+    """An HTTP/2 connection through a tunnel, its preamble sent: (the TLS socket, the client's h2 connection);
+    `window`: the streams' initial window the client announces."""
     import h2.config
     import h2.connection
-    import h2.events
+    import h2.settings
 
     sock, head = connect(session, proxy_port, target)
     assert b" 200 " in head.split(b"\r\n")[0], head
@@ -109,6 +108,57 @@ def h2_request(session: dict, proxy_port: int, target: str, headers: list[tuple[
     t.settimeout(timeout)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     conn.initiate_connection()
+    if window is not None:
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    t.sendall(conn.data_to_send())
+    return t, conn
+
+
+def h2_received(t: ssl.SSLSocket, conn, streams: dict[int, dict], deadline: float, size: int = 65536):
+    """The events of each read on an HTTP/2 connection (a list a read), until every one of `streams` has
+    "ended", the deadline passes or the connection ends; what the client has to send then is sent after each."""
+    while time.time() < deadline and not all(s["ended"] for s in streams.values()):
+        try:
+            data = t.recv(size)
+        except (TimeoutError, ssl.SSLError):
+            return
+        if not data:
+            return
+        yield conn.receive_data(data)
+        t.sendall(conn.data_to_send())
+
+
+_LOG_AT: dict = {}  # a proxy's log size when the running test began
+
+
+@pytest.fixture(autouse=True)
+def log_mark(request):
+    """(Autouse where imported.) Notes where the proxy's log stood as the test began, for `clean_log`."""
+    if "proxy" in request.fixturenames:
+        p = request.getfixturevalue("proxy")
+        _LOG_AT[p.log] = p.log.stat().st_size if p.log.exists() else 0
+    yield
+
+
+def clean_log(proxy) -> bool:
+    """No crash in what the proxy logged during this test (a module's proxy is shared)."""
+    if not proxy.log.exists():
+        return True
+    with proxy.log.open("rb") as f:
+        f.seek(_LOG_AT.get(proxy.log, 0))
+        text = f.read().decode(errors="replace")
+    return "has crashed" not in text and "Traceback" not in text
+
+
+def h2_request(session: dict, proxy_port: int, target: str, headers: list[tuple[bytes, bytes]], *,
+               body_parts: tuple[bytes, ...] = (), trailers: list[tuple[bytes, bytes]] | None = None,
+               method: bytes = b"GET", timeout: float = 4) -> bytes:
+    """One HTTP/2 request through a tunnel, sent as the given DATA frames (an empty part is an
+    empty DATA frame; large parts are split as flow control allows); returns every header,
+    data and trailer byte the worker received."""
+    import h2.events
+
+    t, conn = h2_tunnel(session, proxy_port, target, timeout=timeout)
     got: list[bytes] = []
     ended = False
 
