@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 CHECKED_VERSIONS = "12.0-12.3"
@@ -32,7 +32,7 @@ def problems() -> list[str]:
     """What is missing from the installed mitmproxy, as sentences (empty: all present)."""
     from mitmproxy import connection, version
     from mitmproxy.addons import proxyserver
-    from mitmproxy.proxy import server
+    from mitmproxy.proxy import context, server
     from mitmproxy.proxy.layers import http as http_layer
     from mitmproxy.proxy.layers import tls
     from mitmproxy.proxy.layers import websocket as ws_layer
@@ -75,7 +75,7 @@ def problems() -> list[str]:
     to_child = getattr(tunnel_layer, "event_to_child", None)
     need(all(callable(getattr(tunnel_layer, n, None)) for n in ("_handle_command", "send_data"))
          and isinstance(getattr(getattr(tls, "TLSLayer", None), "is_dtls", None), property)
-         and to_child is not None and inspect.getsource(to_child).split("\n", 1)[1].split() == _TUNNEL_TO_CHILD,
+         and to_child is not None and _ends(to_child, _TUNNEL_TO_CHILD),
          "mitmproxy.proxy.tunnel.TunnelLayer.event_to_child (as whole_tls_writes copies it), _handle_command and "
          "send_data, and TLSLayer.is_dtls (TLS writes)")
     need(callable(getattr(_http1, "make_body_reader", None)),
@@ -114,11 +114,39 @@ def problems() -> list[str]:
     need(all(inspect.getsource(m).count("uuid.") == 1 and "str(uuid.uuid4())" in inspect.getsource(m)
              for m in (conn_module, flow_module)),
          "mitmproxy.flow and mitmproxy.connection: ids made by str(uuid.uuid4()) and nothing else of uuid (pooled_ids)")
+    headers = http.Headers
+    need(getattr(headers.get, "__wrapped__", headers.get) is Mapping.get
+         and getattr(headers.__contains__, "__wrapped__", headers.__contains__) is Mapping.__contains__
+         and callable(getattr(http, "_always_bytes", None)) and callable(getattr(http, "_native", None))
+         and "return [_native(x) for x in super().get_all(name)]" in inspect.getsource(headers.get_all)
+         and "[value for k, value in self.fields if self._kconv(k) == key]" in inspect.getsource(
+             headers.__mro__[1].get_all) and headers._kconv(b"Ab") == b"ab" and headers._reduce_values(["a", "b"]) == "a, b",
+         "mitmproxy.http.Headers.get, __contains__ (Mapping's), get_all, _kconv and _reduce_values (quick_header_lookups)")
+    fork = getattr(context.Context.fork, "__wrapped__", context.Context.fork)
+    need(_ends(fork, "ret = Context(self.client, self.options) ret.server = self.server ret.layers = self.layers.copy() "
+                     "return ret") and _ends(context.Context.__init__, "self.client = client self.options = options "
+                     "self.server = connection.Server( address=None, transport_protocol=client.transport_protocol ) "
+                     "self.layers = []"),
+         "mitmproxy.proxy.context.Context.fork and __init__ (quick_context_forks)")
+    equal = getattr(connection.Connection.__eq__, "__wrapped__", connection.Connection.__eq__)
+    need(_ends(equal, "if isinstance(other, Connection): return self.id == other.id return False"),
+         "mitmproxy.connection.Connection.__eq__ (quick_connection_equality)")
     need((hasattr(http.MessageData, "__post_init__") or not __debug__) and "_legacy_log_events" in inspect.getsource(master.Master.__init__),
          "mitmproxy.http.MessageData.__post_init__ and mitmproxy.master.Master._legacy_log_events (trim_master)")
     if found:
         found.append(f"(sealgate was checked against mitmproxy {CHECKED_VERSIONS}; this is {version.VERSION})")
     return found
+
+
+_TUNNEL_TO_CHILD = """if ( self.tunnel_state is TunnelState.ESTABLISHING and not self.command_to_reply_to ):
+    self._event_queue.append(event) return for command in self.child_layer.handle_event(event): yield from
+    self._handle_command(command)"""  # mitmproxy 12's body of what whole_tls_writes replaces
+
+
+def _ends(func: Callable, body: str) -> bool:
+    """Whether func's source ends with body (whitespace aside): the body of what sealgate replaces is the one
+    it was written against."""
+    return " ".join(inspect.getsource(func).split()).endswith(" " + " ".join(body.split()))
 
 
 def require() -> None:
@@ -220,6 +248,9 @@ def trim_master(master: Any) -> None:
     lean_hooks()
     inline_hook_completions()
     pooled_ids()
+    quick_header_lookups()
+    quick_connection_equality()
+    quick_context_forks()
 
 
 def direct_hooks(master: Any) -> None:
@@ -265,7 +296,7 @@ def direct_hooks(master: Any) -> None:
     async def handle_lifecycle(event: Any) -> None:
         args = hook_args(event)
         await run(event.name, args)
-        if isinstance(args[0], mflow.Flow) and hooks("update"):
+        if hooks("update") and isinstance(args[0], mflow.Flow):
             await run("update", [[args[0]]])
 
     addons.handle_lifecycle = handle_lifecycle
@@ -396,6 +427,75 @@ def pooled_ids() -> None:
     ids = _PooledIds()
     os.register_at_fork(after_in_child=ids.forget)  # (a forked child makes its own)
     flow.uuid = connection.uuid = ids  # type: ignore[assignment]
+
+
+def quick_header_lookups() -> None:
+    """`headers.get(name)` and `name in headers` without an exception for a header that is not there:
+    mitmproxy's (Mapping's) raise and catch a KeyError for each, and mitmproxy asks for absent ones (Transfer-
+    Encoding, Expect, Upgrade...) a dozen times a request. The same answers: the values of every field whose
+    name is the same without case, joined by ", "; a name that is neither str nor bytes raises TypeError."""
+    from mitmproxy import http
+
+    if hasattr(http.Headers.get, "__wrapped__"):
+        return
+    to_bytes, native = http._always_bytes, http._native
+
+    def get(self, key, default=None):
+        key = to_bytes(key).lower()
+        values = [native(v) for k, v in self.fields if k.lower() == key]
+        return ", ".join(values) if values else default
+
+    def contains(self, key) -> bool:
+        key = to_bytes(key).lower()
+        for k, _ in self.fields:
+            if k.lower() == key:
+                return True
+        return False
+
+    get.__wrapped__, contains.__wrapped__ = http.Headers.get, http.Headers.__contains__  # type: ignore[attr-defined]
+    http.Headers.get, http.Headers.__contains__ = get, contains
+
+
+def quick_context_forks() -> None:
+    """mitmproxy's `Context.fork` (some six a request: each HTTP stream and connection layer gets one) made a
+    `Server` for the new context and threw it away for the one it copies: a dataclass of thirty fields, each
+    set through `Server.__setattr__`, a twentieth of the proxy's work per request. The same context, without."""
+    from mitmproxy.proxy import context
+
+    Context = context.Context
+    if hasattr(Context.fork, "__wrapped__"):
+        return
+    original = Context.fork
+
+    def fork(self):
+        ret = Context.__new__(Context)
+        ret.client, ret.options, ret.server, ret.layers = self.client, self.options, self.server, self.layers.copy()
+        return ret
+
+    fork.__wrapped__ = original  # type: ignore[attr-defined]
+    Context.fork = fork
+
+
+def quick_connection_equality() -> None:
+    """mitmproxy compares connections by id (`==`), every layer at every event, each time through
+    `isinstance(other, Connection)`, which for an abstract class is a Python call of ABCMeta's. The same
+    answers, with the object itself and the two kinds of connection first."""
+    from mitmproxy import connection
+
+    original = connection.Connection.__eq__
+    if hasattr(original, "__wrapped__"):
+        return
+    kinds = (connection.Client, connection.Server)
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if type(other) in kinds or isinstance(other, connection.Connection):
+            return self.id == other.id
+        return False
+
+    __eq__.__wrapped__ = original  # type: ignore[attr-defined]
+    connection.Connection.__eq__ = __eq__
 
 
 def unchecked_messages() -> None:
@@ -543,9 +643,6 @@ def http1_body_readers(most: Callable[[], int]) -> None:
 
 
 TLS_WRITE_MOST = 1 << 20  # bytes of a TLS layer's output sent in one write
-_TUNNEL_TO_CHILD = """if ( self.tunnel_state is TunnelState.ESTABLISHING and not self.command_to_reply_to ):
-    self._event_queue.append(event) return for command in self.child_layer.handle_event(event): yield from
-    self._handle_command(command)""".split()  # mitmproxy 12's body of what whole_tls_writes replaces
 
 
 def whole_tls_writes() -> None:

@@ -129,3 +129,22 @@ def test_after_a_batch_of_many_rows_the_next_waits_longer_and_after_a_few_as_bef
             q.add(record(f"/{batch}/{i}"))
         assert q.flush(5)
     assert slept == [audit_mod.BATCH_EVERY, audit_mod.BATCH_EVERY_BUSY, audit_mod.BATCH_EVERY]
+
+
+def test_a_decision_line_is_logged_once_the_event_that_made_it_is_handled():
+    """record._after_this_event: on the event loop the line goes out at its next turn (an allowed request is
+    sent upstream first, the logging done while the upstream answers); with no loop running, at once."""
+    import asyncio
+
+    from sealgate import record
+    got: list[str] = []
+
+    async def main() -> None:
+        record._after_this_event(got.append, "made in an event")
+        assert got == []
+        await asyncio.sleep(0)
+        assert got == ["made in an event"]
+
+    asyncio.run(main())
+    record._after_this_event(got.append, "made outside")
+    assert got == ["made in an event", "made outside"]

@@ -10,6 +10,8 @@ import threading
 from contextlib import redirect_stderr
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy import command, master, options
 from mitmproxy.proxy import tunnel
 from mitmproxy.proxy.layers import http as http_layer
@@ -311,6 +313,83 @@ def test_inline_completions_keep_an_event_that_waits_for_the_lock_behind_those_b
         return [e.split("@")[0] for e in h.handled]
 
     assert asyncio.run(main()) == ["first", "start fast", "done fast", "last"]
+
+
+_NAMES = st.sampled_from([b"Host", b"host", b"HOST", b"Transfer-Encoding", b"content-length", b"X-\xff", b"\xc3\xa9",
+                          b"Expect", b""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.lists(st.tuples(_NAMES, st.binary(max_size=6)), max_size=8),
+       key=st.one_of(_NAMES, _NAMES.map(lambda b: b.decode("utf-8", "surrogateescape"))))
+def test_quick_header_lookups_answer_as_mitmproxys(fields, key):
+    """Headers.get and `in` without a KeyError raised and caught for each absent name: the same answers as
+    Mapping's over mitmproxy's get_all (case, repeated names joined by ", ", bytes that are not UTF-8)."""
+    from collections.abc import Mapping
+
+    from mitmproxy.http import Headers
+    internals.quick_header_lookups()
+    h = Headers(fields)
+    assert h.get(key) == Mapping.get(h, key) and h.get(key, "d") == Mapping.get(h, key, "d")
+    assert (key in h) == Mapping.__contains__(h, key)
+
+
+@pytest.mark.parametrize("bad", [None, 3, 3.5])
+def test_quick_header_lookups_raise_for_a_name_that_is_no_text_as_mitmproxy_does(bad):
+    from collections.abc import Mapping
+
+    from mitmproxy.http import Headers
+    internals.quick_header_lookups()
+    h = Headers([(b"a", b"b")])
+    for mine, theirs in ((h.get, lambda k: Mapping.get(h, k)), (h.__contains__, lambda k: Mapping.__contains__(h, k))):
+        with pytest.raises(Exception) as expected:
+            theirs(bad)
+        with pytest.raises(expected.type):
+            mine(bad)
+
+
+def test_quick_connection_equality_answers_as_mitmproxys():
+    import copy
+
+    from mitmproxy import connection
+    internals.quick_connection_equality()
+    original = connection.Connection.__eq__.__wrapped__
+    client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+    server = connection.Server(address=("127.0.0.1", 3))
+    others = [client, copy.copy(client), server, copy.copy(server), connection.Server(address=None), "x", None, 1]
+    for a in (client, server):
+        for b in others:
+            assert (a == b) == original(a, b) and (a != b) == (not original(a, b))
+    assert client == copy.copy(client) and client != server and hash(client) == hash(copy.copy(client))
+
+
+def test_quick_context_forks_make_the_context_mitmproxys_fork_made():
+    from mitmproxy import connection, options
+    from mitmproxy.proxy import context
+    internals.quick_context_forks()
+    client = connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+    ctx = context.Context(client, options.Options())
+    ctx.layers.append("a layer")
+    mine, theirs = ctx.fork(), context.Context.fork.__wrapped__(ctx)
+    for fork in (mine, theirs):
+        assert type(fork) is context.Context and fork.client is client and fork.options is ctx.options
+        assert fork.server is ctx.server and fork.layers == ["a layer"] and fork.layers is not ctx.layers
+    assert vars(mine).keys() == vars(theirs).keys()
+
+
+@pytest.mark.parametrize("owner, name, replacement", [
+    ("mitmproxy.proxy.context.Context", "fork", lambda self: self),
+    ("mitmproxy.connection.Connection", "__eq__", lambda self, other: self is other),
+    ("mitmproxy.http.Headers", "get_all", lambda self, name: []),
+    ("mitmproxy.proxy.tunnel.TunnelLayer", "event_to_child", lambda self, event: iter(())),
+])
+def test_a_changed_internal_that_sealgate_replaces_is_named(monkeypatch, owner, name, replacement):
+    """What sealgate replaces with a quicker copy is checked against the source it was written for: a
+    mitmproxy that changed it is named at start-up, not silently overridden."""
+    import importlib
+    module, cls = owner.rsplit(".", 1)
+    monkeypatch.setattr(getattr(importlib.import_module(module), cls), name, replacement)
+    assert any(f"{cls}." in p and name.strip("_") in p for p in internals.problems())
 
 
 def test_pooled_ids_are_random_version_4_uuids_each_new_and_made_again_after_a_fork():
