@@ -167,6 +167,7 @@ class Wiring:
         internals.limit_h2_floods(H2_RESETS, H2_RESETS_WINDOW, lambda kind: self.metrics.closed.labels(f"h2_{kind}").inc())
 
     def done(self) -> None:
+        self.recorder.lines.flush()  # (while the log and its scrub filter are there)
         self.connections.stop()
         self._close_store()
         for handler in logging.getLogger().handlers:

@@ -39,9 +39,40 @@ class Answer(enum.Enum):
     RESET = "reset"  # HTTP/2: reset the stream (its body is not read); the connection's other streams go on
 
 
+class LaterLines:
+    """Log lines written once the event that made them is handled: an allowed request is sent upstream first,
+    and the logging (the scrub filter, the formatting, a write: a twentieth of the proxy's work per request)
+    is done while the upstream answers, not before. A line is made at once (its audit row was queued before:
+    that decides whether the request may go), and each is written once, in order; `flush` writes the rest as
+    sealgate stops (its `done`, while the log and its scrub filter are still there). No loop: at once."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write, self._lines = write, []
+
+    def add(self, line: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self.write(line)
+        if not self._lines:
+            loop.call_soon(self.flush)
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        lines, self._lines, failed = self._lines, [], None
+        for line in lines:
+            try:
+                self.write(line)
+            except Exception as e:  # noqa: BLE001 - (a log filter's bug) the other lines still go; then it is raised
+                failed = failed or e
+        if failed is not None:
+            raise failed
+
+
 class Recorder:
     def __init__(self, queue: Callable[[], AuditQueue | None], metrics: Metrics, states: FlowStates) -> None:
         self.queue, self.metrics, self.states = queue, metrics, states
+        self.lines = LaterLines(log.info)  # the decisions' lines
 
     def refuse(self, flow: http.HTTPFlow, refusal: Refusal, answer: Answer = Answer.RESPOND) -> None:
         """Answer the flow with the refusal, then log, count and audit it."""
@@ -111,7 +142,7 @@ class Recorder:
             self.metrics.audit_queue_full.inc()
             if refusal is None and names:
                 return None  # refused for it by the caller, which logs that instead
-        _after_this_event(log.info, "sealgate " + " ".join(f"{k}={logfmt.field(v)}" for k, v in (
+        self.lines.add("sealgate " + " ".join(f"{k}={logfmt.field(v)}" for k, v in (
             ("decision", record.decision), ("code", record.code or "-"), ("session", record.session or "-"),
             ("principal", record.principal or "-"), ("runchat", record.runchat or "-"),
             ("secrets", ",".join(names) or "-"), ("method", record.method), ("origin", record.origin),
@@ -119,15 +150,6 @@ class Recorder:
         return pending
 
 
-def _after_this_event(call: Callable[[str], None], line: str) -> None:
-    """Log the line once the event that made it is handled: an allowed request is sent upstream first, and
-    the logging (the scrub filter, the formatting, a write: a twentieth of the proxy's work per request) is
-    done while the upstream answers, not before. The line is made now; its row was queued before (that
-    decides whether the request may go). Called outside an event loop, at once."""
-    try:
-        asyncio.get_running_loop().call_soon(call, line)
-    except RuntimeError:
-        call(line)
 
 
 def _who(session: sessions.Session | None) -> dict[str, str]:

@@ -132,19 +132,26 @@ def test_after_a_batch_of_many_rows_the_next_waits_longer_and_after_a_few_as_bef
 
 
 def test_a_decision_line_is_logged_once_the_event_that_made_it_is_handled():
-    """record._after_this_event: on the event loop the line goes out at its next turn (an allowed request is
-    sent upstream first, the logging done while the upstream answers); with no loop running, at once."""
+    """record.LaterLines: on the event loop the lines go out at its next turn, in order (an allowed request is
+    sent upstream first, the logging done while the upstream answers); flush writes them at once (sealgate's
+    done); with no loop running, at once."""
     import asyncio
 
-    from sealgate import record
+    from sealgate.record import LaterLines
     got: list[str] = []
+    lines = LaterLines(got.append)
 
     async def main() -> None:
-        record._after_this_event(got.append, "made in an event")
+        lines.add("one")
+        lines.add("two")
         assert got == []
         await asyncio.sleep(0)
-        assert got == ["made in an event"]
+        assert got == ["one", "two"]
+        lines.add("three")
+        lines.flush()  # as sealgate stops
+        assert got == ["one", "two", "three"]
+        await asyncio.sleep(0)
 
     asyncio.run(main())
-    record._after_this_event(got.append, "made outside")
-    assert got == ["made in an event", "made outside"]
+    lines.add("made outside")
+    assert got == ["one", "two", "three", "made outside"]
