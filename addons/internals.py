@@ -969,6 +969,7 @@ class Loads:
 
 STEP_BACK_SLACK = 2  # connections a process may hold beyond the fewest another holds, before it steps back
 STEP_BACK_MOST = 0.002  # seconds a process steps back for a burst at most (another may be wedged), then accepts
+STEP_BACK_OVER = 1.0  # seconds without a step back after which the last one is over (another took its connection)
 
 
 class _Own:
@@ -1013,6 +1014,7 @@ class _Shared(socket.socket):
 
     own: _Own | None = None
     _since: float | None = None  # when it began to step back
+    _last = 0.0  # when it last stepped back: while a connection waits, asyncio asks again at every turn
 
     def listen(self, backlog: int = 0) -> None:
         super().listen(BACKLOG)
@@ -1022,7 +1024,9 @@ class _Shared(socket.socket):
             return super().accept()
         if own.more_than_its_share():
             now = time.monotonic()
-            self._since = self._since or now
+            if self._since is None or now - self._last > STEP_BACK_OVER:  # (another took the last one: a new wait)
+                self._since = now
+            self._last = now
             if now - self._since < STEP_BACK_MOST:
                 os.sched_yield()
                 raise BlockingIOError  # (asyncio: nothing to accept now; it asks again at the next wake-up)

@@ -481,6 +481,42 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def test_a_process_that_stepped_back_steps_back_again_for_a_later_connection(monkeypatch):
+    """A process stepped back and another took the connection; asyncio did not ask this one again, so when it
+    began to step back stayed set. A connection that came later found that wait long over and was taken at once
+    by the process with more than its share. The last step back is over once none came for STEP_BACK_OVER."""
+    monkeypatch.setattr(internals, "STEP_BACK_OVER", 0.05)
+    loads = internals.Loads.create(2)
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    owns = [internals._Own(loads, slot) for slot in (0, 1)]
+    copies = []
+    for slot in (0, 1):
+        copy = internals._Shared(fileno=os.dup(server.fileno()))
+        copy.setblocking(False)
+        copy.own = owns[slot]
+        copies.append(copy)
+    clients, accepted = [], []
+    try:
+        for _ in range(internals.STEP_BACK_SLACK + 1):
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            accepted.append(copies[0].accept()[0])
+        clients.append(socket.create_connection(("127.0.0.1", port)))
+        with pytest.raises(BlockingIOError):
+            copies[0].accept()  # 3 against 0: left to process 1, which takes it
+        copies[1].accept()[0].close()  # (it took it, and it closed)
+        time.sleep(0.1)  # (longer than STEP_BACK_MOST and STEP_BACK_OVER)
+        clients.append(socket.create_connection(("127.0.0.1", port)))
+        with pytest.raises(BlockingIOError):
+            copies[0].accept()  # 3 against 0 again: left to process 1 again
+        accepted.append(copies[1].accept()[0])
+        assert [o.count for o in owns] == [3, 1]
+    finally:
+        for c in [*clients, *accepted, *copies, server]:
+            c.close()
+
+
 def test_a_process_with_more_connections_than_another_leaves_new_ones_to_it_for_a_while():
     """internals._Shared with the gateway's counts: two processes' copies of one listening socket, in one test
     process. The one that holds STEP_BACK_SLACK more than the other steps back (BlockingIOError: asyncio waits
