@@ -167,11 +167,13 @@ class Wiring:
         internals.limit_h2_floods(H2_RESETS, H2_RESETS_WINDOW, lambda kind: self.metrics.closed.labels(f"h2_{kind}").inc())
 
     def done(self) -> None:
-        self.recorder.lines.flush()  # (while the log and its scrub filter are there)
-        self.connections.stop()
-        self._close_store()
-        for handler in logging.getLogger().handlers:
-            handler.removeFilter(self.scrubbers.log_filter)
+        try:
+            self.recorder.lines.stop()  # (while the log and its scrub filter are there)
+        finally:  # (a log filter's error keeps no audit row from being written)
+            self.connections.stop()
+            self._close_store()
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(self.scrubbers.log_filter)
 
     def _close_store(self) -> None:
         """Write what the audit queue holds (for as long as the shutdown grace allows), then close."""

@@ -32,7 +32,7 @@ def problems() -> list[str]:
     """What is missing from the installed mitmproxy, as sentences (empty: all present)."""
     from mitmproxy import connection, version
     from mitmproxy.addons import proxyserver
-    from mitmproxy.proxy import context, server
+    from mitmproxy.proxy import context, server, tunnel
     from mitmproxy.proxy.layers import http as http_layer
     from mitmproxy.proxy.layers import tls
     from mitmproxy.proxy.layers import websocket as ws_layer
@@ -68,16 +68,17 @@ def problems() -> list[str]:
          "mitmproxy.proxy.layers.http.HttpStream.check_killed and DropStream (killed HTTP/2 streams)")
     need(callable(getattr(stream, "state_wait_for_request_headers", None)),
          "mitmproxy.proxy.layers.http.HttpStream.state_wait_for_request_headers (whether a request has a body)")
-    need(callable(getattr(getattr(tls, "TLSLayer", None), "tls_interact", None)),
-         "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact (TLS writes)")
-    from mitmproxy.proxy import tunnel
-    tunnel_layer = getattr(tunnel, "TunnelLayer", None)
+    tls_layer, tunnel_layer = getattr(tls, "TLSLayer", None), getattr(tunnel, "TunnelLayer", None)
+    interact = getattr(tls_layer, "tls_interact", None)
+    own_to_child = vars(tls_layer).get("event_to_child") if tls_layer is not None else None
     to_child = getattr(tunnel_layer, "event_to_child", None)
-    need(all(callable(getattr(tunnel_layer, n, None)) for n in ("_handle_command", "send_data"))
-         and isinstance(getattr(getattr(tls, "TLSLayer", None), "is_dtls", None), property)
+    need(interact is not None and _ends(getattr(interact, "__wrapped__", interact), _TLS_INTERACT)
+         and (own_to_child is None or hasattr(own_to_child, "__wrapped__"))  # (TLSLayer has none of its own)
+         and all(callable(getattr(tunnel_layer, n, None)) for n in ("_handle_command", "send_data"))
+         and isinstance(getattr(tls_layer, "is_dtls", None), property)
          and to_child is not None and _ends(to_child, _TUNNEL_TO_CHILD),
-         "mitmproxy.proxy.tunnel.TunnelLayer.event_to_child (as whole_tls_writes copies it), _handle_command and "
-         "send_data, and TLSLayer.is_dtls (TLS writes)")
+         "mitmproxy.proxy.layers.tls.TLSLayer.tls_interact and is_dtls, mitmproxy.proxy.tunnel.TunnelLayer."
+         "event_to_child (as whole_tls_writes copies it), _handle_command and send_data (TLS writes)")
     need(callable(getattr(_http1, "make_body_reader", None)),
          "mitmproxy.proxy.layers.http._http1.make_body_reader (HTTP/1 bodies)")
     need(callable(getattr(getattr(_http1, "Http1Server", None), "wait", None)),
@@ -87,7 +88,6 @@ def problems() -> list[str]:
     need(callable(getattr(getattr(_http2, "Http2Server", None), "handle_h2_event", None))
          and callable(getattr(getattr(_http2, "Http2Server", None), "protocol_error", None)),
          "mitmproxy.proxy.layers.http._http2.Http2Server.handle_h2_event and protocol_error (HTTP/2 resets)")
-    from mitmproxy.proxy.layers import tls
     need(callable(getattr(getattr(tls, "ClientTLSLayer", None), "receive_handshake_data", None))
          and "recv_buffer" in inspect.getsource(tls.ClientTLSLayer.__init__),
          "mitmproxy.proxy.layers.tls.ClientTLSLayer.receive_handshake_data and recv_buffer (the ClientHello's size)")
@@ -114,14 +114,16 @@ def problems() -> list[str]:
     need(all(inspect.getsource(m).count("uuid.") == 1 and "str(uuid.uuid4())" in inspect.getsource(m)
              for m in (conn_module, flow_module)),
          "mitmproxy.flow and mitmproxy.connection: ids made by str(uuid.uuid4()) and nothing else of uuid (pooled_ids)")
-    headers = http.Headers
+    headers, multidict = http.Headers, http.Headers.__mro__[1]
     need(getattr(headers.get, "__wrapped__", headers.get) is Mapping.get
          and getattr(headers.__contains__, "__wrapped__", headers.__contains__) is Mapping.__contains__
+         and headers.__getitem__ is multidict.__getitem__ and _ends(multidict.__getitem__, _MULTIDICT_GETITEM)
          and callable(getattr(http, "_always_bytes", None)) and callable(getattr(http, "_native", None))
-         and "return [_native(x) for x in super().get_all(name)]" in inspect.getsource(headers.get_all)
-         and "[value for k, value in self.fields if self._kconv(k) == key]" in inspect.getsource(
-             headers.__mro__[1].get_all) and headers._kconv(b"Ab") == b"ab" and headers._reduce_values(["a", "b"]) == "a, b",
-         "mitmproxy.http.Headers.get, __contains__ (Mapping's), get_all, _kconv and _reduce_values (quick_header_lookups)")
+         and _ends(headers.get_all, "name = _always_bytes(name) return [_native(x) for x in super().get_all(name)]")
+         and _ends(multidict.get_all, "return [value for k, value in self.fields if self._kconv(k) == key]")
+         and headers._kconv(b"Ab") == b"ab" and headers._reduce_values(["a", "b"]) == "a, b",
+         "mitmproxy.http.Headers.get, __contains__ (Mapping's), __getitem__, get_all, _kconv and _reduce_values "
+         "(quick_header_lookups)")
     fork = getattr(context.Context.fork, "__wrapped__", context.Context.fork)
     need(_ends(fork, "ret = Context(self.client, self.options) ret.server = self.server ret.layers = self.layers.copy() "
                      "return ret") and _ends(context.Context.__init__, "self.client = client self.options = options "
@@ -131,13 +133,17 @@ def problems() -> list[str]:
     equal = getattr(connection.Connection.__eq__, "__wrapped__", connection.Connection.__eq__)
     need(_ends(equal, "if isinstance(other, Connection): return self.id == other.id return False"),
          "mitmproxy.connection.Connection.__eq__ (quick_connection_equality)")
-    need((hasattr(http.MessageData, "__post_init__") or not __debug__) and "_legacy_log_events" in inspect.getsource(master.Master.__init__),
+    need((hasattr(http.MessageData, "__post_init__") or not __debug__)
+         and "_legacy_log_events" in inspect.getsource(master.Master.__init__),
          "mitmproxy.http.MessageData.__post_init__ and mitmproxy.master.Master._legacy_log_events (trim_master)")
     if found:
         found.append(f"(sealgate was checked against mitmproxy {CHECKED_VERSIONS}; this is {version.VERSION})")
     return found
 
 
+_TLS_INTERACT = """while True: try: data = self.tls.bio_read(65535) except SSL.WantReadError: return # Okay, nothing more
+    waiting to be sent. else: yield commands.SendData(self.conn, data)"""  # mitmproxy 12's TLSLayer.tls_interact
+_MULTIDICT_GETITEM = """values = self.get_all(key) if not values: raise KeyError(key) return self._reduce_values(values)"""
 _TUNNEL_TO_CHILD = """if ( self.tunnel_state is TunnelState.ESTABLISHING and not self.command_to_reply_to ):
     self._event_queue.append(event) return for command in self.child_layer.handle_event(event): yield from
     self._handle_command(command)"""  # mitmproxy 12's body of what whole_tls_writes replaces
@@ -145,8 +151,12 @@ _TUNNEL_TO_CHILD = """if ( self.tunnel_state is TunnelState.ESTABLISHING and not
 
 def _ends(func: Callable, body: str) -> bool:
     """Whether func's source ends with body (whitespace aside): the body of what sealgate replaces is the one
-    it was written against."""
-    return " ".join(inspect.getsource(func).split()).endswith(" " + " ".join(body.split()))
+    it was written against (no source to read: not known to be, so False)."""
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    return " ".join(source.split()).endswith(" " + " ".join(body.split()))
 
 
 def require() -> None:
@@ -433,7 +443,7 @@ def quick_header_lookups() -> None:
     """`headers.get(name)` and `name in headers` without an exception for a header that is not there:
     mitmproxy's (Mapping's) raise and catch a KeyError for each, and mitmproxy asks for absent ones (Transfer-
     Encoding, Expect, Upgrade...) a dozen times a request. The same answers: the values of every field whose
-    name is the same without case, joined by ", "; a name that is neither str nor bytes raises TypeError."""
+    name is the same without case, joined by ", "; a name that is neither str nor bytes raises as it did."""
     from mitmproxy import http
 
     if hasattr(http.Headers.get, "__wrapped__"):
@@ -643,18 +653,24 @@ def http1_body_readers(most: Callable[[], int]) -> None:
 
 
 TLS_WRITE_MOST = 1 << 20  # bytes of a TLS layer's output sent in one write
+HOLD_MOST = 64 * 1024  # a piece a TLS layer's child sends that is this long or longer is not held to be joined
 
 
 def whole_tls_writes() -> None:
     """Fewer, larger TLS writes. What a TLS layer's child sends while one event runs (a response's head, its
-    body and its end) goes into the connection together: one record and one write, where mitmproxy made one
-    of each per piece, and the peer woke once for each. What a TLS layer has encrypted goes out in one write,
-    where mitmproxy took it 64 KiB at a time (a 256 KiB piece of an upload went out in four). Order is kept:
-    any other command the child gives first sends what was held before it."""
+    body and its end) goes into the connection together: as few records (16 KiB at most each) and writes as
+    TLS allows, where mitmproxy made a record and a write per piece, and the peer woke for each. A piece of
+    HOLD_MOST or more goes as it is, after what was held (joined, it would be copied whole). What a TLS layer
+    has encrypted goes out in one write, where mitmproxy took it 64 KiB at a time (a 256 KiB piece of an
+    upload went out in four). Order is kept: any other command the child gives sends what was held first."""
     from mitmproxy.proxy import commands
     from mitmproxy.proxy.layers import tls
     from mitmproxy.proxy.tunnel import TunnelState
     from OpenSSL import SSL
+
+    layer = tls.TLSLayer
+    if hasattr(layer.tls_interact, "__wrapped__"):
+        return
 
     def tls_interact(self):
         while True:
@@ -673,7 +689,13 @@ def whole_tls_writes() -> None:
         try:
             for command in self.child_layer.handle_event(event):
                 if whole and type(command) is commands.SendData and command.connection == self.conn:
-                    held.append(command.data)
+                    if len(command.data) < HOLD_MOST:
+                        held.append(command.data)
+                        continue
+                    if held:
+                        data, held = b"".join(held), []
+                        yield from self.send_data(data)
+                    yield from self.send_data(command.data)
                     continue
                 if held:
                     data, held = b"".join(held), []
@@ -686,8 +708,9 @@ def whole_tls_writes() -> None:
         if held:
             yield from self.send_data(b"".join(held))
 
-    tls.TLSLayer.tls_interact = tls_interact
-    tls.TLSLayer.event_to_child = event_to_child
+    tls_interact.__wrapped__ = layer.tls_interact  # type: ignore[attr-defined]
+    event_to_child.__wrapped__ = layer.event_to_child  # type: ignore[attr-defined]
+    layer.tls_interact, layer.event_to_child = tls_interact, event_to_child
 
 
 def forget_killed_streams() -> None:
@@ -1010,11 +1033,14 @@ class _Shared(socket.socket):
     the queue at BACKLOG (the backlog asyncio is given, 1, is how many it accepts per wake-up). With `own`,
     a process that holds more than STEP_BACK_SLACK connections beyond another's leaves a waiting connection to
     the others (for STEP_BACK_MOST at most): every process is woken by a new connection, and the one that is
-    on a core takes it, so a burst of connections that ask little of it went to one process (31 of 32)."""
+    on a core takes it, so a burst of connections that ask little of it went to one process (31 of 32). The
+    STEP_BACK_MOST is a burst's: a wait ends when this process accepts, or once STEP_BACK_OVER passes without
+    a step back (another took the connection); a connection within that time after one was left to another
+    is taken at once if the wait is used up."""
 
     own: _Own | None = None
     _since: float | None = None  # when it began to step back
-    _last = 0.0  # when it last stepped back: while a connection waits, asyncio asks again at every turn
+    _last: float = 0.0  # when it last stepped back: while a connection waits, asyncio asks again at every turn
 
     def listen(self, backlog: int = 0) -> None:
         super().listen(BACKLOG)

@@ -130,28 +130,3 @@ def test_after_a_batch_of_many_rows_the_next_waits_longer_and_after_a_few_as_bef
         assert q.flush(5)
     assert slept == [audit_mod.BATCH_EVERY, audit_mod.BATCH_EVERY_BUSY, audit_mod.BATCH_EVERY]
 
-
-def test_a_decision_line_is_logged_once_the_event_that_made_it_is_handled():
-    """record.LaterLines: on the event loop the lines go out at its next turn, in order (an allowed request is
-    sent upstream first, the logging done while the upstream answers); flush writes them at once (sealgate's
-    done); with no loop running, at once."""
-    import asyncio
-
-    from sealgate.record import LaterLines
-    got: list[str] = []
-    lines = LaterLines(got.append)
-
-    async def main() -> None:
-        lines.add("one")
-        lines.add("two")
-        assert got == []
-        await asyncio.sleep(0)
-        assert got == ["one", "two"]
-        lines.add("three")
-        lines.flush()  # as sealgate stops
-        assert got == ["one", "two", "three"]
-        await asyncio.sleep(0)
-
-    asyncio.run(main())
-    lines.add("made outside")
-    assert got == ["one", "two", "three", "made outside"]

@@ -552,6 +552,26 @@ def test_whole_tls_writes_send_what_a_child_sends_in_one_event_as_one_record_in_
     assert out[1].data == b"to the other side" and out[3] is log and out[5] is close
 
 
+def test_whole_tls_writes_send_a_long_piece_as_it_is_after_what_was_held(pki):
+    """Review (session 19): a head and a large body joined were copied whole; a piece of HOLD_MOST or more
+    goes as it is, after what was held before it, and what follows it is held again."""
+    from mitmproxy.proxy import commands
+    body = b"b" * internals.HOLD_MOST
+
+    class Child:
+        def handle_event(self, event):
+            yield commands.SendData(conn, b"head")
+            yield commands.SendData(conn, body)
+            yield commands.SendData(conn, b"end")
+            yield commands.SendData(conn, b"!")
+
+    client, server = _tls_pair(pki)
+    conn = _client_conn()
+    internals.whole_tls_writes()
+    out = list(_client_tls_layer(client, conn, Child()).event_to_child(None))
+    assert [b"".join(_records(server, c.data)) for c in out] == [b"head", body, b"end!"]
+
+
 def test_whole_tls_writes_send_what_was_held_when_the_child_raises(pki):
     """Red team (session 19): mitmproxy logs a layer's crash and keeps the connection, so what the child sent
     before it raised had gone out, as its protocol state (h11's, HPACK's, flow control's) counts it. Held and
