@@ -17,13 +17,15 @@ store    a SQLite store of 101,000 secrets: the request path's cached lookup, `s
 workers  `sealgate run --no-web --workers 1` vs `--workers 2` under 32 concurrent keep-alive connections (curl),
          upstream nginx when installed; the client's and the upstream's CPU per request are shown too, and how
          much of the cores other users of the machine took (two workers need both cores).
+instructions  main's requests through sealgate --no-web, mitmdump -q (and the baseline) under valgrind's
+         callgrind: instructions per request, which repeat where CPU time does not (not in `all`: minutes).
 
 Every contender runs in every round, the order rotated each round, so the machine's noise hits all alike;
 trust ratios from one run, not absolute numbers across runs. Results go to --json (bench-results.json).
 With --baseline DIR (another checkout with its own .venv, e.g. a `git worktree` of an earlier commit), that
 checkout's `sealgate run --no-web` is measured beside this one's in the main table.
 
-Usage: scripts/bench [--sections main,upload,sse,scanner,store,workers|all] [--requests N] [--rounds R]
+Usage: scripts/bench [--sections main,upload,sse,scanner,store,workers,instructions|all] [--requests N] [--rounds R]
                      [--only WORDS] [--baseline DIR] [--store-url URL] [--json PATH]
 """
 
@@ -39,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bench_bodies
+import bench_instructions
 import bench_main
 import bench_scanner
 import bench_store
@@ -48,13 +51,15 @@ from bench_world import World
 
 SECTIONS: dict[str, Callable[[World, argparse.Namespace], Section]] = {
     "main": bench_main.run, "upload": bench_bodies.upload, "sse": bench_bodies.sse, "scanner": bench_scanner.run,
-    "store": bench_store.run, "workers": bench_workers.run,
+    "store": bench_store.run, "workers": bench_workers.run, "instructions": bench_instructions.run,
 }
+EVERY = ("main", "upload", "sse", "scanner", "store", "workers")  # `all` (instructions takes minutes more)
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\nUsage:")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sections", default="main", help=f"comma-separated, or all: {','.join(SECTIONS)} (main)")
+    ap.add_argument("--sections", default="main",
+                    help=f"comma-separated: {','.join(SECTIONS)}; or all: {','.join(EVERY)} (main)")
     ap.add_argument("--requests", type=int, default=200, help="requests per timed run (main; workers: 5x) (200)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds; each runs every contender once (5)")
     ap.add_argument("--only", help="comma-separated words: main measures only the contenders whose name has one")
@@ -62,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--store-url", help="this checkout's store (e.g. postgresql://...; the baseline keeps its own SQLite)")
     ap.add_argument("--json", type=Path, default=Path("bench-results.json"), help="where results go (bench-results.json)")
     args = ap.parse_args()
-    names = list(SECTIONS) if args.sections == "all" else [s.strip() for s in args.sections.split(",") if s.strip()]
+    names = list(EVERY) if args.sections == "all" else [s.strip() for s in args.sections.split(",") if s.strip()]
     if unknown := [s for s in names if s not in SECTIONS]:
         ap.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}, all")
     args.sections = names

@@ -12,6 +12,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,7 @@ class World:
                     **({"SEALGATE_STORE_URL": store_url} if store_url else {})}
         self.origins = [self.recording.origin, self.lean.origin]
         self.session = self.issue(SEALGATE, self.env, ROOT)
+        self.baseline_session: Session | None = None
         self.ca = str(tmp / "certs" / "mitmproxy-ca-cert.pem")
 
     def issue(self, sealgate: Path, env: dict[str, str], cwd: Path) -> Session:
@@ -107,16 +109,17 @@ class World:
               ",".join(self.origins)], self.env, ROOT)
 
     def sealgate(self, name: str, *args: str, web: bool = False, sealgate: Path = SEALGATE, cwd: Path = ROOT,
-                 env: dict[str, str] | None = None, session: Session | None = None) -> Proxy:
+                 env: dict[str, str] | None = None, session: Session | None = None,
+                 launcher: Sequence[str] = (), wait: float = 60) -> Proxy:
         """`sealgate run ARGS` on fresh ports (API and metrics on, as `./scripts/run` has them); web: with
-        its dashboard (password generated here), else --no-web."""
+        its dashboard (password generated here), else --no-web; launcher: what runs it (e.g. valgrind)."""
         port, web_port, password = free_port(), free_port(), secrets.token_urlsafe(18)
         run_env = {**(env or self.env), "SEALGATE_LISTEN_PORT": str(port), "SEALGATE_API_PORT": str(free_port()),
                    "SEALGATE_METRICS_PORT": str(free_port()),
                    **({"SEALGATE_WEB_PORT": str(web_port), "SEALGATE_WEB_PASSWORD": password} if web else {})}
-        proc = self.procs.start([sealgate, "run", *([] if web else ["--no-web"]), *args], run_env, cwd=cwd)
-        wait_listening(proc, port, *([web_port] if web else []))
-        wait_ready(proc, f"http://127.0.0.1:{run_env['SEALGATE_METRICS_PORT']}/readyz")
+        proc = self.procs.start([*launcher, sealgate, "run", *([] if web else ["--no-web"]), *args], run_env, cwd=cwd)
+        wait_listening(proc, port, *([web_port] if web else []), timeout=wait)
+        wait_ready(proc, f"http://127.0.0.1:{run_env['SEALGATE_METRICS_PORT']}/readyz", timeout=wait)
         return Proxy(name, proc, port, self.ca, session or self.session, web_port if web else None,
                      password if web else None)
 
@@ -124,10 +127,10 @@ class World:
         return ["--listen-host", "127.0.0.1", "-p", str(port), "--set", f"confdir={self.tmp / 'certs'}",
                 "--set", f"ssl_verify_upstream_trusted_ca={self.pki.ca_pem}"]
 
-    def mitmdump(self, name: str, *extra: str) -> Proxy:
+    def mitmdump(self, name: str, *extra: str, launcher: Sequence[str] = (), wait: float = 60) -> Proxy:
         port = free_port()
-        proc = self.procs.start([BIN / "mitmdump", "-q", *self._mitm_opts(port), *extra], self.env)
-        wait_listening(proc, port)
+        proc = self.procs.start([*launcher, BIN / "mitmdump", "-q", *self._mitm_opts(port), *extra], self.env)
+        wait_listening(proc, port, timeout=wait)
         return Proxy(name, proc, port, self.ca)
 
     def mitmweb(self, name: str) -> Proxy:
@@ -140,10 +143,13 @@ class World:
         wait_listening(proc, port, web_port)
         return Proxy(name, proc, port, self.ca, web_port=web_port, web_token=token)
 
-    def baseline(self, checkout: Path) -> Proxy:
+    def baseline(self, checkout: Path, launcher: Sequence[str] = (), wait: float = 60) -> Proxy:
         """That checkout's `sealgate run --no-web`, on a store of its own (it may not read this one's)."""
         sealgate = checkout / ".venv" / "bin" / "sealgate"
         env = {**self.env, "SEALGATE_DATA_DIR": str(self.tmp / "baseline-data")}
         env.pop("SEALGATE_STORE_URL", None)
-        session = self.issue(sealgate, env, checkout)
-        return self.sealgate("baseline sealgate --no-web", sealgate=sealgate, cwd=checkout, env=env, session=session)
+        if self.baseline_session is None:  # (once: a second start of it shares the first's store)
+            self.baseline_session = self.issue(sealgate, env, checkout)
+        session = self.baseline_session
+        return self.sealgate("baseline sealgate --no-web", sealgate=sealgate, cwd=checkout, env=env, session=session,
+                             launcher=launcher, wait=wait)
