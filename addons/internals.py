@@ -72,7 +72,7 @@ def problems() -> list[str]:
     interact = getattr(tls_layer, "tls_interact", None)
     own_to_child = vars(tls_layer).get("event_to_child") if tls_layer is not None else None
     to_child = getattr(tunnel_layer, "event_to_child", None)
-    need(interact is not None and _ends(getattr(interact, "__wrapped__", interact), _TLS_INTERACT)
+    need(interact is not None and _ends(interact, _TLS_INTERACT)
          and (own_to_child is None or hasattr(own_to_child, "__wrapped__"))  # (TLSLayer has none of its own)
          and all(callable(getattr(tunnel_layer, n, None)) for n in ("_handle_command", "send_data"))
          and isinstance(getattr(tls_layer, "is_dtls", None), property)
@@ -124,14 +124,12 @@ def problems() -> list[str]:
          and headers._kconv(b"Ab") == b"ab" and headers._reduce_values(["a", "b"]) == "a, b",
          "mitmproxy.http.Headers.get, __contains__ (Mapping's), __getitem__, get_all, _kconv and _reduce_values "
          "(quick_header_lookups)")
-    fork = getattr(context.Context.fork, "__wrapped__", context.Context.fork)
-    need(_ends(fork, "ret = Context(self.client, self.options) ret.server = self.server ret.layers = self.layers.copy() "
+    need(_ends(context.Context.fork, "ret = Context(self.client, self.options) ret.server = self.server ret.layers = self.layers.copy() "
                      "return ret") and _ends(context.Context.__init__, "self.client = client self.options = options "
                      "self.server = connection.Server( address=None, transport_protocol=client.transport_protocol ) "
                      "self.layers = []"),
          "mitmproxy.proxy.context.Context.fork and __init__ (quick_context_forks)")
-    equal = getattr(connection.Connection.__eq__, "__wrapped__", connection.Connection.__eq__)
-    need(_ends(equal, "if isinstance(other, Connection): return self.id == other.id return False"),
+    need(_ends(connection.Connection.__eq__, "if isinstance(other, Connection): return self.id == other.id return False"),
          "mitmproxy.connection.Connection.__eq__ (quick_connection_equality)")
     need((hasattr(http.MessageData, "__post_init__") or not __debug__)
          and "_legacy_log_events" in inspect.getsource(master.Master.__init__),
@@ -150,10 +148,10 @@ _TUNNEL_TO_CHILD = """if ( self.tunnel_state is TunnelState.ESTABLISHING and not
 
 
 def _ends(func: Callable, body: str) -> bool:
-    """Whether func's source ends with body (whitespace aside): the body of what sealgate replaces is the one
-    it was written against (no source to read: not known to be, so False)."""
+    """Whether the source of func (mitmproxy's, where sealgate replaced it) ends with body, whitespace aside:
+    the body of what sealgate replaces is the one it was written against (no source to read: False)."""
     try:
-        source = inspect.getsource(func)
+        source = inspect.getsource(getattr(func, "__wrapped__", func))
     except (OSError, TypeError):
         return False
     return " ".join(source.split()).endswith(" " + " ".join(body.split()))
@@ -446,15 +444,15 @@ def quick_header_lookups() -> None:
     name is the same without case, joined by ", "; a name that is neither str nor bytes raises as it did."""
     from mitmproxy import http
 
-    if hasattr(http.Headers.get, "__wrapped__"):
-        return
     to_bytes, native = http._always_bytes, http._native
 
+    @functools.wraps(getattr(http.Headers.get, "__wrapped__", http.Headers.get))
     def get(self, key, default=None):
         key = to_bytes(key).lower()
         values = [native(v) for k, v in self.fields if k.lower() == key]
         return ", ".join(values) if values else default
 
+    @functools.wraps(getattr(http.Headers.__contains__, "__wrapped__", http.Headers.__contains__))
     def contains(self, key) -> bool:
         key = to_bytes(key).lower()
         for k, _ in self.fields:
@@ -462,7 +460,6 @@ def quick_header_lookups() -> None:
                 return True
         return False
 
-    get.__wrapped__, contains.__wrapped__ = http.Headers.get, http.Headers.__contains__  # type: ignore[attr-defined]
     http.Headers.get, http.Headers.__contains__ = get, contains
 
 
@@ -473,16 +470,13 @@ def quick_context_forks() -> None:
     from mitmproxy.proxy import context
 
     Context = context.Context
-    if hasattr(Context.fork, "__wrapped__"):
-        return
-    original = Context.fork
 
+    @functools.wraps(getattr(Context.fork, "__wrapped__", Context.fork))
     def fork(self):
         ret = Context.__new__(Context)
         ret.client, ret.options, ret.server, ret.layers = self.client, self.options, self.server, self.layers.copy()
         return ret
 
-    fork.__wrapped__ = original  # type: ignore[attr-defined]
     Context.fork = fork
 
 
@@ -492,11 +486,9 @@ def quick_connection_equality() -> None:
     answers, with the object itself and the two kinds of connection first."""
     from mitmproxy import connection
 
-    original = connection.Connection.__eq__
-    if hasattr(original, "__wrapped__"):
-        return
     kinds = (connection.Client, connection.Server)
 
+    @functools.wraps(getattr(connection.Connection.__eq__, "__wrapped__", connection.Connection.__eq__))
     def __eq__(self, other):
         if self is other:
             return True
@@ -504,7 +496,6 @@ def quick_connection_equality() -> None:
             return self.id == other.id
         return False
 
-    __eq__.__wrapped__ = original  # type: ignore[attr-defined]
     connection.Connection.__eq__ = __eq__
 
 
@@ -669,9 +660,8 @@ def whole_tls_writes() -> None:
     from OpenSSL import SSL
 
     layer = tls.TLSLayer
-    if hasattr(layer.tls_interact, "__wrapped__"):
-        return
 
+    @functools.wraps(getattr(layer.tls_interact, "__wrapped__", layer.tls_interact))
     def tls_interact(self):
         while True:
             try:
@@ -680,6 +670,7 @@ def whole_tls_writes() -> None:
                 return
             yield commands.SendData(self.conn, data)
 
+    @functools.wraps(getattr(layer.event_to_child, "__wrapped__", layer.event_to_child))
     def event_to_child(self, event):
         if self.tunnel_state is TunnelState.ESTABLISHING and not self.command_to_reply_to:
             self._event_queue.append(event)
@@ -688,29 +679,28 @@ def whole_tls_writes() -> None:
         whole = not self.is_dtls  # (a DTLS record is a datagram: its sizes are the child's)
         try:
             for command in self.child_layer.handle_event(event):
-                if whole and type(command) is commands.SendData and command.connection == self.conn:
-                    if len(command.data) < HOLD_MOST:
-                        held.append(command.data)
-                        continue
-                    if held:
-                        data, held = b"".join(held), []
-                        yield from self.send_data(data)
-                    yield from self.send_data(command.data)
+                if (whole and type(command) is commands.SendData and command.connection == self.conn
+                        and len(command.data) < HOLD_MOST):
+                    held.append(command.data)
                     continue
                 if held:
-                    data, held = b"".join(held), []
-                    yield from self.send_data(data)
-                yield from self._handle_command(command)
+                    yield from self.send_data(_taken(held))
+                yield from self._handle_command(command)  # (a long piece of ours: sent as mitmproxy sends it)
         except Exception:  # (mitmproxy logs a layer's crash and goes on: what the child sent is sent, as before)
             if held:
-                yield from self.send_data(b"".join(held))
+                yield from self.send_data(_taken(held))
             raise
         if held:
-            yield from self.send_data(b"".join(held))
+            yield from self.send_data(_taken(held))
 
-    tls_interact.__wrapped__ = layer.tls_interact  # type: ignore[attr-defined]
-    event_to_child.__wrapped__ = layer.event_to_child  # type: ignore[attr-defined]
     layer.tls_interact, layer.event_to_child = tls_interact, event_to_child
+
+
+def _taken(held: list[bytes]) -> bytes:
+    """What was held, in one piece; held is emptied."""
+    data = b"".join(held)
+    held.clear()
+    return data
 
 
 def forget_killed_streams() -> None:

@@ -481,22 +481,27 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _two_processes_sharing(loads: internals.Loads):
+    """A listening socket and, for the gateway's slots 0 and 1, a process's copy of it with its counts, in
+    this one test process: (the socket, its port, the two _Owns, the two copies)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+    owns = [internals._Own(loads, slot) for slot in (0, 1)]
+    copies = []
+    for own in owns:
+        copy = internals._Shared(fileno=os.dup(server.fileno()))
+        copy.setblocking(False)
+        copy.own = own
+        copies.append(copy)
+    return server, server.getsockname()[1], owns, copies
+
+
 def test_a_process_that_stepped_back_steps_back_again_for_a_later_connection(monkeypatch):
     """A process stepped back and another took the connection; asyncio did not ask this one again, so when it
     began to step back stayed set. A connection that came later found that wait long over and was taken at once
     by the process with more than its share. The last step back is over once none came for STEP_BACK_OVER."""
     monkeypatch.setattr(internals, "STEP_BACK_OVER", 0.05)
-    loads = internals.Loads.create(2)
-    server = socket.create_server(("127.0.0.1", 0))
-    server.setblocking(False)
-    port = server.getsockname()[1]
-    owns = [internals._Own(loads, slot) for slot in (0, 1)]
-    copies = []
-    for slot in (0, 1):
-        copy = internals._Shared(fileno=os.dup(server.fileno()))
-        copy.setblocking(False)
-        copy.own = owns[slot]
-        copies.append(copy)
+    server, port, owns, copies = _two_processes_sharing(internals.Loads.create(2))
     clients, accepted = [], []
     try:
         for _ in range(internals.STEP_BACK_SLACK + 1):
@@ -525,17 +530,8 @@ def test_a_process_with_more_connections_than_another_leaves_new_ones_to_it_for_
     longer than STEP_BACK_MOST."""
     loads = internals.Loads.create(3)
     assert loads.fewest_but(0) == internals.Loads.IDLE_SLOT  # none running yet: no one to leave them to
-    server = socket.create_server(("127.0.0.1", 0))
-    server.setblocking(False)
-    port = server.getsockname()[1]
-    owns = [internals._Own(loads, slot) for slot in (0, 1)]
+    server, port, owns, copies = _two_processes_sharing(loads)
     accepted: list[list[socket.socket]] = [[], []]
-    copies = []
-    for slot in (0, 1):
-        copy = internals._Shared(fileno=os.dup(server.fileno()))
-        copy.setblocking(False)
-        copy.own = owns[slot]
-        copies.append(copy)
 
     def take(slot: int) -> None:
         accepted[slot].append(copies[slot].accept()[0])
